@@ -1,0 +1,177 @@
+"""Triton adapter around the in-flight batching engine (decoupled: one response per decode step).
+
+execute() only queues: the engine thread decodes every running request together and streams each
+step's result through the request's response sender.
+"""
+
+import logging
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from tritonvlm import wire
+from tritonvlm.engine import EngineConfig, EngineOutput, EngineStats, LLMEngine, SamplingParams
+from tritonvlm.triton_utils import (
+    bytes_tensor,
+    model_parameters,
+    parse_json_input,
+    resolve_model_path,
+    setup_stub_process,
+)
+
+log = logging.getLogger("tritonvlm.llm")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def output_response(out: EngineOutput):
+    """The Triton response for one engine output."""
+    if out.error is not None:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(out.error))
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor(wire.TEXT_DELTA, bytes_tensor([out.text])),
+            pb_utils.Tensor(wire.TOKEN_IDS, np.asarray(out.token_ids, dtype=np.int64)),
+            pb_utils.Tensor(wire.FINISH_REASON, bytes_tensor([out.finish_reason or ""])),
+            pb_utils.Tensor(wire.PROMPT_TOKENS, np.asarray([out.prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor(wire.COMPLETION_TOKENS, np.asarray([out.completion_tokens], dtype=np.int32)),
+        ]
+    )
+
+
+def send_output(sender, out: EngineOutput) -> None:
+    """Stream one engine output; a cancelled request only gets its closing flag."""
+    if out.finish_reason == "cancelled":
+        sender.send(flags=FINAL)
+    else:
+        sender.send(output_response(out), flags=FINAL if out.finished else 0)
+
+
+class EngineMetrics:
+    """Engine state on Triton's metrics port (pb_utils.MetricFamily), refreshed at most every 50 ms."""
+
+    def __init__(self):
+        labels = {"model": "llm"}
+        # The families must stay referenced for their metrics to live.
+        self.families = {
+            "gauge": pb_utils.MetricFamily(
+                name="tritonvlm_engine_sequences",
+                description="Sequences in the engine by state (running, waiting)",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
+            "kv": pb_utils.MetricFamily(
+                name="tritonvlm_engine_kv_cache_tokens",
+                description="Tokens held in the KV cache",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
+            "counter": pb_utils.MetricFamily(
+                name="tritonvlm_engine_tokens_total",
+                description="Tokens processed by the engine, by phase (prefill, decode)",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
+            "steps": pb_utils.MetricFamily(
+                name="tritonvlm_engine_steps_total",
+                description="Forward passes of the engine, by phase (prefill, decode)",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
+        }
+        self.running = self.families["gauge"].Metric({**labels, "state": "running"})
+        self.waiting = self.families["gauge"].Metric({**labels, "state": "waiting"})
+        self.kv_tokens = self.families["kv"].Metric(labels)
+        self.prefill_tokens = self.families["counter"].Metric({**labels, "phase": "prefill"})
+        self.decode_tokens = self.families["counter"].Metric({**labels, "phase": "decode"})
+        self.prefill_steps = self.families["steps"].Metric({**labels, "phase": "prefill"})
+        self.decode_steps = self.families["steps"].Metric({**labels, "phase": "decode"})
+        self._last = EngineStats()
+        self._last_time = 0.0
+
+    def update(self, stats: EngineStats, force: bool = False) -> None:
+        now = time.monotonic()
+        idle_edge = stats.num_running == 0 and self._last.num_running != 0
+        if not force and not idle_edge and now - self._last_time < 0.05:
+            return
+        self._last_time = now
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_tokens.set(stats.kv_tokens_used)
+        for name in ("prefill_tokens", "decode_tokens", "prefill_steps", "decode_steps"):
+            delta = getattr(stats, name) - getattr(self._last, name)
+            if delta:
+                getattr(self, name).increment(delta)
+        self._last = EngineStats(**{k: v for k, v in vars(stats).items() if k != "ttft_seconds"})
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        setup_stub_process()
+        params = model_parameters(args)
+        config = EngineConfig(
+            max_num_seqs=int(params.get("max_num_seqs") or 16),
+            max_model_len=int(params.get("max_model_len") or 4096),
+            max_prefill_tokens=int(params.get("max_prefill_tokens") or 8192),
+        )
+        self.engine = LLMEngine.from_pretrained(
+            resolve_model_path(args),
+            config,
+            device=params.get("device", "auto"),
+            dtype=params.get("dtype", "auto"),
+        )
+        self.metrics = EngineMetrics()
+        self.engine.on_step_end = self.metrics.update
+        self.engine.start()
+        self._lock = threading.Lock()
+        log.info("llm engine ready: %s on %s", config, self.engine.runner.device)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._submit(request, sender)
+            except wire.InvalidRequestError as exc:
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(exc.to_wire())), flags=FINAL
+                )
+            except Exception as exc:
+                log.exception("could not queue a request")
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: {exc}")), flags=FINAL
+                )
+        return None
+
+    def _submit(self, request, sender):
+        params = parse_json_input(_input(request, wire.PARAMETERS), {})
+        if not isinstance(params, dict):
+            raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
+        if wire.CANCEL in params:
+            self.engine.cancel(str(params[wire.CANCEL]))
+            sender.send(flags=FINAL)
+            return
+        input_ids = _input(request, wire.INPUT_IDS)
+        if input_ids is None:
+            raise wire.InvalidRequestError("INPUT_IDS is required", "input_ids")
+        embeds = _input(request, wire.IMAGE_EMBEDS)
+        grid = _input(request, wire.IMAGE_GRID_THW)
+        # The vlm model names its requests (to cancel them later); others get a unique id here.
+        request_id = str(params.get(wire.ENGINE_REQUEST_ID) or f"{request.request_id()}#{uuid.uuid4().hex}")
+        self.engine.add_request(
+            request_id,
+            input_ids.reshape(-1).tolist(),
+            SamplingParams.from_dict(params),
+            on_output=lambda out, s=sender: send_output(s, out),
+            image_embeds=None
+            if embeds is None
+            else torch.from_numpy(embeds.reshape(-1, embeds.shape[-1]).copy()),
+            image_grid_thw=None if grid is None else torch.from_numpy(grid.reshape(-1, 3).copy()),
+            is_cancelled=sender.is_cancelled,
+        )
+
+    def finalize(self):
+        self.engine.shutdown()

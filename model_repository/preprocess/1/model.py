@@ -1,0 +1,47 @@
+"""Triton adapter: conversation + image bytes -> INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW."""
+
+import logging
+
+import triton_python_backend_utils as pb_utils
+
+from tritonvlm import wire
+from tritonvlm.modeling.processor import load_processor
+from tritonvlm.preprocessing import ChatPreprocessor
+from tritonvlm.triton_utils import model_parameters, parse_json_input, resolve_model_path, setup_stub_process
+
+log = logging.getLogger("tritonvlm.preprocess")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        setup_stub_process()
+        params = model_parameters(args)
+        max_pixels = int(params.get("max_image_pixels") or 0) or None
+        processor = load_processor(resolve_model_path(args))
+        self.preprocessor = (
+            ChatPreprocessor(processor, max_pixels) if max_pixels else ChatPreprocessor(processor)
+        )
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        try:
+            messages = parse_json_input(
+                pb_utils.get_input_tensor_by_name(request, wire.MESSAGES).as_numpy(), None
+            )
+            images_t = pb_utils.get_input_tensor_by_name(request, wire.IMAGES)
+            images = [bytes(x) for x in images_t.as_numpy().reshape(-1)] if images_t is not None else []
+            out = self.preprocessor(messages, images)
+        except wire.InvalidRequestError as exc:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(exc.to_wire()))
+        except Exception as exc:
+            log.exception("preprocess failed")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess failed: {exc}"))
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(wire.INPUT_IDS, out.input_ids),
+                pb_utils.Tensor(wire.PIXEL_VALUES, out.pixel_values),
+                pb_utils.Tensor(wire.IMAGE_GRID_THW, out.image_grid_thw),
+            ]
+        )

@@ -1,0 +1,141 @@
+"""Triton adapter: the pipeline entry point (decoupled BLS).
+
+Each request runs in a worker thread: preprocess -> vision_encoder (when there are images) -> llm,
+whose stream is forwarded response by response. When the client cancels (a dropped gRPC stream),
+this model asks the llm engine to drop the request, then drains llm's stream to its end (an
+abandoned BLS stream blocks model unload).
+"""
+
+import json
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import triton_python_backend_utils as pb_utils
+
+from tritonvlm import wire
+from tritonvlm.triton_utils import bytes_tensor, model_parameters, parse_json_input, setup_stub_process
+
+log = logging.getLogger("tritonvlm.vlm")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class StageError(Exception):
+    """A downstream model answered with an error; its message goes to the client unchanged."""
+
+
+def _exec(model_name, inputs, outputs):
+    response = pb_utils.InferenceRequest(
+        model_name=model_name, inputs=inputs, requested_output_names=outputs
+    ).exec()
+    if response.has_error():
+        raise StageError(response.error().message())
+    return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        setup_stub_process()
+        workers = int(model_parameters(args).get("max_concurrency") or 256)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlm")
+
+    def execute(self, requests):
+        for request in requests:
+            self.pool.submit(self._run, request)
+        return None
+
+    def _run(self, request):
+        sender = request.get_response_sender()
+        try:
+            self._pipeline(request, sender)
+        except wire.InvalidRequestError as exc:
+            self._fail(sender, exc.to_wire())
+        except StageError as exc:
+            self._fail(sender, str(exc))
+        except Exception as exc:
+            log.exception("vlm pipeline failed")
+            self._fail(sender, f"vlm pipeline failed: {exc}")
+
+    @staticmethod
+    def _fail(sender, message):
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        except Exception:  # the client may already be gone
+            log.debug("could not send error response", exc_info=True)
+
+    def _pipeline(self, request, sender):
+        messages = pb_utils.get_input_tensor_by_name(request, wire.MESSAGES)
+        images = pb_utils.get_input_tensor_by_name(request, wire.IMAGES)
+        params = parse_json_input(_numpy(request, wire.PARAMETERS), {})
+        if not isinstance(params, dict):
+            raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
+
+        pre_inputs = [messages] + ([images] if images is not None else [])
+        pre = _exec(
+            wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.PIXEL_VALUES, wire.IMAGE_GRID_THW]
+        )
+        grid = pre[wire.IMAGE_GRID_THW]
+        llm_inputs = [pre[wire.INPUT_IDS]]
+        if grid.as_numpy().shape[0] > 0:
+            enc = _exec(
+                wire.VISION_ENCODER_MODEL,
+                [
+                    pb_utils.Tensor(wire.PIXEL_VALUES, pre[wire.PIXEL_VALUES].as_numpy()[None]),
+                    pb_utils.Tensor(wire.IMAGE_GRID_THW, grid.as_numpy()[None]),
+                ],
+                [wire.IMAGE_EMBEDS],
+            )
+            llm_inputs += [pb_utils.Tensor(wire.IMAGE_EMBEDS, enc[wire.IMAGE_EMBEDS].as_numpy()[0]), grid]
+        if sender.is_cancelled():
+            sender.send(flags=FINAL)
+            return
+
+        engine_id = f"{request.request_id()}#{uuid.uuid4().hex}"
+        params = {**params, wire.ENGINE_REQUEST_ID: engine_id}
+        llm_inputs.append(pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps(params)])))
+        stream = pb_utils.InferenceRequest(
+            model_name=wire.LLM_MODEL, inputs=llm_inputs, requested_output_names=list(wire.STREAM_OUTPUTS)
+        ).exec(decoupled=True)
+        self._forward(stream, sender, engine_id)
+
+    def _forward(self, stream, sender, engine_id):
+        done = False  # the client got its final response (or left): only drain from here on
+        for response in stream:
+            if done:
+                continue
+            if sender.is_cancelled():
+                self._cancel_llm(engine_id)
+                done = True
+                continue
+            if response.has_error():
+                self._fail(sender, response.error().message())
+                done = True
+                continue
+            outputs = response.output_tensors()
+            if not outputs:
+                continue  # llm's closing flag without data
+            finish = (
+                pb_utils.get_output_tensor_by_name(response, wire.FINISH_REASON).as_numpy().reshape(-1)[0]
+            )
+            final = bool(finish)
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0)
+            done = final
+        if not done:
+            sender.send(flags=FINAL)
+
+    @staticmethod
+    def _cancel_llm(engine_id):
+        params = pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps({wire.CANCEL: engine_id})]))
+        cancel = pb_utils.InferenceRequest(
+            model_name=wire.LLM_MODEL, inputs=[params], requested_output_names=list(wire.STREAM_OUTPUTS)
+        )
+        for _ in cancel.exec(decoupled=True):
+            pass
+
+    def finalize(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _numpy(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()

@@ -1,0 +1,170 @@
+"""The engine against transformers itself: same model, same inputs, greedy → identical tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import make_image
+
+from tritonvlm.engine import EngineConfig, EngineOutput, LLMEngine, SamplingParams
+from tritonvlm.modeling.vision import encode_images
+from tritonvlm.preprocessing import ChatPreprocessor
+
+MAX_NEW = 12
+
+
+def conversation(text: str, num_images: int) -> list[dict]:
+    parts = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
+CASES = [
+    ("text only", conversation("Tell me a story about a cat.", 0), []),
+    ("one image", conversation("What is in this image?", 1), [make_image(64, 48, "red")]),
+    (
+        "two images",
+        conversation("Describe the first image, then the second.", 2),
+        [make_image(56, 84, "blue", "square"), make_image(112, 56, "green")],
+    ),
+    ("short", [{"role": "user", "content": "Hi"}], []),
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(hf_model, processor):
+    """Per case: engine inputs and the tokens generate() gives that request alone."""
+    pre = ChatPreprocessor(processor)
+    out = []
+    for name, messages, images in CASES:
+        inputs = pre(messages, images)
+        ids = torch.from_numpy(inputs.input_ids)[None]
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        embeds = grid = None
+        if images:
+            pixel_values = torch.from_numpy(inputs.pixel_values)
+            grid = torch.from_numpy(inputs.image_grid_thw)
+            kwargs.update(pixel_values=pixel_values, image_grid_thw=grid)
+            kwargs["mm_token_type_ids"] = (ids == hf_model.config.image_token_id).int()
+            embeds = encode_images(hf_model.model.visual, pixel_values, grid)
+        with torch.inference_mode():
+            ref = hf_model.generate(**kwargs, max_new_tokens=MAX_NEW, do_sample=False)
+        out.append((name, inputs.input_ids.tolist(), embeds, grid, ref[0, ids.shape[1] :].tolist()))
+    return out
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[EngineOutput]] = {}
+        self.done = threading.Event()
+
+    def __call__(self, out: EngineOutput) -> None:
+        self.outputs.setdefault(out.request_id, []).append(out)
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for o in self.outputs[rid] for t in o.token_ids]
+
+    def text(self, rid: str) -> str:
+        return "".join(o.text for o in self.outputs[rid])
+
+    def finished(self, rid: str) -> bool:
+        return bool(self.outputs.get(rid)) and self.outputs[rid][-1].finished
+
+
+def make_engine(hf_model, processor, **kw) -> LLMEngine:
+    return LLMEngine(hf_model, processor.tokenizer, EngineConfig(max_model_len=1024, **kw))
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+
+
+def test_each_request_alone_matches_generate(hf_model, processor, prepared):
+    engine = make_engine(hf_model, processor)
+    sink = Collector()
+    for name, ids, embeds, grid, ref in prepared:
+        engine.add_request(name, ids, greedy(), sink, embeds, grid)
+        while not sink.finished(name):
+            engine.step()
+        assert sink.tokens(name) == ref, name
+
+
+def test_staggered_arrivals_join_running_batch_token_exact(hf_model, processor, prepared):
+    """Requests join a batch that is mid-decode; every request still gets generate()'s tokens."""
+    engine = make_engine(hf_model, processor, max_num_seqs=8)
+    sink = Collector()
+    batch_sizes = []
+    pending = [(f"{name}#{k}", case) for k in range(2) for name, *case in prepared]
+    added: list[str] = []
+    steps = 0
+    while pending or not all(sink.finished(rid) for rid in added):
+        if pending and steps % 2 == 0:  # a new request every other step
+            rid, (ids, embeds, grid, _) = pending.pop(0)
+            engine.add_request(rid, ids, greedy(), sink, embeds, grid)
+            added.append(rid)
+        engine.step()
+        batch_sizes.append(len(engine.scheduler.running))
+        steps += 1
+        assert steps < 500
+    assert max(batch_sizes) >= 3, "requests should have shared decode steps"
+    for name, _, _, _, ref in prepared:
+        for k in range(2):
+            assert sink.tokens(f"{name}#{k}") == ref, name
+    assert engine.scheduler.running == [] and engine.stats.requests_finished == 2 * len(prepared)
+
+
+def test_streamed_text_equals_decode_of_tokens(hf_model, processor, prepared):
+    engine = make_engine(hf_model, processor)
+    sink = Collector()
+    name, ids, embeds, grid, _ = prepared[0]
+    engine.add_request("r", ids, SamplingParams(max_tokens=40, temperature=0.0), sink, embeds, grid)
+    while not sink.finished("r"):
+        engine.step()
+    assert sink.text("r") == processor.tokenizer.decode(sink.tokens("r"), skip_special_tokens=True)
+    last = sink.outputs["r"][-1]
+    assert last.prompt_tokens == len(ids) and last.completion_tokens == len(sink.tokens("r"))
+
+
+def test_seeded_sampling_reproducible_whatever_the_batch(hf_model, processor, prepared):
+    def run(extra: int) -> list[int]:
+        engine = make_engine(hf_model, processor)
+        sink = Collector()
+        _, ids, embeds, grid, _ = prepared[1]
+        params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+        engine.add_request("seeded", ids, params, sink, embeds, grid)
+        for k in range(extra):
+            other = SamplingParams(max_tokens=10, temperature=1.0, seed=k)
+            engine.add_request(f"other{k}", prepared[0][1], other, sink)
+        while not sink.finished("seeded"):
+            engine.step()
+        return sink.tokens("seeded")
+
+    assert run(0) == run(3)
+
+
+def test_cancel_frees_the_slot_and_others_continue(hf_model, processor, prepared):
+    engine = make_engine(hf_model, processor)
+    sink = Collector()
+    _, ids, embeds, grid, ref = prepared[1]
+    engine.add_request("keep", ids, greedy(), sink, embeds, grid)
+    engine.add_request("drop", prepared[0][1], SamplingParams(max_tokens=100, temperature=0.0), sink)
+    engine.step()
+    engine.step()
+    assert len(engine.scheduler.running) == 2
+    engine.cancel("drop")
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["keep"]
+    assert sink.outputs["drop"][-1].finish_reason == "cancelled"
+    while not sink.finished("keep"):
+        engine.step()
+    assert sink.tokens("keep") == ref
+
+
+def test_too_long_request_is_refused(hf_model, processor, prepared):
+    from tritonvlm.wire import InvalidRequestError
+
+    engine = make_engine(hf_model, processor)
+    with pytest.raises(InvalidRequestError, match="maximum context length") as info:
+        engine.add_request("x", prepared[0][1], SamplingParams(max_tokens=5000), Collector())
+    assert info.value.param == "max_tokens"

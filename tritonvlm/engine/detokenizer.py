@@ -1,0 +1,87 @@
+"""Incremental detokenization: text deltas that never split a UTF-8 character, with stop strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decoding token by token breaks multi-byte characters that byte-level BPE splits across tokens, so
+    each step decodes a short window of recent tokens and emits only the text past what the window's
+    prefix already produced, holding back while the tail is an incomplete character (U+FFFD).
+    Stop strings are matched on the whole text, so they are found across token boundaries, and any
+    text that could still become a stop string is held back until it cannot.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self._max_stop = max((len(s) for s in self.stop), default=0)
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""  # all decoded text (cut at a stop string once one is found)
+        self._sent = 0  # characters of self.text already handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add_token(self, token_id: int) -> str:
+        """Feed one generated token; return the text that is now safe to send (possibly "")."""
+        if self.stopped:
+            return ""
+        self.token_ids.append(token_id)
+        prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.token_ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
+            self.text += new_text[len(prefix_text) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, to be sent with the final response."""
+        if not self.stopped:
+            # Whatever is left undecoded (an incomplete character) is decoded as is.
+            tail = self._decode(self.token_ids[self._prefix_offset :])
+            head = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+            if len(tail) > len(head):
+                self.text += tail[len(head) :]
+                self._read_offset = len(self.token_ids)
+                self._prefix_offset = self._read_offset
+            self._check_stop()
+        return self._release(final=True)
+
+    def _check_stop(self) -> bool:
+        if not self.stop or self.stopped:
+            return self.stopped
+        start = max(0, self._sent - self._max_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+        return self.stopped
+
+    def _release(self, final: bool) -> str:
+        self._check_stop()
+        end = len(self.text)
+        if not final and not self.stopped and self.stop:
+            end -= self._held_back()
+        end = max(end, self._sent)
+        delta = self.text[self._sent : end]
+        self._sent = end
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        text = self.text
+        for n in range(min(self._max_stop - 1, len(text) - self._sent), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0

@@ -1,0 +1,309 @@
+"""The in-flight batching loop: new requests join the running batch at the next step, finished and
+cancelled ones leave at once. Runs in a background thread; results go out through callbacks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tritonvlm.engine.detokenizer import IncrementalDetokenizer
+from tritonvlm.engine.model_runner import ModelRunner
+from tritonvlm.engine.sampler import make_generator, sample
+from tritonvlm.engine.sampling_params import SamplingParams
+from tritonvlm.engine.scheduler import Scheduler
+from tritonvlm.engine.sequence import EngineOutput, OutputCallback, Sequence
+from tritonvlm.wire import InvalidRequestError
+
+log = logging.getLogger("tritonvlm.engine")
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits. ``max_model_len`` is the KV slot length: prompt + max_tokens must fit in it."""
+
+    max_num_seqs: int = 16
+    max_model_len: int = 4096
+    max_prefill_tokens: int = 8192
+
+
+@dataclass
+class EngineStats:
+    """Counters since start, read by the Triton adapter for its metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    max_decode_batch: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    kv_tokens_used: int = 0
+    ttft_seconds: list[float] = field(default_factory=list)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the generation config's (int or list) and the tokenizer's."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+class LLMEngine:
+    """Continuous batching over a Qwen2.5-VL language model."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model, self.config.max_num_seqs, self.config.max_model_len)
+        self.scheduler = Scheduler(
+            self.config.max_num_seqs, self.config.max_prefill_tokens, self.runner.cache.move
+        )
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        self.stats = EngineStats()
+        self.on_step_end: Callable[[EngineStats], None] | None = None
+        self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._by_id: dict[str, Sequence] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        config: EngineConfig | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        keep_vision_tower: bool = False,
+    ) -> LLMEngine:
+        """Load the checkpoint with ``from_pretrained`` and build an engine on it."""
+        from transformers import AutoTokenizer
+
+        from tritonvlm.modeling.device import resolve_device
+        from tritonvlm.modeling.processor import load_model
+
+        dev, dt = resolve_device(device, dtype)
+        model = load_model(path_or_id, device=str(dev), dtype=dt)
+        if not keep_vision_tower:
+            model.model.visual = None  # images arrive as embeddings from the vision encoder
+        return cls(model, AutoTokenizer.from_pretrained(path_or_id), config)
+
+    # ---- public API (any thread) -------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: OutputCallback,
+        image_embeds: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError if it can never be served."""
+        self.validate(prompt_ids, params, image_embeds)
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            on_output=on_output,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+            image_embeds=image_embeds,
+            image_grid_thw=image_grid_thw,
+            is_cancelled=is_cancelled,
+            generator=None if params.greedy else make_generator(params.seed, self.runner.device),
+        )
+        self._incoming.put(seq)
+        self._wakeup.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request (waiting or running); it gets a final output with finish reason "cancelled"."""
+        self._cancels.put(request_id)
+        self._wakeup.set()
+
+    def validate(
+        self, prompt_ids: list[int], params: SamplingParams, image_embeds: torch.Tensor | None
+    ) -> None:
+        """Reject what could never run: empty or out-of-vocabulary prompts, too long, bad image data."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", "messages")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise InvalidRequestError("prompt token ids out of the vocabulary range", "prompt")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.config.max_model_len} tokens; the prompt "
+                f"has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens} ({total} in all). "
+                "Shorten the prompt or lower max_tokens.",
+                "max_tokens",
+            )
+        placeholders = sum(1 for t in prompt_ids if t == self.runner.image_token_id)
+        n_embeds = 0 if image_embeds is None else int(image_embeds.shape[0])
+        if placeholders != n_embeds:
+            raise InvalidRequestError(
+                f"the prompt has {placeholders} image placeholder tokens but {n_embeds} image embeddings "
+                "were given",
+                "messages",
+            )
+
+    def start(self) -> None:
+        """Run the loop in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still in flight are finished with an error."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for seq in list(self._by_id.values()):
+            self._finish(seq, "error", error="the server is shutting down")
+
+    # ---- the loop (engine thread) ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.scheduler.has_work() and self._incoming.empty() and self._cancels.empty():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # the loop must survive anything: a dead engine thread hangs every request
+                log.exception("engine step failed; failing the running requests")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error="internal error in the decoding engine")
+                self.scheduler.retire(list(self.scheduler.running))
+
+    def step(self) -> None:
+        """One iteration: take arrivals and cancellations, prefill what fits, decode everyone once."""
+        self._take_incoming()
+        self._drop_cancelled()
+        new = self.scheduler.schedule_prefill()
+        if new:
+            self._prefill(new)
+        running = self.scheduler.running
+        if running:
+            logits = self.runner.decode(running)
+            tokens = sample(logits, running)
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(running)
+            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(running))
+            self._append(list(running), tokens)
+        self._update_gauges()
+
+    def _take_incoming(self) -> None:
+        while not self._incoming.empty():
+            seq = self._incoming.get()
+            self._by_id[seq.request_id] = seq
+            self.scheduler.add(seq)
+        while not self._cancels.empty():
+            seq = self._by_id.get(self._cancels.get())
+            if seq is not None:
+                seq.cancel_requested = True
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.scheduler.waiting if s.wants_cancel()]:
+            self.scheduler.drop_waiting(seq)
+            self._finish(seq, "cancelled")
+        leaving = [s for s in self.scheduler.running if s.wants_cancel()]
+        if leaving:
+            self.scheduler.retire(leaving)
+            for seq in leaving:
+                self._finish(seq, "cancelled")
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        try:
+            logits = self.runner.prefill(seqs, seqs[0].slot)
+        except Exception as exc:
+            log.exception("prefill failed for %s", [s.request_id for s in seqs])
+            for seq in seqs:
+                seq.slot = -1
+                self._finish(seq, "error", error=f"prefill failed: {exc}")
+            return
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += sum(s.prompt_len for s in seqs)
+        self.scheduler.admit(seqs)
+        now = time.monotonic()
+        for seq in seqs:
+            seq.first_token_time = now
+            self.stats.ttft_seconds.append(now - seq.arrival_time)
+        self._append(seqs, sample(logits, seqs))
+
+    def _append(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """Record one new token per sequence, stream it, and retire those that are done."""
+        done: list[tuple[Sequence, str]] = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.output_ids.append(token)
+            finish = None
+            if token in self.stop_ids and not seq.params.ignore_eos:
+                finish = "stop"
+                text = seq.detokenizer.finish()
+            else:
+                text = seq.detokenizer.add_token(token)
+                if seq.detokenizer.stopped:
+                    finish = "stop"
+                elif len(seq.output_ids) >= seq.params.max_tokens:
+                    finish = "length"
+                if finish:
+                    text += seq.detokenizer.finish()
+            if finish:
+                done.append((seq, finish))
+            self._emit(seq, text, [token], finish)
+        if done:
+            self.scheduler.retire([s for s, _ in done])
+            for seq, _ in done:
+                self._forget(seq)
+                self.stats.requests_finished += 1
+
+    def _emit(
+        self, seq: Sequence, text: str, token_ids: list[int], finish: str | None, error: str | None = None
+    ):
+        out = EngineOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=token_ids,
+            finish_reason=finish,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.output_ids),
+            error=error,
+        )
+        try:
+            seq.on_output(out)
+        except Exception:  # a broken response channel must not take the batch down
+            log.exception("output callback failed for %s; cancelling it", seq.request_id)
+            seq.cancel_requested = True
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if reason == "cancelled":
+            self.stats.requests_cancelled += 1
+        self._forget(seq)
+        self._emit(seq, "", [], reason, error)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._by_id.pop(seq.request_id, None)
+
+    def _update_gauges(self) -> None:
+        self.stats.num_running = len(self.scheduler.running)
+        self.stats.num_waiting = len(self.scheduler.waiting)
+        self.stats.kv_tokens_used = sum(s.num_tokens for s in self.scheduler.running)
+        if self.on_step_end is not None:
+            self.on_step_end(self.stats)

@@ -1,0 +1,82 @@
+"""One request's state inside the engine: its prompt, its image embeddings, what it has generated."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tritonvlm.engine.detokenizer import IncrementalDetokenizer
+from tritonvlm.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class EngineOutput:
+    """What the engine reports for one sequence after a step (streamed to the client as one response)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+OutputCallback = Callable[[EngineOutput], None]
+
+
+@dataclass
+class Sequence:
+    """A request in the engine. ``slot`` is its row in the KV cache while it runs."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: OutputCallback
+    detokenizer: IncrementalDetokenizer
+    image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden]
+    image_grid_thw: torch.Tensor | None = None  # [num_images, 3]
+    is_cancelled: Callable[[], bool] | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    next_position: int = 0  # rope position of the next token (all three mrope axes are equal for text)
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens held in the KV cache once the last output token has been fed back."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    def wants_cancel(self) -> bool:
+        """True once the client has gone away or the engine was told to drop this request."""
+        if self.cancel_requested:
+            return True
+        if self.is_cancelled is not None and self.is_cancelled():
+            self.cancel_requested = True
+        return self.cancel_requested

@@ -1,0 +1,524 @@
+"""Start and stop a real ``tritonserver`` process for this project.
+
+Two installations are supported:
+
+* a ``tritonserver`` on ``PATH`` (the NGC container ``nvcr.io/nvidia/tritonserver:24.10-py3``), whose
+  backends live next to it (``/opt/tritonserver/backends``);
+* the binary shipped in the ``nvidia-pytriton`` wheel (``pip install --no-deps nvidia-pytriton==0.7.0``).
+  Only its binary, Python backend, stubs and bundled libraries are used; pytriton's Python API is
+  never imported. A backend directory of *symlinks* is built under a state directory (a copied stub
+  no longer finds its bundled libraries through its ``$ORIGIN`` rpath and the server hangs un-ready).
+
+Typical use::
+
+    with TritonServer("models/", state_dir=".state/triton") as server:
+        client = InferenceServerClient(server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import importlib.util
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+logger = logging.getLogger("tritonvlm.launcher")
+
+NGC_BACKENDS_DIR = Path("/opt/tritonserver/backends")
+_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB_NAME = "triton_python_backend_stub"
+# Error-level lines a CPU-only server always logs; they do not explain a failure.
+_HARMLESS_ERRORS = (
+    "CudaDriverHelper has not been initialized",
+    "Failed to initialize NVML",
+    "DCGM unable to start",
+)
+# Printed by a stub whose libraries cannot be found: the server then waits forever, un-ready.
+_FATAL_TEXT = "error while loading shared libraries"
+_ERROR_LINE = re.compile(rf"^E\d{{4}} |failed to load|^error: |{_FATAL_TEXT}")
+_INSTALL_HINT = (
+    "No tritonserver found. Either run inside the NGC container "
+    "(nvcr.io/nvidia/tritonserver:24.10-py3, which puts tritonserver on PATH) or install the "
+    "wheel that ships the binary into this environment without its dependencies: "
+    "`pip install --no-deps nvidia-pytriton==0.7.0`."
+)
+
+
+class TritonNotFoundError(RuntimeError):
+    """No usable ``tritonserver`` installation was found."""
+
+
+class TritonStartError(RuntimeError):
+    """The server exited or did not become ready in time; the message carries the log tail."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where a ``tritonserver`` installation lives.
+
+    Attributes:
+        binary: the ``tritonserver`` executable.
+        backend_source: for a PATH install, the ready backend directory (holding ``python/``); for the
+            wheel, the wheel's ``backends/python`` folder whose files are linked into a state dir.
+        stub: the ``triton_python_backend_stub`` matching the running interpreter (None if unknown).
+        lib_dirs: extra folders to put on ``LD_LIBRARY_PATH`` (the wheel's ``nvidia_pytriton.libs``).
+        from_wheel: True when the installation is the ``nvidia-pytriton`` wheel.
+    """
+
+    binary: Path
+    backend_source: Path
+    stub: Path | None
+    lib_dirs: tuple[Path, ...] = field(default_factory=tuple)
+    from_wheel: bool = False
+
+    def backend_directory(self, state_dir: str | os.PathLike[str]) -> Path:
+        """Return the ``--backend-directory`` to use, building the wheel's symlink folder if needed.
+
+        For the wheel this creates ``<state_dir>/backends/python/`` with symlinks to
+        ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the stub (idempotent, safe to
+        call concurrently). A PATH install's backend directory is returned unchanged.
+        """
+        if not self.from_wheel:
+            return self.backend_source
+        if self.stub is None:
+            raise TritonNotFoundError("the nvidia-pytriton wheel has no stub for this Python")
+        backends = Path(state_dir).resolve() / "backends"
+        python_dir = backends / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        targets = {name: self.backend_source / name for name in _PYTHON_BACKEND_FILES}
+        targets[_STUB_NAME] = self.stub
+        for name, target in targets.items():
+            _ensure_symlink(python_dir / name, target.resolve())
+        return backends
+
+
+def _ensure_symlink(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target``, replacing anything else atomically."""
+    if link.is_symlink() and os.readlink(link) == str(target):
+        return
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate a ``tritonserver``: the one on ``PATH`` first, else the ``nvidia-pytriton`` wheel's.
+
+    Raises:
+        TritonNotFoundError: neither exists (the message says how to install one), or the wheel has no
+            stub for the running Python version.
+    """
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        binary = Path(on_path).resolve()
+        # /opt/tritonserver/bin/tritonserver -> /opt/tritonserver/backends
+        backends = binary.parent.parent / "backends"
+        if not backends.is_dir():
+            backends = NGC_BACKENDS_DIR
+        stub = backends / "python" / _STUB_NAME
+        return TritonInstall(
+            binary=binary,
+            backend_source=backends,
+            stub=stub if stub.exists() else None,
+        )
+
+    # find_spec on a top-level package does not import it (pytriton's Python API is never loaded).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonNotFoundError(_INSTALL_HINT)
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    root = package_dir / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonNotFoundError(f"{binary} is missing (broken nvidia-pytriton install?). {_INSTALL_HINT}")
+    stubs_dir = root / "python_backend_stubs"
+    stub = stubs_dir / _python_version() / _STUB_NAME
+    if not stub.is_file():
+        have = sorted(p.name for p in stubs_dir.iterdir()) if stubs_dir.is_dir() else []
+        raise TritonNotFoundError(
+            f"nvidia-pytriton has no Python backend stub for Python {_python_version()} "
+            f"(available: {', '.join(have) or 'none'})"
+        )
+    libs = package_dir.parent / "nvidia_pytriton.libs"
+    return TritonInstall(
+        binary=binary,
+        backend_source=root / "backends" / "python",
+        stub=stub,
+        lib_dirs=(libs,) if libs.is_dir() else (),
+        from_wheel=True,
+    )
+
+
+def _prepend(paths: Iterable[str], existing: str | None) -> str:
+    """Join ``paths`` then ``existing`` with ``os.pathsep``, dropping empties and duplicates."""
+    out: list[str] = []
+    for entry in [*paths, *(existing or "").split(os.pathsep)]:
+        if entry and entry not in out:
+            out.append(entry)
+    return os.pathsep.join(out)
+
+
+def server_environment(install: TritonInstall, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Build the environment for ``tritonserver`` and its Python-backend stubs.
+
+    The stub runs an embedded Python in isolated mode (``PYTHONPATH`` is ignored): putting the venv's
+    ``bin/`` first on ``PATH`` makes it find and use this virtualenv; the interpreter's ``LIBDIR`` on
+    ``LD_LIBRARY_PATH`` makes it load the matching ``libpython``; the wheel's ``nvidia_pytriton.libs``
+    is added too. ``extra`` entries override the result.
+    """
+    env = dict(os.environ)
+    env["PATH"] = _prepend([os.path.dirname(sys.executable)], env.get("PATH"))
+    lib_dirs: list[str] = []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        lib_dirs.append(str(libdir))
+    lib_dirs.extend(str(d) for d in install.lib_dirs)
+    env["LD_LIBRARY_PATH"] = _prepend(lib_dirs, env.get("LD_LIBRARY_PATH"))
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct TCP ports that were free on ``host`` a moment ago."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _session_processes(sid: int) -> list[int]:
+    """PIDs of live (non-zombie) processes whose session id is ``sid`` (Linux ``/proc``)."""
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # fields after the ")" closing the command name: state ppid pgrp session ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) >= 4 and fields[0] not in ("Z", "X") and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def _connect_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class TritonServer:
+    """A ``tritonserver`` child process serving ``model_repository`` (a context manager).
+
+    ``start()`` launches it in its own session (so stopping also kills the Python-backend stubs),
+    ``wait_ready()`` blocks until ``/v2/health/ready`` answers 200, ``stop()`` terminates it and removes
+    this instance's ``/dev/shm`` regions. ``with TritonServer(...) as s:`` does start + wait_ready and
+    stop.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike[str],
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        state_dir: str | os.PathLike[str],
+        env: Mapping[str, str] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 120.0,
+        log_verbose: int = 0,
+        install: TritonInstall | None = None,
+    ) -> None:
+        """Configure (but do not start) a server; ``None`` ports are picked free automatically.
+
+        ``install`` defaults to :func:`find_tritonserver` (resolved at ``start()``).
+        """
+        self.model_repository = Path(model_repository).resolve()
+        self.host = host
+        self.state_dir = Path(state_dir).resolve()
+        self.env = dict(env or {})
+        self.log_file = Path(log_file).resolve() if log_file else self.state_dir / "tritonserver.log"
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+        self.log_verbose = log_verbose
+        self.install = install
+        auto = iter(free_ports(3, "127.0.0.1" if host in ("", "0.0.0.0") else host))
+        self.http_port: int = http_port or next(auto)
+        self.grpc_port: int = grpc_port or next(auto)
+        self.metrics_port: int = metrics_port or next(auto)
+        # Unique per launcher process and instance; the trailing "_" keeps pid 12 from matching 123.
+        self.shm_prefix = f"tritonvlm_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+        self._started_at = 0.0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP/REST endpoint, e.g. ``http://127.0.0.1:8000``."""
+        return f"http://{_connect_host(self.host)}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint (the form ``tritonclient.grpc`` expects)."""
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus metrics page, e.g. ``http://127.0.0.1:8002/metrics``."""
+        return f"http://{_connect_host(self.host)}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the server process (also its session/process-group id), None before ``start()``."""
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self, backend_directory: str | os.PathLike[str]) -> list[str]:
+        """The full ``tritonserver`` command line for this instance."""
+        assert self.install is not None
+        return [
+            str(self.install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={Path(backend_directory).resolve()}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> TritonServer:
+        """Launch ``tritonserver`` (non-blocking; see :meth:`wait_ready`). Returns ``self``."""
+        if self.is_running():
+            return self
+        if not self.model_repository.is_dir():
+            raise TritonStartError(f"model repository {self.model_repository} is not a directory")
+        if self.install is None:
+            self.install = find_tritonserver()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        backend_dir = self.install.backend_directory(self.state_dir)
+        cmd = self.command(backend_dir)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            self._log_offset = log.tell()
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=server_environment(self.install, self.env),
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
+        self._started_at = time.monotonic()
+        atexit.register(self.stop)
+        logger.info(
+            "started tritonserver pid %d (%s, http %d, grpc %d, metrics %d, log %s)",
+            self._proc.pid,
+            self.model_repository,
+            self.http_port,
+            self.grpc_port,
+            self.metrics_port,
+            self.log_file,
+        )
+        logger.debug("command: %s", " ".join(cmd))
+        return self
+
+    def is_ready(self) -> bool:
+        """One probe of ``/v2/health/ready``: True on HTTP 200."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2.0) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout: float | None = None) -> TritonServer:
+        """Block until the server is ready; returns ``self``.
+
+        Raises:
+            TritonStartError: the process exited or ``timeout`` (default ``startup_timeout``) passed;
+                the server is stopped first and the message has the exit code and the log's last lines.
+        """
+        if self._proc is None:
+            raise TritonStartError("wait_ready() called before start()")
+        timeout = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        next_log_check = time.monotonic() + 1.0
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self.stop()
+                raise TritonStartError(
+                    f"tritonserver exited with code {code} before becoming ready.\n{self._failure_report()}"
+                )
+            if self.is_ready():
+                logger.info(
+                    "tritonserver ready in %.1f s at %s", time.monotonic() - self._started_at, self.http_url
+                )
+                return self
+            if time.monotonic() >= next_log_check:
+                next_log_check = time.monotonic() + 1.0
+                if _FATAL_TEXT in self._log_text():
+                    self.stop()
+                    raise TritonStartError(
+                        "a Python backend stub could not load its shared libraries (the server would "
+                        f"hang un-ready; is LD_LIBRARY_PATH complete?).\n{self._failure_report()}"
+                    )
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise TritonStartError(
+                    f"tritonserver was not ready after {timeout:.0f} s (stopped it).\n"
+                    f"{self._failure_report()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _log_text(self) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError as exc:
+            return f"<cannot read {self.log_file}: {exc}>"
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines this instance wrote to its log file."""
+        return "\n".join(self._log_text().splitlines()[-lines:])
+
+    def log_errors(self, limit: int = 20) -> list[str]:
+        """Error lines of this run's log (``E…`` lines, "failed to load"), minus the CPU-only noise."""
+        found = [
+            line.strip()
+            for line in self._log_text().splitlines()
+            if _ERROR_LINE.search(line) and not any(h in line for h in _HARMLESS_ERRORS)
+        ]
+        return found[:limit]
+
+    def _failure_report(self) -> str:
+        errors = self.log_errors()
+        head = "Errors in the log:\n" + "\n".join(f"  {e}" for e in errors) + "\n" if errors else ""
+        return f"{head}Last lines of {self.log_file}:\n{self.log_tail()}"
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Stop the server and its stubs, then remove this instance's ``/dev/shm`` regions.
+
+        Sends SIGTERM to the server's process group, waits up to ``timeout`` seconds, then SIGKILLs the
+        group (and any straggler of its session). Idempotent. Returns the server's exit code (None if it
+        was never started).
+        """
+        proc = self._proc
+        if proc is None:
+            self._remove_shm()
+            return None
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        pgid = proc.pid
+        if proc.poll() is None:
+            logger.info("stopping tritonserver pid %d", pgid)
+            self._signal_group(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver pid %d ignored SIGTERM for %.0f s: killing it", pgid, timeout)
+                self._signal_group(pgid, signal.SIGKILL)
+                proc.wait()
+        # Stubs normally exit with the server; anything of its session still alive after a grace
+        # period is killed.
+        deadline = time.monotonic() + min(timeout, 5.0)
+        while _session_processes(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftovers = _session_processes(pgid)
+        if leftovers:
+            logger.warning("killing leftover processes of tritonserver session %d: %s", pgid, leftovers)
+            self._signal_group(pgid, signal.SIGKILL)
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        self._remove_shm()
+        return proc.returncode
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    def shm_files(self) -> list[str]:
+        """This instance's shared-memory files (``/dev/shm/<shm_prefix>*``)."""
+        return glob.glob(os.path.join("/dev/shm", glob.escape(self.shm_prefix) + "*"))
+
+    def _remove_shm(self) -> None:
+        for path in self.shm_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                logger.debug("removed %s", path)
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"TritonServer({str(self.model_repository)!r}, http={self.http_port}, pid={self.pid}, {state})"

@@ -1,0 +1,91 @@
+"""The wire contract between the frontend, the Triton pipeline model `vlm` and the models behind it.
+
+Everything that crosses a process boundary is named here once: tensor names, the JSON shapes carried
+in BYTES tensors, and how a client's mistake is told apart from an internal failure.
+
+`vlm` (decoupled, the entry point for any Triton client)
+    inputs
+      MESSAGES     BYTES [1]   JSON list of chat messages, OpenAI roles, with every image replaced by
+                               a placeholder part ``{"type": "image"}``; images are numbered by order
+                               of appearance across the whole conversation.
+      IMAGES       BYTES [-1]  optional: the encoded image files (PNG, JPEG, ...) in that order.
+      PARAMETERS   BYTES [1]   optional: JSON object of sampling parameters (see SamplingParams keys).
+    outputs, one response per decode step, the last one flagged final
+      TEXT_DELTA        BYTES [1]   the new text (may be empty)
+      TOKEN_IDS         INT64 [-1]  the new token ids
+      FINISH_REASON     BYTES [1]   "" while running, then "stop" or "length"
+      PROMPT_TOKENS     INT32 [1]   prompt length, image placeholder tokens included
+      COMPLETION_TOKENS INT32 [1]   tokens generated so far
+
+`llm` (decoupled, the in-flight batching engine) takes INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW and
+PARAMETERS and answers with the same outputs as `vlm`. A request whose PARAMETERS hold
+``{"cancel": "<engine request id>"}`` (and no INPUT_IDS) drops that running request.
+"""
+
+from __future__ import annotations
+
+# vlm inputs
+MESSAGES = "MESSAGES"
+IMAGES = "IMAGES"
+PARAMETERS = "PARAMETERS"
+
+# preprocess outputs / llm + vision_encoder inputs
+INPUT_IDS = "INPUT_IDS"
+PIXEL_VALUES = "PIXEL_VALUES"
+IMAGE_GRID_THW = "IMAGE_GRID_THW"
+IMAGE_EMBEDS = "IMAGE_EMBEDS"
+
+# streamed outputs of llm and vlm
+TEXT_DELTA = "TEXT_DELTA"
+TOKEN_IDS = "TOKEN_IDS"
+FINISH_REASON = "FINISH_REASON"
+PROMPT_TOKENS = "PROMPT_TOKENS"
+COMPLETION_TOKENS = "COMPLETION_TOKENS"
+STREAM_OUTPUTS = (TEXT_DELTA, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS)
+
+# keys inside PARAMETERS
+ENGINE_REQUEST_ID = "request_id"
+CANCEL = "cancel"
+
+# Model names in the repository.
+VLM_MODEL = "vlm"
+PREPROCESS_MODEL = "preprocess"
+VISION_ENCODER_MODEL = "vision_encoder"
+LLM_MODEL = "llm"
+
+# Errors: a Triton model that rejects a request because of the client's input prefixes the message
+# with this marker; the frontend maps such errors to HTTP 400, anything else to 500.
+INVALID_REQUEST_MARKER = "[invalid_request]"
+
+
+class InvalidRequestError(ValueError):
+    """The client's request cannot be served (bad image, too long, bad parameter).
+
+    ``param`` names the offending field where there is one, as in the OpenAI error body.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_wire(self) -> str:
+        """The error message as a Triton model sends it."""
+        suffix = f" (param: {self.param})" if self.param else ""
+        return f"{INVALID_REQUEST_MARKER} {self.message}{suffix}"
+
+
+def parse_wire_error(message: str) -> tuple[bool, str, str | None]:
+    """Split an error message that came back from Triton.
+
+    Returns ``(is_client_error, message, param)``: the marker and Triton's own prefixes are removed.
+    """
+    idx = message.find(INVALID_REQUEST_MARKER)
+    if idx < 0:
+        return False, message, None
+    text = message[idx + len(INVALID_REQUEST_MARKER) :].strip()
+    param = None
+    if text.endswith(")") and " (param: " in text:
+        text, _, tail = text.rpartition(" (param: ")
+        param = tail[:-1]
+    return True, text, param
