@@ -42,3 +42,153 @@ def make_image(width: int, height: int, color: str = "red", shape: str = "circle
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+# ---- end-to-end: a real `tritonvlm serve` (tritonserver + uvicorn) shared by the whole session ----
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`tritonvlm serve` in a subprocess on loopback; stopped with SIGTERM like a user's Ctrl-C."""
+
+    def __init__(self, model_dir: Path, state_dir: Path, extra: tuple[str, ...] = ()) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.state_dir = state_dir
+        self.log_path = state_dir / "serve.log"
+        cmd = [
+            sys.executable, "-m", "tritonvlm.cli", "serve",
+            "--model", str(model_dir),
+            "--served-model-name", "tiny",
+            "--port", str(self.port),
+            "--triton-metrics-port", str(self.metrics_port),
+            "--state-dir", str(state_dir),
+            "--allow-private-media-urls",
+            *extra,
+        ]  # fmt: skip
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (kept open for the process's life)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonvlm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"tritonvlm serve not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def leftovers(self) -> list[str]:
+        """Processes or shared-memory files this server left behind (its state dir names them all)."""
+        import subprocess
+
+        ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+        procs = [line for line in ps.splitlines() if str(self.state_dir) in line and not line.startswith("Z")]
+        # The launcher names its shared-memory regions after its own pid (the serve process).
+        shm = [str(p) for p in Path("/dev/shm").glob(f"tritonvlm_{self.proc.pid}_*")]
+        return procs + shm
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    proc = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve"))
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
+    # SIGTERM (what Ctrl-C or a supervisor sends) must stop tritonserver and its stubs too.
+    assert proc.proc.returncode == 0, proc.log_tail()
+    assert proc.leftovers() == [], proc.leftovers()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+class ImageServer:
+    """A loopback HTTP server that serves test images by path."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        files: dict[str, tuple[bytes, str]] = {}
+        self.files = files
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path not in files:
+                    self.send_error(404)
+                    return
+                body, ctype = files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes, content_type: str = "image/png") -> str:
+        self.files[path] = (body, content_type)
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    srv = ImageServer()
+    yield srv
+    srv.close()

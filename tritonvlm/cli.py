@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,14 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
     return env
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: leave through the cleanup path like Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def serve(args: argparse.Namespace) -> int:
     """Start tritonserver, wait until it is ready, then run the frontend until Ctrl-C/SIGTERM."""
     import uvicorn
@@ -91,6 +100,9 @@ def serve(args: argparse.Namespace) -> int:
     from tritonvlm.frontend.app import FrontendSettings, create_app
     from tritonvlm.launcher import TritonServer, TritonStartError
 
+    # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them once it has shut down: with
+    # SIGTERM's default action that would kill this process before it stops tritonserver.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     model = args.model or str(default_model())
     served_name = args.served_model_name or (args.model or DEFAULT_MODEL_NAME)
     state = args.state_dir or cache_dir() / "run" / str(os.getpid())
@@ -117,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
         log.error("tritonserver failed to start: %s", exc)
         triton.stop()
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         triton.stop()
         return 130
     log.info(
@@ -138,6 +150,8 @@ def serve(args: argparse.Namespace) -> int:
         server = uvicorn.Server(config)
         log.info("OpenAI API at http://%s:%d/v1 (model %r)", args.host, args.port, served_name)
         server.run()  # returns on Ctrl-C / SIGTERM after draining
+    except (KeyboardInterrupt, Terminated):
+        pass
     finally:
         log.info("stopping tritonserver")
         triton.stop()
@@ -146,9 +160,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=log_format, stream=sys.stderr)
     if args.command == "build-test-model":
         from tritonvlm.modeling.testmodel import build_test_model
 

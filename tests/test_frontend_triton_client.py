@@ -1,0 +1,304 @@
+"""Tests for tritonvlm.frontend.triton_client against an in-process gRPC server.
+
+The server implements Triton's ``GRPCInferenceService`` (the protobuf service tritonclient ships),
+so the real ``tritonclient.grpc.aio`` client, gRPC transport and tensor (de)serialisation are
+exercised: tensors sent, outputs parsed, the final-response flag, errors, and — the point of this
+file — that stopping the consumer cancels the gRPC call (the server sees its call cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from tritonvlm import wire
+from tritonvlm.frontend.triton_client import (
+    StreamDelta,
+    TritonRequestError,
+    TritonUnavailableError,
+    TritonVLMClient,
+    build_inputs,
+)
+from tritonvlm.launcher import free_ports
+
+
+def _bytes_raw(values: list[bytes]) -> bytes:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    serialized = serialize_byte_tensor(array)
+    return serialized.item() if serialized.dtype == object else serialized.tobytes()
+
+
+def _response(
+    request_id: str,
+    *,
+    text: str | None = None,
+    ids: list[int] | None = None,
+    finish: str = "",
+    prompt: int = 7,
+    completion: int = 0,
+    final: bool = False,
+) -> service_pb2.ModelStreamInferResponse:
+    """A vlm response; ``text=None`` makes an empty one (no outputs)."""
+    resp = service_pb2.ModelInferResponse(model_name=wire.VLM_MODEL, id=request_id)
+    if text is not None:
+        tensors = [
+            (wire.TEXT_DELTA, "BYTES", [1], _bytes_raw([text.encode()])),
+            (wire.TOKEN_IDS, "INT64", [len(ids or [])], np.asarray(ids or [], dtype=np.int64).tobytes()),
+            (wire.FINISH_REASON, "BYTES", [1], _bytes_raw([finish.encode()])),
+            (wire.PROMPT_TOKENS, "INT32", [1], np.asarray([prompt], dtype=np.int32).tobytes()),
+            (wire.COMPLETION_TOKENS, "INT32", [1], np.asarray([completion], dtype=np.int32).tobytes()),
+        ]
+        for name, datatype, shape, raw in tensors:
+            out = resp.outputs.add()
+            out.name, out.datatype = name, datatype
+            out.shape.extend(shape)
+            resp.raw_output_contents.append(raw)
+    resp.parameters["triton_final_response"].bool_param = final
+    return service_pb2.ModelStreamInferResponse(infer_response=resp)
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Answers ``vlm`` stream requests according to ``PARAMETERS["scenario"]``; records what it saw."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.cancelled = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.model_ready = True
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.ModelReadyResponse(ready=self.model_ready and request.name == wire.VLM_MODEL)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        try:
+            async for request in request_iterator:
+                decoded = {
+                    t.name: [bytes(x) for x in deserialize_bytes_tensor(raw)]
+                    for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+                }
+                self.requests.append(
+                    {"model": request.model_name, "id": request.id, "inputs": decoded, "request": request}
+                )
+                params = json.loads(decoded[wire.PARAMETERS][0])
+                async for response in self._scenario(params.get("scenario", "normal"), request.id):
+                    yield response
+                if params.get("scenario") == "close_early":
+                    return
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        finally:
+            self.finished.set()
+
+    async def _scenario(self, scenario: str, rid: str) -> AsyncIterator[Any]:
+        if scenario == "normal":  # outputs on every step, then an empty final response
+            yield _response(rid, text="Hel", ids=[1, 2], completion=2)
+            yield _response(rid, text="lo", ids=[3], completion=3)
+            yield _response(rid, text="", ids=[4], finish="stop", completion=4)
+            yield _response(rid, final=True)
+        elif scenario == "final_with_outputs":
+            yield _response(rid, text="é", ids=[9], finish="length", completion=1, final=True)
+            yield _response(rid, text="never read", ids=[10], completion=2)
+        elif scenario == "client_error":
+            yield service_pb2.ModelStreamInferResponse(
+                error_message="in model 'vlm': [invalid_request] image 2 is not an image (param: images[1])"
+            )
+        elif scenario == "internal_error":
+            yield service_pb2.ModelStreamInferResponse(error_message="engine thread died")
+        elif scenario == "close_early":
+            yield _response(rid, text="a", ids=[1], completion=1)
+        elif scenario == "forever":
+            step = 0
+            while True:
+                step += 1
+                yield _response(rid, text=f"t{step} ", ids=[step], completion=step)
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(scenario)
+
+
+async def _with_server(body: Callable[[FakeTriton, TritonVLMClient], Awaitable[None]]) -> FakeTriton:
+    fake = FakeTriton()
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = TritonVLMClient(f"127.0.0.1:{port}")
+    try:
+        await asyncio.wait_for(body(fake, client), 10)
+    finally:
+        await client.close()
+        await server.stop(grace=None)
+    return fake
+
+
+async def _collect(stream: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
+    return [delta async for delta in stream]
+
+
+MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it? ü"}]}]
+
+
+def test_build_inputs_omits_images_when_none() -> None:
+    names = [t.name() for t in build_inputs([{"role": "user", "content": "hi"}], [], {})]
+    assert names == [wire.MESSAGES, wire.PARAMETERS]
+    names = [t.name() for t in build_inputs([], [b"\x89PNG", b"\xff\xd8\xff"], {})]
+    assert names == [wire.MESSAGES, wire.IMAGES, wire.PARAMETERS]
+
+
+def test_stream_sends_wire_request_and_parses_responses() -> None:
+    seen: list[StreamDelta] = []
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        assert await client.is_ready()
+        params = {"max_tokens": 5, "temperature": 0.0, "scenario": "normal"}
+        seen.extend(await _collect(client.stream(MESSAGES, [b"img-one", b"img-two"], params, "chatcmpl-abc")))
+
+    fake = asyncio.run(_with_server(body))
+    assert [d.text for d in seen] == ["Hel", "lo", ""]
+    assert [d.token_ids for d in seen] == [[1, 2], [3], [4]]
+    assert [d.finish_reason for d in seen] == [None, None, "stop"]
+    assert seen[-1].prompt_tokens == 7 and seen[-1].completion_tokens == 4
+    (req,) = fake.requests
+    assert req["model"] == wire.VLM_MODEL and req["id"] == "chatcmpl-abc"
+    assert json.loads(req["inputs"][wire.MESSAGES][0]) == MESSAGES
+    assert req["inputs"][wire.IMAGES] == [b"img-one", b"img-two"]
+    assert json.loads(req["inputs"][wire.PARAMETERS][0]) == {
+        "max_tokens": 5,
+        "temperature": 0.0,
+        "scenario": "normal",
+    }
+    assert [o.name for o in req["request"].outputs] == list(wire.STREAM_OUTPUTS)
+    assert not fake.cancelled.is_set()
+
+
+def test_stream_without_images_sends_no_images_tensor() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        await _collect(client.stream([{"role": "user", "content": "hi"}], [], {}, "r1"))
+
+    fake = asyncio.run(_with_server(body))
+    assert wire.IMAGES not in fake.requests[0]["inputs"]
+
+
+def test_stream_stops_after_final_response_with_outputs() -> None:
+    seen: list[StreamDelta] = []
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        seen.extend(await _collect(client.stream(MESSAGES, [], {"scenario": "final_with_outputs"}, "r2")))
+
+    asyncio.run(_with_server(body))
+    assert [(d.text, d.finish_reason, d.completion_tokens) for d in seen] == [("é", "length", 1)]
+
+
+def test_client_error_becomes_triton_request_error_with_param() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        with pytest.raises(TritonRequestError) as info:
+            await _collect(client.stream(MESSAGES, [], {"scenario": "client_error"}, "r3"))
+        assert info.value.client_error is True
+        assert info.value.message == "image 2 is not an image"
+        assert info.value.param == "images[1]"
+
+    asyncio.run(_with_server(body))
+
+
+def test_internal_error_is_not_a_client_error() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        with pytest.raises(TritonRequestError) as info:
+            await _collect(client.stream(MESSAGES, [], {"scenario": "internal_error"}, "r4"))
+        assert info.value.client_error is False
+        assert "engine thread died" in info.value.message and info.value.param is None
+
+    asyncio.run(_with_server(body))
+
+
+def test_stream_closed_without_final_response_is_an_error() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        with pytest.raises(TritonRequestError, match="before the final response"):
+            await _collect(client.stream(MESSAGES, [], {"scenario": "close_early"}, "r5"))
+
+    asyncio.run(_with_server(body))
+
+
+def test_model_not_ready() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        fake.model_ready = False
+        assert not await client.is_ready()
+
+    asyncio.run(_with_server(body))
+
+
+def test_unreachable_triton() -> None:
+    async def body() -> None:
+        client = TritonVLMClient(f"127.0.0.1:{free_ports(1)[0]}", ready_timeout_s=1.0)
+        try:
+            assert not await client.is_ready()
+            with pytest.raises(TritonUnavailableError):
+                await _collect(client.stream(MESSAGES, [], {}, "r6"))
+        finally:
+            await client.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def _keep_response_iterators_alive(client: TritonVLMClient, kept: list[Any]) -> None:
+    """Hold every stream_infer iterator so that garbage collection cannot be what cancels the call."""
+    grpc_client = client._get_client()
+    original = grpc_client.stream_infer
+
+    def stream_infer(*args: Any, **kwargs: Any) -> Any:
+        iterator = original(*args, **kwargs)
+        kept.append(iterator)
+        return iterator
+
+    grpc_client.stream_infer = stream_infer  # type: ignore[method-assign]
+
+
+def test_closing_the_generator_cancels_the_grpc_call() -> None:
+    kept: list[Any] = []
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        _keep_response_iterators_alive(client, kept)
+        stream = client.stream(MESSAGES, [], {"scenario": "forever"}, "r7")
+        first = await stream.__anext__()
+        second = await stream.__anext__()
+        assert (first.text, second.text) == ("t1 ", "t2 ")
+        await stream.aclose()  # what StreamingResponse / aclosing() do when the HTTP client leaves
+        await asyncio.wait_for(fake.cancelled.wait(), 3)
+
+    fake = asyncio.run(_with_server(body))
+    assert fake.cancelled.is_set() and len(kept) == 1
+
+
+def test_cancelling_the_consumer_task_cancels_the_grpc_call() -> None:
+    kept: list[Any] = []
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        _keep_response_iterators_alive(client, kept)
+        got: list[str] = []
+
+        async def consume() -> None:
+            async for delta in client.stream(MESSAGES, [], {"scenario": "forever"}, "r8"):
+                got.append(delta.text)
+
+        task = asyncio.ensure_future(consume())
+        while len(got) < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()  # e.g. the HTTP handler cancelled on disconnect, awaiting the next response
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(fake.cancelled.wait(), 3)
+
+    fake = asyncio.run(_with_server(body))
+    assert fake.cancelled.is_set()
