@@ -226,16 +226,18 @@ def test_text_only_call(processor) -> None:
 
 
 @pytest.mark.parametrize(
-    ("width", "height", "max_tokens"),
-    [(4000, 3000, 256), (10, 10, 1), (56, 56, 4), (448, 448, 256), (1000, 20, 256)],
+    ("width", "height", "tokens"),
+    [(4000, 3000, None), (10, 10, 4), (56, 56, 4), (448, 448, 256), (1000, 20, None), (30, 2000, None)],
 )
-def test_image_pixel_limits(processor, width: int, height: int, max_tokens: int) -> None:
+def test_image_pixel_limits(processor, width: int, height: int, tokens: int | None) -> None:
+    """Every image becomes 56*56 to 448*448 pixels: 4 to 256 ``<|image_pad|>`` tokens."""
     prompt = processor.apply_chat_template(user("?", 1), tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[picture(width, height, "green")], return_tensors="pt")
     _, h, w = inputs["image_grid_thw"][0].tolist()
-    pixels = h * w * 14 * 14
-    assert MIN_PIXELS <= pixels <= MAX_PIXELS
-    assert 1 <= h * w // 4 <= max_tokens
+    assert MIN_PIXELS <= h * w * 14 * 14 <= MAX_PIXELS
+    assert 4 <= h * w // 4 <= 256
+    if tokens is not None:
+        assert h * w // 4 == tokens
 
 
 def test_videos_are_refused(processor) -> None:

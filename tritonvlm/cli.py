@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL_REPOSITORY,
         help="Triton model repository (default: the project's model_repository/)",
     )
+    serve.add_argument(
+        "--triton-host", default="127.0.0.1", help="address Triton's own ports bind to (default 127.0.0.1)"
+    )
     serve.add_argument("--triton-http-port", type=int, help="Triton HTTP port (default: a free port)")
     serve.add_argument("--triton-grpc-port", type=int, help="Triton gRPC port (default: a free port)")
     serve.add_argument("--triton-metrics-port", type=int, help="Triton metrics port (default: a free port)")
@@ -113,6 +116,7 @@ def serve(args: argparse.Namespace) -> int:
 
     triton = TritonServer(
         args.model_repository.resolve(),
+        host=args.triton_host,
         http_port=args.triton_http_port,
         grpc_port=args.triton_grpc_port,
         metrics_port=args.triton_metrics_port,
