@@ -51,9 +51,8 @@ def resolve_model_path(args: dict[str, Any]) -> str:
     """The checkpoint to load (a local directory or a hub id)."""
     path = model_parameters(args).get("model_path", "").strip()
     if not path:
-        raise RuntimeError(
-            f"no model configured: set the 'model_path' parameter in config.pbtxt or ${env_name('model_path')}"
-        )
+        variable = env_name("model_path")
+        raise RuntimeError(f"no model configured: set 'model_path' in config.pbtxt or ${variable}")
     return path
 
 
