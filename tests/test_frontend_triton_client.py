@@ -94,7 +94,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
                 params = json.loads(decoded[wire.PARAMETERS][0])
                 async for response in self._scenario(params.get("scenario", "normal"), request.id):
                     yield response
-                if params.get("scenario") == "close_early":
+                if params.get("scenario") in ("close_early", "ends_after_finish"):
                     return
         except asyncio.CancelledError:
             self.cancelled.set()
@@ -119,6 +119,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield service_pb2.ModelStreamInferResponse(error_message="engine thread died")
         elif scenario == "close_early":
             yield _response(rid, text="a", ids=[1], completion=1)
+        elif scenario == "ends_after_finish":  # no final flag, but the stream ends after the last step
+            yield _response(rid, text="a", ids=[1], finish="stop", completion=1)
         elif scenario == "forever":
             step = 0
             while True:
@@ -181,6 +183,8 @@ def test_stream_sends_wire_request_and_parses_responses() -> None:
         "scenario": "normal",
     }
     assert [o.name for o in req["request"].outputs] == list(wire.STREAM_OUTPUTS)
+    # Triton drops an output-less final response unless asked for it (seen with tritonserver 2.51).
+    assert req["request"].parameters["triton_enable_empty_final_response"].bool_param is True
     assert not fake.cancelled.is_set()
 
 
@@ -229,6 +233,16 @@ def test_stream_closed_without_final_response_is_an_error() -> None:
             await _collect(client.stream(MESSAGES, [], {"scenario": "close_early"}, "r5"))
 
     asyncio.run(_with_server(body))
+
+
+def test_stream_that_ends_after_the_finishing_step_is_complete() -> None:
+    seen: list[StreamDelta] = []
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        seen.extend(await _collect(client.stream(MESSAGES, [], {"scenario": "ends_after_finish"}, "r9")))
+
+    asyncio.run(_with_server(body))
+    assert [(d.text, d.finish_reason) for d in seen] == [("a", "stop")]
 
 
 def test_model_not_ready() -> None:

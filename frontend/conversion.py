@@ -1,0 +1,75 @@
+"""From a validated OpenAI request to what the ``vlm`` model takes (see :mod:`tritonvlm.wire`).
+
+Messages keep their role and content, except that every ``image_url`` part becomes the placeholder
+``{"type": "image"}`` and its URL is collected (in order of appearance across the conversation, which
+is how ``vlm`` numbers the images). ``developer`` messages are sent as ``system`` (the role OpenAI
+renamed; chat templates know ``system``). PARAMETERS holds only the sampling fields the client set, so
+the engine's defaults apply to the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tritonvlm.frontend.errors import APIError
+from tritonvlm.frontend.media import ImageRef
+from tritonvlm.frontend.protocol import ChatCompletionRequest, ChatMessage, ImageContentPart
+
+_WIRE_ROLES = {"developer": "system"}
+
+
+def to_wire_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """The wire form of ``messages`` and the images they reference, in order.
+
+    Images are accepted in ``user`` messages only (as OpenAI does); elsewhere they are a 400 naming
+    the part.
+    """
+    wire_messages: list[dict[str, Any]] = []
+    images: list[ImageRef] = []
+    for i, message in enumerate(messages):
+        role = _WIRE_ROLES.get(message.role, message.role)
+        if isinstance(message.content, str):
+            wire_messages.append({"role": role, "content": message.content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(message.content):
+            if isinstance(part, ImageContentPart):
+                param = f"messages[{i}].content[{j}]"
+                if message.role != "user":
+                    raise APIError(
+                        400,
+                        "Image content parts are only allowed in user messages, "
+                        f"not in {message.role} messages.",
+                        param=param,
+                        code="invalid_value",
+                    )
+                images.append(ImageRef(url=part.image_url.url, param=f"{param}.image_url.url"))
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": part.text})
+        wire_messages.append({"role": role, "content": parts})
+    return wire_messages, images
+
+
+def build_parameters(request: ChatCompletionRequest) -> dict[str, Any]:
+    """The PARAMETERS JSON object (keys of ``SamplingParams``); fields the client left out are omitted."""
+    max_tokens = (
+        request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    )
+    top_k = request.top_k
+    if top_k is not None and top_k < 0:
+        top_k = 0  # -1 (vLLM's "disabled") is the engine's 0
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    candidates: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": top_k,
+        "seed": request.seed,
+        "stop": stop,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "repetition_penalty": request.repetition_penalty,
+        "ignore_eos": request.ignore_eos,
+    }
+    return {key: value for key, value in candidates.items() if value is not None}

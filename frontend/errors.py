@@ -1,0 +1,164 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` for every failure.
+
+:class:`APIError` is what the rest of the frontend raises; :func:`install_exception_handlers` makes
+FastAPI answer malformed JSON, validation errors, HTTP exceptions (unknown route, wrong method) and
+unexpected exceptions in that same shape. An unexpected exception is logged with its traceback and
+answered with a 500 whose body carries no trace of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("tritonvlm.frontend.errors")
+
+# Tags of pydantic union members that may appear in an error location but are not field names.
+_UNION_MEMBER_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict"})
+
+
+def default_error_type(status_code: int) -> str:
+    """The OpenAI error ``type`` that goes with an HTTP status."""
+    if status_code == 401:
+        return "authentication_error"
+    if status_code == 403:
+        return "permission_error"
+    if status_code == 429:
+        return "rate_limit_error"
+    if status_code >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error body as a dict."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """A request that ends in an OpenAI error response (``status_code`` and body fields)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type or default_error_type(status_code)
+        self.param = param
+        self.code = code
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body of the error response."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def to_response(self) -> JSONResponse:
+        """The error as a FastAPI response."""
+        return JSONResponse(self.to_body(), status_code=self.status_code)
+
+    def __repr__(self) -> str:
+        return f"APIError({self.status_code}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+def internal_error() -> APIError:
+    """The 500 sent for an unexpected exception (its details go to the log only)."""
+    return APIError(
+        500, "The server had an internal error while processing the request.", code="internal_error"
+    )
+
+
+def loc_to_param(loc: Sequence[str | int]) -> str | None:
+    """Turn a pydantic error location into the field path the client wrote.
+
+    ``("body", "messages", 0, "content", "content-parts", 1, "image_url-part", "image_url")`` becomes
+    ``"messages[0].content[1].image_url"``: the leading ``body`` and union-member tags are dropped.
+    """
+    items = list(loc)
+    if items and items[0] == "body":
+        items = items[1:]
+    path = ""
+    for item in items:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        elif item.isidentifier() and item not in _UNION_MEMBER_NAMES:
+            path += f".{item}" if path else item
+    return path or None
+
+
+def _describe_validation_error(error: Mapping[str, Any]) -> APIError:
+    kind = str(error.get("type", ""))
+    loc = error.get("loc", ())
+    param = loc_to_param(loc)
+    if kind == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "invalid JSON")
+        return APIError(400, f"We could not parse the JSON body of your request: {detail}.")
+    if param is None:
+        if kind == "missing":
+            return APIError(400, "The request body is missing: a JSON object is expected.")
+        return APIError(400, "The request body must be a JSON object.")
+    msg = str(error.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif kind == "extra_forbidden":
+        message = f"Unrecognized parameter: '{param}' is not supported."
+    else:
+        message = f"Invalid value for '{param}': {msg}"
+    return APIError(400, message, param=param, code="invalid_value" if kind != "missing" else None)
+
+
+def validation_error_to_api_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """The 400 for a failed request validation: the first error, its field path in ``param``."""
+    if not errors:
+        return APIError(400, "The request is invalid.")
+    return _describe_validation_error(errors[0])
+
+
+async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.to_response()
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_error_to_api_error(exc.errors()).to_response()
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    error = APIError(exc.status_code, message, code=code)
+    return JSONResponse(error.to_body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "-")
+    logger.error(
+        "unhandled error in %s %s (request %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return internal_error().to_response()
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Make every error ``app`` can produce an OpenAI error body."""
+    app.add_exception_handler(APIError, _api_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_exception_handler(Exception, _unexpected_handler)

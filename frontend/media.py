@@ -1,0 +1,347 @@
+"""Turn the ``image_url.url`` of a content part into the bytes of an image file.
+
+``data:image/...;base64,...`` URLs are decoded; ``http(s)://`` URLs are fetched with httpx under a
+deadline, a byte cap (enforced while streaming), a concurrency limit and manual redirects (each hop
+re-checked). By default an SSRF guard refuses hosts that resolve to loopback, private, link-local,
+reserved, multicast or otherwise non-global addresses, and connects to the very address it checked
+(so a DNS answer cannot change between the check and the connection). Whatever the source, the bytes
+must look like an image. Every failure is an :class:`~tritonvlm.frontend.errors.APIError` 400 whose
+``param`` names the content part and whose message names the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from tritonvlm.frontend.errors import APIError
+
+logger = logging.getLogger("tritonvlm.frontend.media")
+
+MiB = 1024 * 1024
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_URL_SHOWN_CHARS = 120
+
+try:  # Pillow is a project dependency; the magic-byte check still works without it.
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover - exercised only without pillow
+    _PILImage = None
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image of the request: its URL and the field path of its content part (for errors)."""
+
+    url: str
+    param: str
+
+
+def describe_url(url: str) -> str:
+    """The URL as shown in an error message (long ``data:`` URLs are cut)."""
+    return url if len(url) <= _URL_SHOWN_CHARS else url[:_URL_SHOWN_CHARS] + "..."
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_image_url") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# --------------------------------------------------------------------------- image bytes
+
+
+def sniff_image_format(data: bytes) -> str | None:
+    """The image format announced by the first bytes (``"png"``, ``"jpeg"``...), or ``None``."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    return None
+
+
+def _pillow_verify(data: bytes) -> None:
+    assert _PILImage is not None
+    with _PILImage.open(io.BytesIO(data)) as image:
+        image.verify()
+
+
+async def check_image(data: bytes, url: str, param: str | None) -> None:
+    """Raise a 400 unless ``data`` is an image file: known magic bytes, and Pillow can verify it."""
+    if not data:
+        raise _bad(f"The image at {describe_url(url)} is empty.", param, "invalid_image")
+    if sniff_image_format(data) is None:
+        raise _bad(
+            f"The content at {describe_url(url)} is not a supported image "
+            "(expected PNG, JPEG, GIF, WebP, BMP or TIFF).",
+            param,
+            "invalid_image",
+        )
+    if _PILImage is None:
+        return
+    try:
+        await asyncio.to_thread(_pillow_verify, data)
+    except Exception as exc:  # Pillow raises many types for corrupt files (and DecompressionBombError)
+        raise _bad(
+            f"The image at {describe_url(url)} could not be decoded: {exc}", param, "invalid_image"
+        ) from None
+
+
+# --------------------------------------------------------------------------- data: URLs
+
+
+def decode_data_url(url: str, param: str | None, max_bytes: int) -> bytes:
+    """Decode a ``data:image/<type>;base64,<payload>`` URL (whitespace in the payload tolerated)."""
+    header, sep, payload = url[len("data:") :].partition(",")
+    if not sep:
+        raise _bad("Invalid data URL: no ',' separates the header from the data.", param)
+    fields = [f.strip().lower() for f in header.split(";")]
+    media_type = fields[0]
+    if not media_type.startswith("image/"):
+        raise _bad(f"Invalid data URL: media type {media_type or '(none)'!r} is not an image type.", param)
+    if "base64" not in fields[1:]:
+        raise _bad("Invalid data URL: only base64-encoded data URLs are supported.", param)
+    payload = "".join(payload.split())
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise _bad(f"The image is larger than the limit of {max_bytes} bytes.", param, "image_too_large")
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("Invalid data URL: the payload is not valid base64.", param) from None
+    if len(data) > max_bytes:
+        raise _bad(f"The image is larger than the limit of {max_bytes} bytes.", param, "image_too_large")
+    return data
+
+
+# --------------------------------------------------------------------------- SSRF guard
+
+
+def is_public_address(address: str) -> bool:
+    """Whether ``address`` is a global unicast IP (not loopback/private/link-local/reserved/multicast)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None and not is_public_address(str(embedded)):
+            return False
+    return ip.is_global and not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    )
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The IP addresses ``host`` resolves to (in resolver order, without duplicates)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[str] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        address = str(sockaddr[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+# --------------------------------------------------------------------------- the fetcher
+
+
+class MediaFetcher:
+    """Fetch and check the images of requests (one instance per app; shares an httpx client)."""
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 10.0,
+        max_bytes: int = 20 * MiB,
+        max_concurrency: int = 16,
+        max_redirects: int = 3,
+        allow_private: bool = False,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        """``timeout_s`` bounds a whole fetch (redirects included) and each connect/read."""
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.max_redirects = max_redirects
+        self.allow_private = allow_private
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            follow_redirects=False,
+            trust_env=False,  # a proxy would defeat the address check
+            headers={"User-Agent": "tritonvlm-frontend/0.1", "Accept": "image/*"},
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this fetcher created it."""
+        if self._own_client:
+            await self._client.aclose()
+
+    async def fetch_all(self, refs: Sequence[ImageRef]) -> list[bytes]:
+        """Fetch every image concurrently, in order; the first failure cancels the others.
+
+        A URL repeated in one request is fetched once.
+        """
+        tasks: dict[str, asyncio.Task[bytes]] = {}
+        for ref in refs:
+            if ref.url not in tasks:
+                tasks[ref.url] = asyncio.ensure_future(self.fetch(ref.url, ref.param))
+        try:
+            await asyncio.gather(*tasks.values())
+        except BaseException:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            raise
+        return [tasks[ref.url].result() for ref in refs]
+
+    async def fetch(self, url: str, param: str | None = None) -> bytes:
+        """The checked image bytes behind ``url`` (``data:`` or ``http(s)://``)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            data = decode_data_url(url, param, self.max_bytes)
+        elif scheme in ("http", "https"):
+            async with self._semaphore:
+                try:
+                    data = await asyncio.wait_for(self._fetch_http(url, param), self.timeout_s)
+                except asyncio.TimeoutError:
+                    raise _bad(
+                        f"Timed out after {self.timeout_s:g} s fetching the image at {describe_url(url)}.",
+                        param,
+                        "image_fetch_timeout",
+                    ) from None
+        else:
+            raise _bad(
+                f"Unsupported image URL {describe_url(url)}: use an http(s):// or data:image/...;base64 URL.",
+                param,
+            )
+        await check_image(data, url, param)
+        return data
+
+    async def _checked_addresses(self, url: httpx.URL, original: str, param: str | None) -> list[str]:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            addresses = await resolve_host(url.host, port)
+        except (socket.gaierror, UnicodeError, OSError) as exc:
+            raise _bad(
+                f"Could not resolve the host of the image URL {describe_url(original)}: {exc}", param
+            ) from None
+        if not self.allow_private:
+            refused = [a for a in addresses if not is_public_address(a)]
+            if refused or not addresses:
+                raise _bad(
+                    f"The image URL {describe_url(original)} resolves to a non-public address "
+                    f"({', '.join(refused) or 'none'}); fetching it is not allowed.",
+                    param,
+                    "image_url_forbidden",
+                )
+        return addresses
+
+    async def _fetch_http(self, original: str, param: str | None) -> bytes:
+        current = original
+        for _hop in range(self.max_redirects + 1):
+            try:
+                url = httpx.URL(current)
+            except (httpx.InvalidURL, ValueError) as exc:
+                raise _bad(f"Invalid image URL {describe_url(current)}: {exc}", param) from None
+            if url.scheme not in ("http", "https") or not url.host:
+                raise _bad(
+                    f"Unsupported image URL {describe_url(current)} (from {describe_url(original)}).", param
+                )
+            addresses = await self._checked_addresses(url, current, param)
+            response_or_location = await self._get(url, addresses, current, param)
+            if isinstance(response_or_location, bytes):
+                return response_or_location
+            current = str(url.join(response_or_location))
+            logger.debug("image URL %s redirects to %s", describe_url(original), describe_url(current))
+        raise _bad(
+            f"Too many redirects (more than {self.max_redirects}) "
+            f"fetching the image at {describe_url(original)}.",
+            param,
+        )
+
+    async def _get(self, url: httpx.URL, addresses: list[str], shown: str, param: str | None) -> bytes | str:
+        """GET ``url``: the body, or the ``Location`` of a redirect.
+
+        With the SSRF guard on, the connection goes to a checked address (``Host`` header and TLS SNI
+        keep the name), trying the next address only when connecting fails.
+        """
+        if self.allow_private:
+            targets: list[tuple[httpx.URL, dict[str, str], dict[str, str]]] = [(url, {}, {})]
+        else:
+            host_header = url.netloc.decode("ascii")
+            sni = {"sni_hostname": url.host} if url.scheme == "https" else {}
+            targets = [
+                (url.copy_with(host=a.split("%", 1)[0]), {"Host": host_header}, sni) for a in addresses
+            ]
+        last_error: Exception | None = None
+        for target, headers, extensions in targets:
+            try:
+                return await self._get_once(target, headers, extensions, shown, param)
+            except httpx.ConnectError as exc:
+                last_error = exc
+            except httpx.TimeoutException:
+                raise _bad(
+                    f"Timed out fetching the image at {describe_url(shown)}.", param, "image_fetch_timeout"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise _bad(f"Could not fetch the image at {describe_url(shown)}: {exc}", param) from None
+        raise _bad(f"Could not connect to fetch the image at {describe_url(shown)}: {last_error}", param)
+
+    async def _get_once(
+        self,
+        target: httpx.URL,
+        headers: dict[str, str],
+        extensions: dict[str, str],
+        shown: str,
+        param: str | None,
+    ) -> bytes | str:
+        request = self._client.build_request("GET", target, headers=headers, extensions=extensions)
+        response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code in _REDIRECT_STATUSES:
+                location = response.headers.get("location")
+                if not location:
+                    raise _bad(f"The image URL {describe_url(shown)} redirects without a Location.", param)
+                return location
+            if response.status_code != 200:
+                raise _bad(
+                    f"Could not fetch the image at {describe_url(shown)}: HTTP {response.status_code}.",
+                    param,
+                    "image_fetch_failed",
+                )
+            too_big = _bad(
+                f"The image at {describe_url(shown)} is larger than the limit of {self.max_bytes} bytes.",
+                param,
+                "image_too_large",
+            )
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise too_big
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise too_big
+            return bytes(body)
+        finally:
+            await response.aclose()

@@ -1,0 +1,249 @@
+"""Async gRPC client for the decoupled Triton model ``vlm`` (contract: :mod:`tritonvlm.wire`).
+
+Each :meth:`TritonVLMClient.stream` call opens its own bidirectional gRPC stream, sends one request
+and yields one :class:`StreamDelta` per response until the response flagged
+``triton_final_response``. When the consumer stops early (``aclose()`` of the generator, or the task
+awaiting it is cancelled, e.g. because the HTTP client went away) the gRPC call is cancelled
+explicitly: tritonclient's ``stream_infer`` returns a plain iterator object (not an async
+generator) whose only way to stop the call is its ``cancel()`` method, so the ``finally`` block
+of :meth:`TritonVLMClient.stream` calls it. Triton then flags the request cancelled and the ``vlm``
+model tells the engine to drop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tritonvlm import wire
+
+logger = logging.getLogger("tritonvlm.frontend.triton_client")
+
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
+# Without this request parameter Triton's gRPC stream drops a final response that carries no outputs
+# (a decoupled model's ``send(flags=FINAL)``), and the client never learns that the request is over
+# unless the stream is half-closed and ends. Verified against tritonserver 2.51.
+ENABLE_EMPTY_FINAL_PARAMETER = "triton_enable_empty_final_response"
+# Triton's messages for a model that is missing or not loaded (answered as unavailable, not as 500).
+_MODEL_UNAVAILABLE_MARKERS = ("unknown model", "is not ready", "has no available versions")
+
+
+@dataclass
+class StreamDelta:
+    """What one ``vlm`` response adds: new text and token ids, and the running token counts."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TritonRequestError(Exception):
+    """Triton answered the request with an error; ``client_error`` when the client's input is at fault."""
+
+    def __init__(self, client_error: bool, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.client_error = client_error
+        self.message = message
+        self.param = param
+
+    @classmethod
+    def from_wire(cls, message: str) -> TritonRequestError:
+        """Build from an error message as Triton returned it (see :func:`wire.parse_wire_error`)."""
+        client_error, text, param = wire.parse_wire_error(message)
+        return cls(client_error, text, param)
+
+
+class TritonUnavailableError(Exception):
+    """Triton cannot be reached, or the ``vlm`` model is not loaded."""
+
+
+def _grpc_target(url: str) -> str:
+    for prefix in ("grpc://", "http://"):
+        if url.startswith(prefix):
+            return url[len(prefix) :]
+    return url
+
+
+def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def build_inputs(
+    messages: list[dict[str, Any]], images: list[bytes], parameters: dict[str, Any]
+) -> list[grpcclient.InferInput]:
+    """The ``vlm`` input tensors; ``IMAGES`` is left out when there are no images."""
+    inputs = [_bytes_input(wire.MESSAGES, [json.dumps(messages).encode("utf-8")])]
+    if images:
+        inputs.append(_bytes_input(wire.IMAGES, list(images)))
+    inputs.append(_bytes_input(wire.PARAMETERS, [json.dumps(parameters).encode("utf-8")]))
+    return inputs
+
+
+def _first_scalar(result: Any, name: str) -> Any:
+    array = result.as_numpy(name)
+    if array is None or array.size == 0:
+        return None
+    return array.reshape(-1)[0]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def parse_response(result: Any, previous: StreamDelta | None = None) -> StreamDelta | None:
+    """The :class:`StreamDelta` of one ``InferResult``; ``None`` if it carries no outputs.
+
+    Token counts missing from a response are carried over from ``previous``.
+    """
+    if not result.get_response().outputs:
+        return None
+    ids = result.as_numpy(wire.TOKEN_IDS)
+    prompt = _first_scalar(result, wire.PROMPT_TOKENS)
+    completion = _first_scalar(result, wire.COMPLETION_TOKENS)
+    return StreamDelta(
+        text=_text(_first_scalar(result, wire.TEXT_DELTA)),
+        token_ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
+        finish_reason=_text(_first_scalar(result, wire.FINISH_REASON)) or None,
+        prompt_tokens=int(prompt) if prompt is not None else (previous.prompt_tokens if previous else 0),
+        completion_tokens=(
+            int(completion) if completion is not None else (previous.completion_tokens if previous else 0)
+        ),
+    )
+
+
+def is_final_response(result: Any) -> bool:
+    """Whether this response carries ``triton_final_response: true``."""
+    parameters = result.get_response().parameters
+    return FINAL_RESPONSE_PARAMETER in parameters and parameters[FINAL_RESPONSE_PARAMETER].bool_param
+
+
+def _error_from_message(message: str) -> Exception:
+    if (
+        any(marker in message for marker in _MODEL_UNAVAILABLE_MARKERS)
+        and wire.INVALID_REQUEST_MARKER not in message
+    ):
+        return TritonUnavailableError(message)
+    return TritonRequestError.from_wire(message)
+
+
+def _error_from_rpc(error: grpc.RpcError) -> Exception:
+    code = error.code() if hasattr(error, "code") else None
+    details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return TritonUnavailableError(f"Triton is unavailable: {details}")
+    return _error_from_message(details)
+
+
+class TritonVLMClient:
+    """Streams chat completions from the ``vlm`` model of a Triton server over gRPC."""
+
+    def __init__(self, grpc_url: str, model_name: str = wire.VLM_MODEL, ready_timeout_s: float = 2.0) -> None:
+        """``grpc_url`` is ``host:port`` (a ``grpc://`` prefix is accepted)."""
+        self.grpc_url = _grpc_target(grpc_url)
+        self.model_name = model_name
+        self.ready_timeout_s = ready_timeout_s
+        self._client: grpcclient.InferenceServerClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _get_client(self) -> grpcclient.InferenceServerClient:
+        # A grpc.aio channel belongs to the event loop it was made in: make it lazily, in that loop.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = grpcclient.InferenceServerClient(self.grpc_url)
+            self._loop = loop
+        return self._client
+
+    async def close(self) -> None:
+        """Close the gRPC channel."""
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    async def is_ready(self) -> bool:
+        """Whether the server is ready and the ``vlm`` model is loaded and ready (never raises)."""
+        try:
+            client = self._get_client()
+            timeout = self.ready_timeout_s
+            return bool(
+                await client.is_server_ready(client_timeout=timeout)
+                and await client.is_model_ready(self.model_name, client_timeout=timeout)
+            )
+        except (InferenceServerException, grpc.RpcError, OSError) as exc:
+            logger.debug("Triton readiness check failed: %s", exc)
+            return False
+
+    async def stream(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[bytes],
+        parameters: dict[str, Any],
+        request_id: str,
+    ) -> AsyncIterator[StreamDelta]:
+        """Run one chat completion; yield a :class:`StreamDelta` per non-empty response.
+
+        Raises :class:`TritonRequestError` for an error response and :class:`TritonUnavailableError`
+        when Triton cannot be reached. Closing the generator early cancels the gRPC call.
+        """
+        request = {
+            "model_name": self.model_name,
+            "inputs": build_inputs(messages, images, parameters),
+            "outputs": [grpcclient.InferRequestedOutput(name) for name in wire.STREAM_OUTPUTS],
+            "request_id": request_id,
+            "parameters": {ENABLE_EMPTY_FINAL_PARAMETER: True},
+        }
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield request
+
+        responses = self._get_client().stream_infer(inputs_iterator=one_request())
+        previous: StreamDelta | None = None
+        try:
+            while True:
+                try:
+                    result, error = await responses.__anext__()
+                except StopAsyncIteration:
+                    if previous is not None and previous.finish_reason:
+                        return  # the stream ended after the last step: as good as a final response
+                    raise TritonRequestError(
+                        False, "Triton closed the stream before the final response"
+                    ) from None
+                except grpc.RpcError as exc:
+                    raise _error_from_rpc(exc) from None
+                except InferenceServerException as exc:
+                    raise _error_from_message(exc.message()) from None
+                if error is not None:
+                    raise _error_from_message(error.message())
+                delta = parse_response(result, previous)
+                if delta is not None:
+                    previous = delta
+                    yield delta
+                if is_final_response(result):
+                    return
+        finally:
+            # Ends the gRPC call whatever happened: a no-op once Triton has closed the stream, and the
+            # cancellation of the request when the consumer stopped early (GeneratorExit at the
+            # ``yield``, CancelledError at the ``await``). Nothing here awaits, so a cancellation is
+            # never delayed or swallowed.
+            responses.cancel()
