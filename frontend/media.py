@@ -188,6 +188,9 @@ class MediaFetcher:
             timeout=httpx.Timeout(timeout_s),
             follow_redirects=False,
             trust_env=False,  # a proxy would defeat the address check
+            # Guarded requests go to an IP with the name in Host/SNI; pooled connections are keyed by
+            # that IP, so a kept-alive TLS connection made for one name could carry another's request.
+            limits=httpx.Limits(max_keepalive_connections=20 if allow_private else 0),
             headers={"User-Agent": "tritonvlm-frontend/0.1", "Accept": "image/*"},
         )
 

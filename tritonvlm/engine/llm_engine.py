@@ -228,6 +228,7 @@ class LLMEngine:
         if leaving:
             self.scheduler.retire(leaving)
             for seq in leaving:
+                log.info("dropped cancelled request %s after %d tokens", seq.request_id, len(seq.output_ids))
                 self._finish(seq, "cancelled")
 
     def _prefill(self, seqs: list[Sequence]) -> None:

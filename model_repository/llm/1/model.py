@@ -77,6 +77,11 @@ class EngineMetrics:
                 description="Tokens processed by the engine, by phase (prefill, decode)",
                 kind=pb_utils.MetricFamily.COUNTER,
             ),
+            "requests": pb_utils.MetricFamily(
+                name="tritonvlm_engine_requests_total",
+                description="Requests that left the engine, by outcome (finished, cancelled)",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
             "steps": pb_utils.MetricFamily(
                 name="tritonvlm_engine_steps_total",
                 description="Forward passes of the engine, by phase (prefill, decode)",
@@ -90,6 +95,8 @@ class EngineMetrics:
         self.decode_tokens = self.families["counter"].Metric({**labels, "phase": "decode"})
         self.prefill_steps = self.families["steps"].Metric({**labels, "phase": "prefill"})
         self.decode_steps = self.families["steps"].Metric({**labels, "phase": "decode"})
+        self.requests_finished = self.families["requests"].Metric({**labels, "outcome": "finished"})
+        self.requests_cancelled = self.families["requests"].Metric({**labels, "outcome": "cancelled"})
         self._last = EngineStats()
         self._last_time = 0.0
 
@@ -102,7 +109,8 @@ class EngineMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_tokens.set(stats.kv_tokens_used)
-        for name in ("prefill_tokens", "decode_tokens", "prefill_steps", "decode_steps"):
+        counters = ("prefill_tokens", "decode_tokens", "prefill_steps", "decode_steps")
+        for name in counters + ("requests_finished", "requests_cancelled"):
             delta = getattr(stats, name) - getattr(self._last, name)
             if delta:
                 getattr(self, name).increment(delta)
