@@ -168,3 +168,59 @@ def test_too_long_request_is_refused(hf_model, processor, prepared):
     with pytest.raises(InvalidRequestError, match="maximum context length") as info:
         engine.add_request("x", prepared[0][1], SamplingParams(max_tokens=5000), Collector())
     assert info.value.param == "max_tokens"
+
+
+def test_memory_budget_caps_the_slots(hf_model, processor):
+    from tritonvlm.engine.kv_cache import SlotKVCache
+    from tritonvlm.engine.llm_engine import kv_slots, parse_memory
+
+    assert parse_memory("", 1000) is None
+    assert parse_memory("0.5", 1000) == 500
+    assert parse_memory("4GiB", 0) == 4 * 2**30 and parse_memory("512MB", 0) == 512 * 10**6
+    text = hf_model.config.get_text_config()
+    heads = text.num_attention_heads
+    per_token = SlotKVCache.bytes_per_token(
+        text.num_hidden_layers, text.num_key_value_heads, text.hidden_size // heads, torch.float32
+    )
+    config = EngineConfig(max_num_seqs=16, max_model_len=512, kv_cache_memory=str(per_token * 512 * 3 + 1))
+    assert kv_slots(hf_model, config) == 3
+    engine = LLMEngine(hf_model, processor.tokenizer, config)
+    assert engine.runner.cache.max_slots == 3 and engine.scheduler.max_num_seqs == 3
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        kv_slots(hf_model, EngineConfig(max_model_len=512, kv_cache_memory="100"))
+
+
+def test_requests_wait_for_a_free_slot_and_all_finish_correctly(hf_model, processor, prepared):
+    engine = make_engine(hf_model, processor, max_num_seqs=2)
+    sink = Collector()
+    for k in range(5):
+        name, ids, embeds, grid, _ = prepared[k % len(prepared)]
+        engine.add_request(f"{k}", ids, greedy(), sink, embeds, grid)
+    steps = 0
+    while not all(sink.finished(f"{k}") for k in range(5)):
+        engine.step()
+        assert len(engine.scheduler.running) <= 2
+        steps += 1
+        assert steps < 500
+    for k in range(5):
+        assert sink.tokens(f"{k}") == prepared[k % len(prepared)][4]
+
+
+def test_cancel_of_a_waiting_or_not_yet_arrived_request(hf_model, processor, prepared):
+    engine = make_engine(hf_model, processor, max_num_seqs=1)
+    sink = Collector()
+    ids = prepared[0][1]
+    engine.cancel("early")  # the cancel overtakes the request
+    engine.add_request("early", ids, greedy(), sink)
+    engine.add_request("running", ids, greedy(), sink)
+    engine.add_request("waiting", ids, greedy(), sink)
+    engine.step()
+    assert sink.outputs["early"][-1].finish_reason == "cancelled"
+    assert [s.request_id for s in engine.scheduler.running] == ["running"]
+    engine.cancel("waiting")
+    engine.step()
+    assert sink.outputs["waiting"][-1].finish_reason == "cancelled"
+    assert sink.outputs["waiting"][-1].completion_tokens == 0
+    while not sink.finished("running"):
+        engine.step()
+    assert sink.tokens("running") == prepared[0][4]

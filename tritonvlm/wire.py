@@ -17,6 +17,10 @@ in BYTES tensors, and how a client's mistake is told apart from an internal fail
       PROMPT_TOKENS     INT32 [1]   prompt length, image placeholder tokens included
       COMPLETION_TOKENS INT32 [1]   tokens generated so far
 
+A gRPC streaming client should send the request parameter ``triton_enable_empty_final_response=true``:
+without it Triton drops a final response that carries no outputs (a cancelled or failed stream's
+closing flag), and the client never sees the end of the stream.
+
 `llm` (decoupled, the in-flight batching engine) takes INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW and
 PARAMETERS and answers with the same outputs as `vlm`. A request whose PARAMETERS hold
 ``{"cancel": "<engine request id>"}`` (and no INPUT_IDS) drops that running request.

@@ -5,8 +5,24 @@ admission), ``kv_cache`` (slot KV memory), ``model_runner`` (tensors in, logits 
 ``detokenizer`` and ``llm_engine`` (the loop).
 """
 
-from tritonvlm.engine.llm_engine import EngineConfig, EngineStats, LLMEngine
-from tritonvlm.engine.sampling_params import SamplingParams
-from tritonvlm.engine.sequence import EngineOutput
+from __future__ import annotations
 
-__all__ = ["EngineConfig", "EngineOutput", "EngineStats", "LLMEngine", "SamplingParams"]
+from typing import Any
+
+# Resolved lazily so that torch-free modules (sampling_params) import without pulling in torch.
+_EXPORTS = {
+    "EngineConfig": "tritonvlm.engine.llm_engine",
+    "EngineStats": "tritonvlm.engine.llm_engine",
+    "LLMEngine": "tritonvlm.engine.llm_engine",
+    "EngineOutput": "tritonvlm.engine.sequence",
+    "SamplingParams": "tritonvlm.engine.sampling_params",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
+from tritonvlm.engine.kv_cache import SlotKVCache
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
@@ -31,6 +32,9 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_model_len: int = 4096
     max_prefill_tokens: int = 8192
+    # KV memory budget: "" reserves max_num_seqs slots; a size ("4GiB", "512MB") or a fraction of the
+    # device's free memory at start-up ("0.5") caps the slots to what fits.
+    kv_cache_memory: str = ""
 
 
 @dataclass
@@ -47,7 +51,9 @@ class EngineStats:
     requests_finished: int = 0
     requests_cancelled: int = 0
     kv_tokens_used: int = 0
+    # Samples since the last read: the reader (metrics) drains them.
     ttft_seconds: list[float] = field(default_factory=list)
+    step_intervals: list[float] = field(default_factory=list)
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -63,16 +69,67 @@ def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def parse_memory(value: str, free_bytes: int) -> int | None:
+    """``""`` → None; ``"0.5"`` → half of ``free_bytes``; ``"4GiB"``, ``"512MB"``, ``"1e9"`` → bytes."""
+    value = value.strip()
+    if not value:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lower = value.lower()
+    for suffix, scale in units.items():
+        if lower.endswith(suffix):
+            return int(float(lower[: -len(suffix)]) * scale)
+    number = float(lower)
+    return int(number * free_bytes) if number <= 1.0 else int(number)
+
+
+def free_memory(device: torch.device) -> int:
+    """Free memory on the device now (CUDA: free GPU memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def kv_slots(model: torch.nn.Module, config: EngineConfig) -> int:
+    """How many sequences get a KV slot: ``max_num_seqs``, capped by the memory budget."""
+    budget = parse_memory(config.kv_cache_memory, free_memory(next(model.parameters()).device))
+    if budget is None:
+        return config.max_num_seqs
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = SlotKVCache.bytes_per_token(
+        text.num_hidden_layers, kv_heads, head_dim, next(model.parameters()).dtype
+    )
+    slots = min(config.max_num_seqs, budget // (per_token * config.max_model_len))
+    if slots < 1:
+        raise ValueError(
+            f"kv_cache_memory={config.kv_cache_memory!r} ({budget} bytes) cannot hold one sequence of "
+            f"max_model_len={config.max_model_len} tokens ({per_token * config.max_model_len} bytes)"
+        )
+    return slots
+
+
 class LLMEngine:
     """Continuous batching over a Qwen2.5-VL language model."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, self.config.max_num_seqs, self.config.max_model_len)
-        self.scheduler = Scheduler(
-            self.config.max_num_seqs, self.config.max_prefill_tokens, self.runner.cache.move
+        slots = kv_slots(model, self.config)
+        self.runner = ModelRunner(model, slots, self.config.max_model_len)
+        log.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB",
+            slots,
+            self.config.max_model_len,
+            self.runner.cache.nbytes / 2**20,
         )
+        self.scheduler = Scheduler(slots, self.config.max_prefill_tokens, self.runner.cache.move)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.stats = EngineStats()
@@ -83,6 +140,8 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._by_id: dict[str, Sequence] = {}
+        self._early_cancels: dict[str, None] = {}  # cancelled before they arrived (ordered, capped)
+        self._last_decode_end: float | None = None
 
     @classmethod
     def from_pretrained(
@@ -204,21 +263,35 @@ class LLMEngine:
         if running:
             logits = self.runner.decode(running)
             tokens = sample(logits, running)
+            now = time.monotonic()
+            if self._last_decode_end is not None:
+                self.stats.step_intervals.append(now - self._last_decode_end)
+            self._last_decode_end = now
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(running)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(running))
             self._append(list(running), tokens)
+        else:
+            self._last_decode_end = None
         self._update_gauges()
 
     def _take_incoming(self) -> None:
         while not self._incoming.empty():
             seq = self._incoming.get()
+            if seq.request_id in self._early_cancels:
+                del self._early_cancels[seq.request_id]
+                seq.cancel_requested = True
             self._by_id[seq.request_id] = seq
             self.scheduler.add(seq)
         while not self._cancels.empty():
-            seq = self._by_id.get(self._cancels.get())
+            request_id = self._cancels.get()
+            seq = self._by_id.get(request_id)
             if seq is not None:
                 seq.cancel_requested = True
+            else:
+                self._early_cancels[request_id] = None
+                if len(self._early_cancels) > 10000:
+                    self._early_cancels.pop(next(iter(self._early_cancels)))
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.scheduler.waiting if s.wants_cancel()]:

@@ -25,6 +25,8 @@ from tritonvlm.triton_utils import (
 
 log = logging.getLogger("tritonvlm.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
 def _input(request, name):
@@ -82,6 +84,16 @@ class EngineMetrics:
                 description="Requests that left the engine, by outcome (finished, cancelled)",
                 kind=pb_utils.MetricFamily.COUNTER,
             ),
+            "ttft": pb_utils.MetricFamily(
+                name="tritonvlm_engine_time_to_first_token_seconds",
+                description="From arrival in the engine to the first generated token",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+            "itl": pb_utils.MetricFamily(
+                name="tritonvlm_engine_inter_token_latency_seconds",
+                description="Time between decode steps (each running sequence gets one token per step)",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
             "steps": pb_utils.MetricFamily(
                 name="tritonvlm_engine_steps_total",
                 description="Forward passes of the engine, by phase (prefill, decode)",
@@ -97,6 +109,8 @@ class EngineMetrics:
         self.decode_steps = self.families["steps"].Metric({**labels, "phase": "decode"})
         self.requests_finished = self.families["requests"].Metric({**labels, "outcome": "finished"})
         self.requests_cancelled = self.families["requests"].Metric({**labels, "outcome": "cancelled"})
+        self.ttft = self.families["ttft"].Metric(labels, buckets=TTFT_BUCKETS)
+        self.itl = self.families["itl"].Metric(labels, buckets=ITL_BUCKETS)
         self._last = EngineStats()
         self._last_time = 0.0
 
@@ -114,7 +128,14 @@ class EngineMetrics:
             delta = getattr(stats, name) - getattr(self._last, name)
             if delta:
                 getattr(self, name).increment(delta)
-        self._last = EngineStats(**{k: v for k, v in vars(stats).items() if k != "ttft_seconds"})
+        for value in stats.ttft_seconds:
+            self.ttft.observe(value)
+        for value in stats.step_intervals:
+            self.itl.observe(value)
+        stats.ttft_seconds.clear()
+        stats.step_intervals.clear()
+        samples = ("ttft_seconds", "step_intervals")
+        self._last = EngineStats(**{k: v for k, v in vars(stats).items() if k not in samples})
 
 
 class TritonPythonModel:
@@ -125,6 +146,7 @@ class TritonPythonModel:
             max_num_seqs=int(params.get("max_num_seqs") or 16),
             max_model_len=int(params.get("max_model_len") or 4096),
             max_prefill_tokens=int(params.get("max_prefill_tokens") or 8192),
+            kv_cache_memory=params.get("kv_cache_memory", ""),
         )
         self.engine = LLMEngine.from_pretrained(
             resolve_model_path(args),

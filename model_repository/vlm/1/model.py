@@ -1,13 +1,15 @@
 """Triton adapter: the pipeline entry point (decoupled BLS).
 
 Each request runs in a worker thread: preprocess -> vision_encoder (when there are images) -> llm,
-whose stream is forwarded response by response. When the client cancels (a dropped gRPC stream),
-this model asks the llm engine to drop the request, then drains llm's stream to its end (an
-abandoned BLS stream blocks model unload).
+whose stream is forwarded response by response. A monitor thread polls the senders of the requests
+in the llm stage; when a client cancels (a dropped gRPC stream) it asks the llm engine to drop that
+request, whether it is decoding or still waiting for a slot, and the worker drains llm's stream to
+its end (an abandoned BLS stream blocks model unload).
 """
 
 import json
 import logging
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +20,61 @@ from tritonvlm.triton_utils import bytes_tensor, model_parameters, parse_json_in
 
 log = logging.getLogger("tritonvlm.vlm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_SECONDS = 0.02
+
+
+class CancelMonitor:
+    """Watches the requests whose llm stream is open and cancels the engine side of those the
+    client abandoned. One thread for all requests: no per-token cancellation check on the hot path."""
+
+    def __init__(self):
+        self._active = {}  # engine request id -> [sender, cancelled, engine request id]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlm-cancel-monitor", daemon=True)
+        self._thread.start()
+
+    def watch(self, engine_id, sender):
+        state = [sender, False, engine_id]
+        with self._lock:
+            self._active[engine_id] = state
+        return state
+
+    def forget(self, engine_id):
+        with self._lock:
+            self._active.pop(engine_id, None)
+
+    def _run(self):
+        while not self._stop.wait(CANCEL_POLL_SECONDS):
+            with self._lock:
+                items = list(self._active.items())
+            for engine_id, state in items:
+                if state[1]:
+                    continue
+                try:
+                    cancelled = state[0].is_cancelled()
+                except Exception:
+                    cancelled = True
+                if cancelled:
+                    state[1] = True
+                    try:
+                        cancel_llm(engine_id)
+                    except Exception:
+                        log.exception("could not cancel %s in the llm engine", engine_id)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def cancel_llm(engine_id):
+    """Tell the llm engine to drop a request (it answers with a bare final flag)."""
+    params = pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps({wire.CANCEL: engine_id})]))
+    cancel = pb_utils.InferenceRequest(
+        model_name=wire.LLM_MODEL, inputs=[params], requested_output_names=list(wire.STREAM_OUTPUTS)
+    )
+    for _ in cancel.exec(decoupled=True):
+        pass
 
 
 class StageError(Exception):
@@ -38,6 +95,7 @@ class TritonPythonModel:
         setup_stub_process()
         workers = int(model_parameters(args).get("max_concurrency") or 256)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlm")
+        self.monitor = CancelMonitor()
 
     def execute(self, requests):
         for request in requests:
@@ -93,18 +151,21 @@ class TritonPythonModel:
         engine_id = f"{request.request_id()}#{uuid.uuid4().hex}"
         params = {**params, wire.ENGINE_REQUEST_ID: engine_id}
         llm_inputs.append(pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps(params)])))
-        stream = pb_utils.InferenceRequest(
-            model_name=wire.LLM_MODEL, inputs=llm_inputs, requested_output_names=list(wire.STREAM_OUTPUTS)
-        ).exec(decoupled=True)
-        self._forward(stream, sender, engine_id)
+        state = self.monitor.watch(engine_id, sender)
+        try:
+            stream = pb_utils.InferenceRequest(
+                model_name=wire.LLM_MODEL, inputs=llm_inputs, requested_output_names=list(wire.STREAM_OUTPUTS)
+            ).exec(decoupled=True)
+            self._forward(stream, sender, state)
+        finally:
+            self.monitor.forget(engine_id)
 
-    def _forward(self, stream, sender, engine_id):
+    def _forward(self, stream, sender, state):
         done = False  # the client got its final response (or left): only drain from here on
         for response in stream:
             if done:
                 continue
-            if sender.is_cancelled():
-                self._cancel_llm(engine_id)
+            if state[1]:  # the monitor saw the client leave and cancelled the engine side
                 done = True
                 continue
             if response.has_error():
@@ -118,21 +179,19 @@ class TritonPythonModel:
                 pb_utils.get_output_tensor_by_name(response, wire.FINISH_REASON).as_numpy().reshape(-1)[0]
             )
             final = bool(finish)
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0)
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0)
+            except Exception:  # the client is gone: stop the engine side, keep draining
+                log.info("client of %s went away", state[2])
+                state[1] = True
+                cancel_llm(state[2])
+                final = True
             done = final
         if not done:
             sender.send(flags=FINAL)
 
-    @staticmethod
-    def _cancel_llm(engine_id):
-        params = pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps({wire.CANCEL: engine_id})]))
-        cancel = pb_utils.InferenceRequest(
-            model_name=wire.LLM_MODEL, inputs=[params], requested_output_names=list(wire.STREAM_OUTPUTS)
-        )
-        for _ in cancel.exec(decoupled=True):
-            pass
-
     def finalize(self):
+        self.monitor.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
