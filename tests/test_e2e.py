@@ -282,3 +282,59 @@ def _closed_port() -> int:
     from conftest import free_port
 
     return free_port()
+
+
+def _mixed_requests() -> list[tuple[list[dict], list[bytes]]]:
+    """Text-only, one-image and two-image conversations (images of different sizes)."""
+    out = []
+    for i in range(6):
+        images = [make_image(48 + 16 * i, 64, "red"), make_image(96, 40 + 8 * i, "blue", "square")][: i % 3]
+        content = [{"type": "text", "text": f"Question {i}: what do you see?"}]
+        content += [{"type": "image_url", "image_url": {"url": data_url(png)}} for png in images]
+        out.append(([{"role": "user", "content": content}], images))
+    return out
+
+
+def test_staggered_mixed_requests_each_match_generate_alone(client, hf_model, processor):
+    """Requests join a batch mid-decode; every one still gets the tokens generate() gives it alone."""
+    import time
+
+    requests = _mixed_requests()
+    expected = [reference_text(hf_model, processor, m, imgs, max_new=40)[0] for m, imgs in requests]
+    results: list[object] = [None] * len(requests)
+
+    def worker(i: int) -> None:
+        time.sleep(0.03 * i)  # staggered: later requests arrive while earlier ones decode
+        try:
+            r = client.chat.completions.create(
+                model="tiny", messages=requests[i][0], temperature=0, max_tokens=40
+            )
+            results[i] = r.choices[0].message.content
+        except Exception as exc:  # asserted below
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == expected
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(client):
+    messages = [{"role": "user", "content": "Say something random."}]
+    kwargs = {"model": "tiny", "messages": messages, "temperature": 1.0, "top_p": 0.9, "max_tokens": 24}
+    alone = client.chat.completions.create(seed=42, **kwargs).choices[0].message.content
+    crowd: list[object] = []
+
+    def noise(i: int) -> None:
+        crowd.append(client.chat.completions.create(seed=1000 + i, **kwargs).choices[0].message.content)
+
+    threads = [threading.Thread(target=noise, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    together = client.chat.completions.create(seed=42, **kwargs).choices[0].message.content
+    for t in threads:
+        t.join(60)
+    assert together == alone
+    assert len(set(crowd)) > 1, "different seeds should give different samples"
