@@ -224,3 +224,23 @@ def test_cancel_of_a_waiting_or_not_yet_arrived_request(hf_model, processor, pre
     while not sink.finished("running"):
         engine.step()
     assert sink.tokens("running") == prepared[0][4]
+
+
+def test_logprobs_of_greedy_tokens(hf_model, processor, prepared):
+    engine = make_engine(hf_model, processor)
+    sink = Collector()
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=3)
+    engine.add_request("lp", prepared[0][1], params, sink)
+    while not sink.finished("lp"):
+        engine.step()
+    entries = [e for o in sink.outputs["lp"] for e in (o.logprobs or [])]
+    assert len(entries) == len(sink.tokens("lp")) == 6
+    for token_id, entry in zip(sink.tokens("lp"), entries, strict=True):
+        tops = entry["top_logprobs"]
+        assert len(tops) == 3 and tops == sorted(tops, key=lambda t: -t["logprob"])
+        # greedy: the chosen token is the most likely one
+        assert entry["logprob"] == pytest.approx(tops[0]["logprob"]) and entry["logprob"] <= 0.0
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+    # the tokens' raw bytes, joined, are exactly the generated text's UTF-8
+    joined = b"".join(bytes(e["bytes"]) for e in entries)
+    assert joined == processor.tokenizer.decode(sink.tokens("lp")).encode()

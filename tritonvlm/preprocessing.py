@@ -103,6 +103,17 @@ class ChatPreprocessor:
         ip = processor.image_processor
         self.patch_dim = int(getattr(ip, "temporal_patch_size", 2) * getattr(ip, "patch_size", 14) ** 2 * 3)
 
+    def encode_prompt(self, prompt: str) -> ModelInputs:
+        """A raw text prompt (``/v1/completions``): tokenized as is, no template, no images."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string", "prompt")
+        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return ModelInputs(
+            input_ids=np.asarray(ids, dtype=np.int64),
+            pixel_values=np.zeros((0, self.patch_dim), dtype=np.float32),
+            image_grid_thw=np.zeros((0, 3), dtype=np.int64),
+        )
+
     def __call__(self, messages: Any, images: list[bytes]) -> ModelInputs:
         conversation, num_placeholders = normalize_messages(messages)
         if num_placeholders != len(images):

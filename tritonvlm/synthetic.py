@@ -161,6 +161,14 @@ class Scene:
             _draw_shape(draw, shape, fill)
         return img
 
+    def render_mask(self) -> Image.Image:
+        """A label map (mode ``L``): 0 for background, ``i + 1`` where ``shapes[i]`` is drawn on top."""
+        img = Image.new("L", (self.width, self.height), 0)
+        draw = ImageDraw.Draw(img)
+        for i, shape in enumerate(self.shapes):
+            _draw_shape(draw, shape, i + 1)
+        return img
+
     def describe(self) -> str:
         """``"a red circle and a blue square"`` (lower case, no full stop; shapes left to right)."""
         return describe_shapes(self.shapes)
@@ -187,7 +195,7 @@ def _star_points(cx: float, cy: float, radius: float, inner_ratio: float = 0.42)
     return points
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: ShapeSpec, fill: tuple[int, int, int]) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: ShapeSpec, fill: tuple[int, int, int] | int) -> None:
     x0, y0, s = shape.x, shape.y, shape.size
     x1, y1 = x0 + s - 1, y0 + s - 1
     if shape.kind == "circle":
@@ -293,16 +301,18 @@ def make_sample(
     qtype: str | None = None,
     paraphrase: bool = False,
     text_first: bool | None = None,
+    weights: tuple[float, ...] | None = None,
 ) -> Sample:
     """The ``index``-th sample of the stream ``seed`` (the same on every call and machine).
 
-    ``qtype`` picks the question type (default: uniformly at random). ``paraphrase`` draws the question
+    ``qtype`` picks the question type (default: at random, uniformly or with ``weights``, one per
+    entry of :data:`QUESTION_TYPES`). ``paraphrase`` draws the question
     from several wordings instead of the canonical one; ``text_first`` puts the question before the
     images (default: the canonical order, question first, unless ``paraphrase`` is set, where it is
     random).
     """
     rng = random.Random(seed * 1_000_003 + index)
-    kind = qtype if qtype is not None else rng.choice(QUESTION_TYPES)
+    kind = qtype if qtype is not None else rng.choices(QUESTION_TYPES, weights=weights)[0]
     if kind not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {kind!r}; use one of {QUESTION_TYPES}")
     order = text_first if text_first is not None else (rng.random() < 0.5 if paraphrase else True)

@@ -4,11 +4,13 @@ Everything that crosses a process boundary is named here once: tensor names, the
 in BYTES tensors, and how a client's mistake is told apart from an internal failure.
 
 `vlm` (decoupled, the entry point for any Triton client)
-    inputs
+    inputs (exactly one of MESSAGES, PROMPT, INPUT_IDS)
       MESSAGES     BYTES [1]   JSON list of chat messages, OpenAI roles, with every image replaced by
                                a placeholder part ``{"type": "image"}``; images are numbered by order
-                               of appearance across the whole conversation.
-      IMAGES       BYTES [-1]  optional: the encoded image files (PNG, JPEG, ...) in that order.
+                               of appearance across the whole conversation. The chat template applies.
+      PROMPT       BYTES [1]   a raw text prompt, tokenized as is (no chat template, no images).
+      INPUT_IDS    INT64 [-1]  a prompt already tokenized.
+      IMAGES       BYTES [-1]  optional, with MESSAGES: the encoded image files (PNG, JPEG, ...) in order.
       PARAMETERS   BYTES [1]   optional: JSON object of sampling parameters (see SamplingParams keys).
     outputs, one response per decode step, the last one flagged final
       TEXT_DELTA        BYTES [1]   the new text (may be empty)
@@ -16,6 +18,8 @@ in BYTES tensors, and how a client's mistake is told apart from an internal fail
       FINISH_REASON     BYTES [1]   "" while running, then "stop" or "length"
       PROMPT_TOKENS     INT32 [1]   prompt length, image placeholder tokens included
       COMPLETION_TOKENS INT32 [1]   tokens generated so far
+      LOGPROBS          BYTES [1]   "" unless PARAMETERS asked for logprobs: then a JSON list, one
+                                    OpenAI ``logprobs.content`` entry per token in TOKEN_IDS
 
 A gRPC streaming client should send the request parameter ``triton_enable_empty_final_response=true``:
 without it Triton drops a final response that carries no outputs (a cancelled or failed stream's
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 # vlm inputs
 MESSAGES = "MESSAGES"
+PROMPT = "PROMPT"
 IMAGES = "IMAGES"
 PARAMETERS = "PARAMETERS"
 
@@ -45,7 +50,8 @@ TOKEN_IDS = "TOKEN_IDS"
 FINISH_REASON = "FINISH_REASON"
 PROMPT_TOKENS = "PROMPT_TOKENS"
 COMPLETION_TOKENS = "COMPLETION_TOKENS"
-STREAM_OUTPUTS = (TEXT_DELTA, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS)
+LOGPROBS = "LOGPROBS"
+STREAM_OUTPUTS = (TEXT_DELTA, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, LOGPROBS)
 
 # keys inside PARAMETERS
 ENGINE_REQUEST_ID = "request_id"

@@ -15,6 +15,7 @@ import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
 from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
@@ -132,6 +133,7 @@ class LLMEngine:
         self.scheduler = Scheduler(slots, self.config.max_prefill_tokens, self.runner.cache.move)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.vocab_size = int(model.config.get_text_config().vocab_size)
+        self.token_texts = TokenTexts(tokenizer)
         self.stats = EngineStats()
         self.on_step_end: Callable[[EngineStats], None] | None = None
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -270,7 +272,7 @@ class LLMEngine:
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(running)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(running))
-            self._append(list(running), tokens)
+            self._append(list(running), tokens, logits)
         else:
             self._last_decode_end = None
         self._update_gauges()
@@ -320,12 +322,12 @@ class LLMEngine:
         for seq in seqs:
             seq.first_token_time = now
             self.stats.ttft_seconds.append(now - seq.arrival_time)
-        self._append(seqs, sample(logits, seqs))
+        self._append(seqs, sample(logits, seqs), logits)
 
-    def _append(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _append(self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor) -> None:
         """Record one new token per sequence, stream it, and retire those that are done."""
         done: list[tuple[Sequence, str]] = []
-        for seq, token in zip(seqs, tokens, strict=True):
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             seq.output_ids.append(token)
             finish = None
             if token in self.stop_ids and not seq.params.ignore_eos:
@@ -341,7 +343,10 @@ class LLMEngine:
                     text += seq.detokenizer.finish()
             if finish:
                 done.append((seq, finish))
-            self._emit(seq, text, [token], finish)
+            logprobs = None
+            if seq.params.logprobs:
+                logprobs = [token_logprobs(logits[row], token, seq.params.top_logprobs, self.token_texts)]
+            self._emit(seq, text, [token], finish, logprobs=logprobs)
         if done:
             self.scheduler.retire([s for s, _ in done])
             for seq, _ in done:
@@ -349,8 +354,14 @@ class LLMEngine:
                 self.stats.requests_finished += 1
 
     def _emit(
-        self, seq: Sequence, text: str, token_ids: list[int], finish: str | None, error: str | None = None
-    ):
+        self,
+        seq: Sequence,
+        text: str,
+        token_ids: list[int],
+        finish: str | None,
+        error: str | None = None,
+        logprobs: list[dict] | None = None,
+    ) -> None:
         out = EngineOutput(
             request_id=seq.request_id,
             text=text,
@@ -359,6 +370,7 @@ class LLMEngine:
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_ids),
             error=error,
+            logprobs=logprobs,
         )
         try:
             seq.on_output(out)

@@ -24,6 +24,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    logprobs: bool = False  # report each generated token's log probability
+    top_logprobs: int = 0  # and this many most likely alternatives (0-20)
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +46,10 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be between -2 and 2", name)
         if self.repetition_penalty <= 0.0:
             raise InvalidRequestError("repetition_penalty must be > 0", "repetition_penalty")
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequestError("top_logprobs must be between 0 and 20", "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be up to 4 non-empty strings", "stop")
 
@@ -68,6 +74,9 @@ class SamplingParams:
             params.repetition_penalty = float(params.repetition_penalty)
             params.seed = None if params.seed is None else int(params.seed)
             params.stop = list(params.stop)
+            params.top_logprobs = int(params.top_logprobs)
+            params.logprobs = bool(params.logprobs)
+            params.ignore_eos = bool(params.ignore_eos)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"bad sampling parameter: {exc}", "parameters") from exc
         params.validate()

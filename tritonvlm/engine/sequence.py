@@ -30,6 +30,7 @@ class EngineOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: list[dict] | None = None  # one OpenAI logprobs entry per token in token_ids, if asked
 
     @property
     def finished(self) -> bool:

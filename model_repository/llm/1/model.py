@@ -4,6 +4,7 @@ execute() only queues: the engine thread decodes every running request together 
 step's result through the request's response sender.
 """
 
+import json
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ def output_response(out: EngineOutput):
             pb_utils.Tensor(wire.FINISH_REASON, bytes_tensor([out.finish_reason or ""])),
             pb_utils.Tensor(wire.PROMPT_TOKENS, np.asarray([out.prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor(wire.COMPLETION_TOKENS, np.asarray([out.completion_tokens], dtype=np.int32)),
+            pb_utils.Tensor(wire.LOGPROBS, bytes_tensor([json.dumps(out.logprobs) if out.logprobs else ""])),
         ]
     )
 

@@ -7,7 +7,13 @@ import triton_python_backend_utils as pb_utils
 from tritonvlm import wire
 from tritonvlm.modeling.processor import load_processor
 from tritonvlm.preprocessing import ChatPreprocessor
-from tritonvlm.triton_utils import model_parameters, parse_json_input, resolve_model_path, setup_stub_process
+from tritonvlm.triton_utils import (
+    first_bytes,
+    model_parameters,
+    parse_json_input,
+    resolve_model_path,
+    setup_stub_process,
+)
 
 log = logging.getLogger("tritonvlm.preprocess")
 
@@ -27,12 +33,20 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            messages = parse_json_input(
-                pb_utils.get_input_tensor_by_name(request, wire.MESSAGES).as_numpy(), None
-            )
+            prompt = pb_utils.get_input_tensor_by_name(request, wire.PROMPT)
             images_t = pb_utils.get_input_tensor_by_name(request, wire.IMAGES)
             images = [bytes(x) for x in images_t.as_numpy().reshape(-1)] if images_t is not None else []
-            out = self.preprocessor(messages, images)
+            if prompt is not None:
+                if images:
+                    raise wire.InvalidRequestError("a raw PROMPT cannot carry images", "images")
+                out = self.preprocessor.encode_prompt(
+                    first_bytes(prompt.as_numpy()).decode("utf-8", "replace")
+                )
+            else:
+                messages_t = pb_utils.get_input_tensor_by_name(request, wire.MESSAGES)
+                if messages_t is None:
+                    raise wire.InvalidRequestError("one of MESSAGES or PROMPT is required", "messages")
+                out = self.preprocessor(parse_json_input(messages_t.as_numpy(), None), images)
         except wire.InvalidRequestError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(exc.to_wire()))
         except Exception as exc:

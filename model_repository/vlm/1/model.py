@@ -122,28 +122,14 @@ class TritonPythonModel:
             log.debug("could not send error response", exc_info=True)
 
     def _pipeline(self, request, sender):
-        messages = pb_utils.get_input_tensor_by_name(request, wire.MESSAGES)
-        images = pb_utils.get_input_tensor_by_name(request, wire.IMAGES)
         params = parse_json_input(_numpy(request, wire.PARAMETERS), {})
         if not isinstance(params, dict):
             raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
+        llm_inputs = self._model_inputs(request)
+        if sender.is_cancelled():
+            sender.send(flags=FINAL)
+            return
 
-        pre_inputs = [messages] + ([images] if images is not None else [])
-        pre = _exec(
-            wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.PIXEL_VALUES, wire.IMAGE_GRID_THW]
-        )
-        grid = pre[wire.IMAGE_GRID_THW]
-        llm_inputs = [pre[wire.INPUT_IDS]]
-        if grid.as_numpy().shape[0] > 0:
-            enc = _exec(
-                wire.VISION_ENCODER_MODEL,
-                [
-                    pb_utils.Tensor(wire.PIXEL_VALUES, pre[wire.PIXEL_VALUES].as_numpy()[None]),
-                    pb_utils.Tensor(wire.IMAGE_GRID_THW, grid.as_numpy()[None]),
-                ],
-                [wire.IMAGE_EMBEDS],
-            )
-            llm_inputs += [pb_utils.Tensor(wire.IMAGE_EMBEDS, enc[wire.IMAGE_EMBEDS].as_numpy()[0]), grid]
         if sender.is_cancelled():
             sender.send(flags=FINAL)
             return
@@ -159,6 +145,39 @@ class TritonPythonModel:
             self._forward(stream, sender, state)
         finally:
             self.monitor.forget(engine_id)
+
+    @staticmethod
+    def _model_inputs(request):
+        """INPUT_IDS (+ IMAGE_EMBEDS, IMAGE_GRID_THW) for llm, from whichever prompt form came in."""
+        given = {
+            name: pb_utils.get_input_tensor_by_name(request, name)
+            for name in (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS, wire.IMAGES)
+        }
+        forms = [name for name in (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS) if given[name] is not None]
+        if len(forms) != 1:
+            raise wire.InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
+        if forms[0] == wire.INPUT_IDS:
+            if given[wire.IMAGES] is not None:
+                raise wire.InvalidRequestError("INPUT_IDS cannot carry images", "images")
+            ids = given[wire.INPUT_IDS].as_numpy().reshape(-1)
+            return [pb_utils.Tensor(wire.INPUT_IDS, ids.astype("int64"))]
+        pre_inputs = [t for t in (given[forms[0]], given[wire.IMAGES]) if t is not None]
+        pre = _exec(
+            wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.PIXEL_VALUES, wire.IMAGE_GRID_THW]
+        )
+        grid = pre[wire.IMAGE_GRID_THW]
+        llm_inputs = [pre[wire.INPUT_IDS]]
+        if grid.as_numpy().shape[0] > 0:
+            enc = _exec(
+                wire.VISION_ENCODER_MODEL,
+                [
+                    pb_utils.Tensor(wire.PIXEL_VALUES, pre[wire.PIXEL_VALUES].as_numpy()[None]),
+                    pb_utils.Tensor(wire.IMAGE_GRID_THW, grid.as_numpy()[None]),
+                ],
+                [wire.IMAGE_EMBEDS],
+            )
+            llm_inputs += [pb_utils.Tensor(wire.IMAGE_EMBEDS, enc[wire.IMAGE_EMBEDS].as_numpy()[0]), grid]
+        return llm_inputs
 
     def _forward(self, stream, sender, state):
         done = False  # the client got its final response (or left): only drain from here on

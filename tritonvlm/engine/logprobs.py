@@ -1,0 +1,68 @@
+"""OpenAI-style log probabilities of generated tokens: the chosen token's and the top alternatives'."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of byte-level BPE's byte→character table (GPT-2's): printable bytes stand for
+    themselves, the others are shifted to code points from 256 up."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenTexts:
+    """The text and raw bytes of single tokens (byte-level BPE tokens may hold part of a character)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            symbol = self.tokenizer.convert_ids_to_tokens(token_id)
+            decoder = _byte_decoder()
+            if isinstance(symbol, str) and symbol and all(c in decoder for c in symbol):
+                raw = bytes(decoder[c] for c in symbol)
+            else:  # special and added tokens are stored as text
+                raw = self.tokenizer.decode([token_id]).encode()
+            hit = (raw.decode("utf-8", errors="replace"), list(raw))
+            self._cache[token_id] = hit
+        return hit
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, top: int, texts: TokenTexts) -> dict[str, Any]:
+    """One entry of OpenAI's ``choices[].logprobs.content`` for a row of raw logits ``[vocab]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    text, raw = texts(token_id)
+    entry: dict[str, Any] = {
+        "token": text,
+        "logprob": float(logp[token_id]),
+        "bytes": raw,
+        "top_logprobs": [],
+    }
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+        for value, tid in zip(values.tolist(), ids.tolist(), strict=True):
+            t_text, t_raw = texts(tid)
+            entry["top_logprobs"].append({"token": t_text, "logprob": value, "bytes": t_raw})
+    return entry
