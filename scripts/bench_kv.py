@@ -151,7 +151,8 @@ def main() -> None:
     total = args.batch * args.tokens
     print(
         f"{args.batch} requests x {args.tokens} tokens, prompts of {min(map(len, reqs))}-"
-        f"{max(map(len, reqs))} tokens, one arriving every {args.join_every} steps ({args.size} model, {args.threads} threads)"
+        f"{max(map(len, reqs))} tokens, one arriving every {args.join_every} steps "
+        f"({args.size} model, {args.threads} threads)"
     )
     run_slot_engine(model, tokenizer, reqs[:2], 4, 1)  # warm-up
     slot_s = pad_s = float("inf")
