@@ -28,11 +28,10 @@ from tritonvlm.modeling.processor import load_model, load_processor
 from tritonvlm.modeling.testmodel import build_test_model
 
 
-def prompts(tokenizer, n: int) -> list[list[int]]:
-    texts = [
-        f"Request {i}: " + "tell me about the red circle and the blue square. " * (1 + i % 4)
-        for i in range(n)
-    ]
+def prompts(tokenizer, n: int, repeat: int = 1) -> list[list[int]]:
+    """Prompts of varied lengths (``repeat`` scales them)."""
+    sentence = "tell me about the red circle and the blue square. "
+    texts = [f"Request {i}: " + sentence * (repeat * (1 + i % 4)) for i in range(n)]
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
