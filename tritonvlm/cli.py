@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-metrics-port", type=int, help="Triton metrics port (default: a free port)")
     serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together (llm, default 16)")
     serve.add_argument("--max-model-len", type=int, help="prompt + max_tokens per request (default 4096)")
+    serve.add_argument(
+        "--max-prefill-tokens", type=int, help="prompt tokens prefilled together in one step (default 8192)"
+    )
+    serve.add_argument(
+        "--kv-cache-memory",
+        help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"); caps the '
+        "sequences that run at once (default: max-num-seqs slots of max-model-len tokens)",
+    )
     serve.add_argument("--device", help="auto (cuda if available), cpu or cuda[:N] (default auto)")
     serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default auto)")
     serve.add_argument(
@@ -81,7 +89,7 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
     from tritonvlm.triton_utils import env_name
 
     env = {env_name("model_path"): model, "TRITONVLM_LOG_LEVEL": args.log_level.upper()}
-    for key in ("max_num_seqs", "max_model_len", "device", "dtype"):
+    for key in ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype"):
         value = getattr(args, key)
         if value is not None:
             env[env_name(key)] = str(value)
