@@ -59,85 +59,88 @@ def send_output(sender, out: EngineOutput) -> None:
         sender.send(output_response(out), flags=FINAL if out.finished else 0)
 
 
+# family name -> (kind, description, {EngineStats field: extra labels})
+GAUGES = {
+    "tritonvlm_engine_sequences": (
+        "Sequences in the engine by state (running, waiting)",
+        {"num_running": {"state": "running"}, "num_waiting": {"state": "waiting"}},
+    ),
+    "tritonvlm_engine_kv_cache_tokens": ("Tokens held in the KV cache", {"kv_tokens_used": {}}),
+}
+COUNTERS = {
+    "tritonvlm_engine_tokens_total": (
+        "Tokens processed by the engine, by phase (prefill, decode)",
+        {"prefill_tokens": {"phase": "prefill"}, "decode_tokens": {"phase": "decode"}},
+    ),
+    "tritonvlm_engine_steps_total": (
+        "Forward passes of the engine, by phase (prefill, decode)",
+        {"prefill_steps": {"phase": "prefill"}, "decode_steps": {"phase": "decode"}},
+    ),
+    "tritonvlm_engine_requests_total": (
+        "Requests that left the engine, by outcome (finished, cancelled)",
+        {"requests_finished": {"outcome": "finished"}, "requests_cancelled": {"outcome": "cancelled"}},
+    ),
+}
+HISTOGRAMS = {
+    "tritonvlm_engine_time_to_first_token_seconds": (
+        "From arrival in the engine to the first generated token",
+        "ttft_seconds",
+        TTFT_BUCKETS,
+    ),
+    "tritonvlm_engine_inter_token_latency_seconds": (
+        "Time between decode steps (each running sequence gets one token per step)",
+        "step_intervals",
+        ITL_BUCKETS,
+    ),
+}
+
+
 class EngineMetrics:
     """Engine state on Triton's metrics port (pb_utils.MetricFamily), refreshed at most every 50 ms."""
 
     def __init__(self):
         labels = {"model": "llm"}
-        # The families must stay referenced for their metrics to live.
-        self.families = {
-            "gauge": pb_utils.MetricFamily(
-                name="tritonvlm_engine_sequences",
-                description="Sequences in the engine by state (running, waiting)",
-                kind=pb_utils.MetricFamily.GAUGE,
-            ),
-            "kv": pb_utils.MetricFamily(
-                name="tritonvlm_engine_kv_cache_tokens",
-                description="Tokens held in the KV cache",
-                kind=pb_utils.MetricFamily.GAUGE,
-            ),
-            "counter": pb_utils.MetricFamily(
-                name="tritonvlm_engine_tokens_total",
-                description="Tokens processed by the engine, by phase (prefill, decode)",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-            "requests": pb_utils.MetricFamily(
-                name="tritonvlm_engine_requests_total",
-                description="Requests that left the engine, by outcome (finished, cancelled)",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-            "ttft": pb_utils.MetricFamily(
-                name="tritonvlm_engine_time_to_first_token_seconds",
-                description="From arrival in the engine to the first generated token",
-                kind=pb_utils.MetricFamily.HISTOGRAM,
-            ),
-            "itl": pb_utils.MetricFamily(
-                name="tritonvlm_engine_inter_token_latency_seconds",
-                description="Time between decode steps (each running sequence gets one token per step)",
-                kind=pb_utils.MetricFamily.HISTOGRAM,
-            ),
-            "steps": pb_utils.MetricFamily(
-                name="tritonvlm_engine_steps_total",
-                description="Forward passes of the engine, by phase (prefill, decode)",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-        }
-        self.running = self.families["gauge"].Metric({**labels, "state": "running"})
-        self.waiting = self.families["gauge"].Metric({**labels, "state": "waiting"})
-        self.kv_tokens = self.families["kv"].Metric(labels)
-        self.prefill_tokens = self.families["counter"].Metric({**labels, "phase": "prefill"})
-        self.decode_tokens = self.families["counter"].Metric({**labels, "phase": "decode"})
-        self.prefill_steps = self.families["steps"].Metric({**labels, "phase": "prefill"})
-        self.decode_steps = self.families["steps"].Metric({**labels, "phase": "decode"})
-        self.requests_finished = self.families["requests"].Metric({**labels, "outcome": "finished"})
-        self.requests_cancelled = self.families["requests"].Metric({**labels, "outcome": "cancelled"})
-        self.ttft = self.families["ttft"].Metric(labels, buckets=TTFT_BUCKETS)
-        self.itl = self.families["itl"].Metric(labels, buckets=ITL_BUCKETS)
-        self._last = EngineStats()
+        self.families = []  # must stay referenced for their metrics to live
+        self.gauges, self.counters, self.histograms = {}, {}, {}
+        for kind, table, target in (
+            (pb_utils.MetricFamily.GAUGE, GAUGES, self.gauges),
+            (pb_utils.MetricFamily.COUNTER, COUNTERS, self.counters),
+        ):
+            for name, (description, fields) in table.items():
+                family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+                self.families.append(family)
+                for field_name, extra in fields.items():
+                    target[field_name] = family.Metric({**labels, **extra})
+        for name, (description, field_name, buckets) in HISTOGRAMS.items():
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=pb_utils.MetricFamily.HISTOGRAM
+            )
+            self.families.append(family)
+            self.histograms[field_name] = family.Metric(labels, buckets=buckets)
+        self._last = dict.fromkeys(self.counters, 0)
+        self._last_running = 0
         self._last_time = 0.0
 
     def update(self, stats: EngineStats, force: bool = False) -> None:
+        """Publish the stats (throttled; always when the engine falls idle)."""
         now = time.monotonic()
-        idle_edge = stats.num_running == 0 and self._last.num_running != 0
+        idle_edge = stats.num_running == 0 and self._last_running != 0
+        self._last_running = stats.num_running
         if not force and not idle_edge and now - self._last_time < 0.05:
             return
         self._last_time = now
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_tokens.set(stats.kv_tokens_used)
-        counters = ("prefill_tokens", "decode_tokens", "prefill_steps", "decode_steps")
-        for name in counters + ("requests_finished", "requests_cancelled"):
-            delta = getattr(stats, name) - getattr(self._last, name)
-            if delta:
-                getattr(self, name).increment(delta)
-        for value in stats.ttft_seconds:
-            self.ttft.observe(value)
-        for value in stats.step_intervals:
-            self.itl.observe(value)
-        stats.ttft_seconds.clear()
-        stats.step_intervals.clear()
-        samples = ("ttft_seconds", "step_intervals")
-        self._last = EngineStats(**{k: v for k, v in vars(stats).items() if k not in samples})
+        for field_name, gauge in self.gauges.items():
+            gauge.set(getattr(stats, field_name))
+        for field_name, counter in self.counters.items():
+            value = getattr(stats, field_name)
+            if value != self._last[field_name]:
+                counter.increment(value - self._last[field_name])
+                self._last[field_name] = value
+        for field_name, histogram in self.histograms.items():
+            samples = getattr(stats, field_name)
+            for value in samples:
+                histogram.observe(value)
+            samples.clear()
 
 
 class TritonPythonModel:
