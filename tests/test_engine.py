@@ -244,3 +244,18 @@ def test_logprobs_of_greedy_tokens(hf_model, processor, prepared):
     # the tokens' raw bytes, joined, decode to the generated text
     joined = b"".join(bytes(e["bytes"]) for e in entries)
     assert joined.decode("utf-8", "replace") == processor.tokenizer.decode(sink.tokens("lp"))
+
+
+def test_bucketed_lengths_keep_tokens_exact(hf_model, processor, prepared):
+    """CUDA rounds attention lengths up to buckets (masked padding); the tokens must not change."""
+    engine = make_engine(hf_model, processor, max_num_seqs=8)
+    engine.runner.length_bucket = 64
+    sink = Collector()
+    for k, (name, ids, embeds, grid, _) in enumerate(prepared):
+        engine.add_request(name, ids, greedy(), sink, embeds, grid)
+        engine.step()
+        assert k == 0 or len(engine.scheduler.running) > 1
+    while not all(sink.finished(name) for name, *_ in prepared):
+        engine.step()
+    for name, _, _, _, ref in prepared:
+        assert sink.tokens(name) == ref, name
