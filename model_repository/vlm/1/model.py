@@ -10,6 +10,7 @@ its end (an abandoned BLS stream blocks model unload).
 import json
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -103,16 +104,24 @@ class TritonPythonModel:
         return None
 
     def _run(self, request):
+        # The frontend sends its completion id as the Triton request id: the same id in both logs.
+        request_id = request.request_id() or "-"
         sender = request.get_response_sender()
+        started = time.monotonic()
+        outcome = "ok"
         try:
             self._pipeline(request, sender)
         except wire.InvalidRequestError as exc:
+            outcome = f"rejected: {exc.message}"
             self._fail(sender, exc.to_wire())
         except StageError as exc:
+            outcome = f"failed: {exc}"
             self._fail(sender, str(exc))
         except Exception as exc:
-            log.exception("vlm pipeline failed")
+            log.exception("vlm pipeline failed for request %s", request_id)
+            outcome = f"failed: {exc}"
             self._fail(sender, f"vlm pipeline failed: {exc}")
+        log.info("request %s done in %.3fs (%s)", request_id, time.monotonic() - started, outcome)
 
     @staticmethod
     def _fail(sender, message):
