@@ -24,22 +24,57 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_SECONDS = 0.02
 
 
+class Watched:
+    """A request in the llm stage, as the monitor and its worker thread share it."""
+
+    def __init__(self, sender, engine_id):
+        self.sender = sender
+        self.engine_id = engine_id
+        self.cancelled = False  # the client left and the engine side was told to drop it
+        self.closed = False  # the final response went out: the sender must not be touched again
+        self.lock = threading.Lock()
+
+    def send(self, response=None, final=False):
+        """Send a response; the final one under the lock, so no is_cancelled() poll races it."""
+        flags = FINAL if final else 0
+        if not final:
+            self.sender.send(response, flags=flags)
+            return
+        with self.lock:
+            self.closed = True
+            if response is None:
+                self.sender.send(flags=flags)
+            else:
+                self.sender.send(response, flags=flags)
+
+    def poll_cancelled(self):
+        """True the first time the client is seen gone (after which the caller cancels the engine)."""
+        with self.lock:
+            if self.closed or self.cancelled:
+                return False
+            try:
+                self.cancelled = self.sender.is_cancelled()
+            except Exception:
+                self.cancelled = True
+            return self.cancelled
+
+
 class CancelMonitor:
     """Watches the requests whose llm stream is open and cancels the engine side of those the
     client abandoned. One thread for all requests: no per-token cancellation check on the hot path."""
 
     def __init__(self):
-        self._active = {}  # engine request id -> [sender, cancelled, engine request id]
+        self._active = {}  # engine request id -> Watched
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vlm-cancel-monitor", daemon=True)
         self._thread.start()
 
     def watch(self, engine_id, sender):
-        state = [sender, False, engine_id]
+        watched = Watched(sender, engine_id)
         with self._lock:
-            self._active[engine_id] = state
-        return state
+            self._active[engine_id] = watched
+        return watched
 
     def forget(self, engine_id):
         with self._lock:
@@ -49,15 +84,8 @@ class CancelMonitor:
         while not self._stop.wait(CANCEL_POLL_SECONDS):
             with self._lock:
                 items = list(self._active.items())
-            for engine_id, state in items:
-                if state[1]:
-                    continue
-                try:
-                    cancelled = state[0].is_cancelled()
-                except Exception:
-                    cancelled = True
-                if cancelled:
-                    state[1] = True
+            for engine_id, watched in items:
+                if watched.poll_cancelled():
                     try:
                         cancel_llm(engine_id)
                     except Exception:
@@ -146,12 +174,12 @@ class TritonPythonModel:
         engine_id = f"{request.request_id()}#{uuid.uuid4().hex}"
         params = {**params, wire.ENGINE_REQUEST_ID: engine_id}
         llm_inputs.append(pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps(params)])))
-        state = self.monitor.watch(engine_id, sender)
+        watched = self.monitor.watch(engine_id, sender)
         try:
             stream = pb_utils.InferenceRequest(
                 model_name=wire.LLM_MODEL, inputs=llm_inputs, requested_output_names=list(wire.STREAM_OUTPUTS)
             ).exec(decoupled=True)
-            self._forward(stream, sender, state)
+            self._forward(stream, watched)
         finally:
             self.monitor.forget(engine_id)
 
@@ -188,16 +216,18 @@ class TritonPythonModel:
             llm_inputs += [pb_utils.Tensor(wire.IMAGE_EMBEDS, enc[wire.IMAGE_EMBEDS].as_numpy()[0]), grid]
         return llm_inputs
 
-    def _forward(self, stream, sender, state):
+    def _forward(self, stream, watched):
         done = False  # the client got its final response (or left): only drain from here on
         for response in stream:
             if done:
                 continue
-            if state[1]:  # the monitor saw the client leave and cancelled the engine side
+            if watched.cancelled:  # the monitor saw the client leave and cancelled the engine side
                 done = True
                 continue
             if response.has_error():
-                self._fail(sender, response.error().message())
+                with watched.lock:
+                    watched.closed = True
+                self._fail(watched.sender, response.error().message())
                 done = True
                 continue
             outputs = response.output_tensors()
@@ -208,15 +238,19 @@ class TritonPythonModel:
             )
             final = bool(finish)
             try:
-                sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0)
+                watched.send(pb_utils.InferenceResponse(output_tensors=outputs), final=final)
             except Exception:  # the client is gone: stop the engine side, keep draining
-                log.info("client of %s went away", state[2])
-                state[1] = True
-                cancel_llm(state[2])
+                log.info("client of %s went away", watched.engine_id)
+                watched.cancelled = True
+                cancel_llm(watched.engine_id)
                 final = True
             done = final
-        if not done:
-            sender.send(flags=FINAL)
+        if not watched.closed:
+            # Also after a cancellation: the final flag is what releases the request in Triton.
+            try:
+                watched.send(final=True)
+            except Exception:
+                log.debug("could not close %s", watched.engine_id, exc_info=True)
 
     def finalize(self):
         self.monitor.stop()
