@@ -2,7 +2,7 @@
 
 A plain ASGI middleware (not ``BaseHTTPMiddleware``, which would get in the way of streaming and
 disconnect detection). It gives each request an id (``chatcmpl-<uuid hex>`` for chat completions,
-``req-<uuid hex>`` otherwise), stores it in
+``cmpl-<uuid hex>`` for text completions, ``req-<uuid hex>`` otherwise), stores it in
 ``request.state.request_id`` for the handlers, and returns it in the ``x-request-id`` header. A
 handler may put a note in ``request.state.outcome`` (e.g. "client disconnected") for the log line.
 """
@@ -36,7 +36,13 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        request_id = new_request_id("chatcmpl" if path.endswith("/chat/completions") else "req")
+        if path.endswith("/chat/completions"):
+            prefix = "chatcmpl"
+        elif path.endswith("/completions"):
+            prefix = "cmpl"
+        else:
+            prefix = "req"
+        request_id = new_request_id(prefix)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 0

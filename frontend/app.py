@@ -1,50 +1,74 @@
-"""The FastAPI application: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
+"""The FastAPI application: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /health``.
 
-A chat completion is: validate the request (schema, unsupported fields, model name, image count) →
-convert the messages to the wire form and collect the image URLs → fetch every image concurrently →
-build PARAMETERS → stream from the Triton ``vlm`` model. A streamed request waits for the first
-delta before it answers, so errors up to that point (bad image, prompt too long...) still get a real
-HTTP status; later errors go out as an SSE error event. A client that disconnects at any point stops
-the work and cancels its Triton request.
+A chat completion is: validate the request (schema, unsupported fields, model name, image count,
+sampling parameters) → convert the messages to the wire form and collect the image URLs → fetch every
+image concurrently → stream from the Triton ``vlm`` model, one Triton request per choice (``n``). A
+text completion sends its raw prompt (``PROMPT``) or token ids (``INPUT_IDS``) instead. A streamed
+request waits for the first delta before it answers, so errors up to that point (bad image, prompt too
+long...) still get a real HTTP status; later errors go out as an SSE error event. A client that
+disconnects at any point stops the work and cancels its Triton requests.
+
+Before any route, the optional API key and the request body limit are checked
+(:mod:`tritonvlm.frontend.security`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from tritonvlm import __version__
 from tritonvlm.frontend.access_log import AccessLogMiddleware, new_request_id
 from tritonvlm.frontend.completions import (
     ChatBackend,
+    IndexedDelta,
     SSEResponse,
-    collect_completion,
-    stream_events,
+    chat_stream_events,
+    collect_chat_completion,
+    collect_text_completion,
+    merge_streams,
+    text_stream_events,
     to_api_error,
 )
-from tritonvlm.frontend.conversion import build_parameters, to_wire_messages
+from tritonvlm.frontend.conversion import (
+    build_completion_parameters,
+    build_parameters,
+    choice_parameters,
+    to_wire_messages,
+)
 from tritonvlm.frontend.disconnect import ClientDisconnected, run_until_disconnect
 from tritonvlm.frontend.errors import APIError, install_exception_handlers
-from tritonvlm.frontend.media import MediaFetcher, MiB
+from tritonvlm.frontend.media import DEFAULT_MAX_IMAGE_PIXELS, ImageRef, MediaFetcher, MiB
 from tritonvlm.frontend.protocol import (
-    ChatCompletion,
+    MAX_CHOICES,
+    UNSUPPORTED_COMPLETION_FIELDS,
+    UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
+    CompletionRequest,
     ModelCard,
     ModelList,
+    SamplingFields,
     find_unsupported_fields,
 )
-from tritonvlm.frontend.triton_client import StreamDelta, TritonVLMClient
+from tritonvlm.frontend.security import APIKeyMiddleware, BodyLimitMiddleware
+from tritonvlm.frontend.triton_client import TritonVLMClient
 
 logger = logging.getLogger("tritonvlm.frontend.app")
 
 # Status logged (not sent: nobody is listening) for a request whose client went away (nginx's 499).
 _CLIENT_CLOSED = 499
+_IMAGE_PARAM = re.compile(r"images\[(\d+)\]")
 
 
 class _ClientGoneResponse(Response):
@@ -60,29 +84,72 @@ class _ClientGoneResponse(Response):
 
 @dataclass
 class FrontendSettings:
-    """How the frontend reaches Triton, the model name it serves, and its media limits."""
+    """How the frontend reaches Triton, the model name it serves, its limits and access control."""
 
     triton_grpc_url: str = "127.0.0.1:8001"
     served_model_name: str = "tritonvlm"
     media_fetch_timeout_s: float = 10.0
     max_image_bytes: int = 20 * MiB
     max_images_per_request: int = 8
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     allow_private_media_urls: bool = False
+    allowed_media_domains: tuple[str, ...] | str = ()  # empty: any host (the SSRF guard still applies)
+    allowed_local_media_path: str | None = None  # None: file:// URLs are refused
     max_concurrent_media_fetches: int = 16
+    max_request_body_bytes: int = 50 * MiB
+    api_key: str | None = None  # None or "": no authentication
+    system_fingerprint: str = f"tritonvlm-{__version__}"
 
 
-def _check_request(body: ChatCompletionRequest, settings: FrontendSettings) -> None:
-    problems = find_unsupported_fields(body)
+def _check_request(
+    body: SamplingFields, settings: FrontendSettings, unsupported: tuple[str, ...] = UNSUPPORTED_FIELDS
+) -> None:
+    problems = find_unsupported_fields(body, unsupported)
     if problems:
         name, message = problems[0]
         raise APIError(400, message, param=name, code="unsupported_parameter")
-    if body.model != settings.served_model_name:
+    model = getattr(body, "model", None)
+    if model != settings.served_model_name:
         raise APIError(
             404,
-            f"The model `{body.model}` does not exist or you do not have access to it.",
+            f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
             code="model_not_found",
         )
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def _check_completion(body: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a text completion, after the checks of the fields served only in part."""
+    n = body.num_choices
+    if body.suffix:
+        raise _unsupported("suffix", "'suffix' (insertion) is not supported by this server")
+    if body.best_of is not None and body.best_of != n:
+        raise _unsupported("best_of", "'best_of' is only supported when it equals 'n'")
+    prompts = body.prompts
+    if body.echo and body.logprobs is not None:
+        raise _unsupported("echo", "'echo' together with 'logprobs' is not supported (no prompt logprobs)")
+    if body.echo and any(not isinstance(p, str) for p in prompts):
+        raise _unsupported("echo", "'echo' is only supported for text prompts, not token ids")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str) and not prompt:
+            param = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
+            raise APIError(400, "The prompt must not be empty.", param=param, code="invalid_value")
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"Too many choices: {len(prompts)} prompts x n={n} (at most {MAX_CHOICES}).",
+            param="n",
+            code="invalid_value",
+        )
+    return prompts
+
+
+def _choice_ids(request_id: str, count: int) -> list[str]:
+    return [request_id] if count == 1 else [f"{request_id}-{i}" for i in range(count)]
 
 
 def create_app(
@@ -100,7 +167,11 @@ def create_app(
         max_bytes=settings.max_image_bytes,
         max_concurrency=settings.max_concurrent_media_fetches,
         allow_private=settings.allow_private_media_urls,
+        max_pixels=settings.max_image_pixels,
+        allowed_local_path=settings.allowed_local_media_path,
+        allowed_domains=settings.allowed_media_domains,
     )
+    fingerprint = settings.system_fingerprint
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,11 +183,15 @@ def create_app(
             if own_client and isinstance(backend, TritonVLMClient):
                 await backend.close()
 
-    app = FastAPI(title="tritonvlm OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(title="tritonvlm OpenAI-compatible API", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.client = backend
     app.state.media_fetcher = fetcher
     install_exception_handlers(app)
+    # The last added runs first: access log → API key → body limit → routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(AccessLogMiddleware)
 
     @app.get("/health")
@@ -144,53 +219,35 @@ def create_app(
             )
         return ModelCard(id=settings.served_model_name)
 
-    async def start(body: ChatCompletionRequest, request_id: str) -> AsyncIterator[StreamDelta]:
-        """Everything before the Triton call: conversion, limits, images, parameters."""
-        messages, image_refs = to_wire_messages(body.messages)
-        if len(image_refs) > settings.max_images_per_request:
-            raise APIError(
-                400,
-                f"Too many images: {len(image_refs)} "
-                f"(at most {settings.max_images_per_request} per request).",
-                param="messages",
-                code="too_many_images",
-            )
-        images = await fetcher.fetch_all(image_refs)
-        parameters = build_parameters(body)
-        logger.debug(
-            "request %s: %d messages, %d images, parameters %s",
-            request_id,
-            len(messages),
-            len(images),
-            parameters,
-        )
-        return backend.stream(messages, images, parameters, request_id)
+    async def serve(
+        request: Request,
+        request_id: str,
+        *,
+        stream: bool,
+        start: Callable[[], Awaitable[AsyncIterator[IndexedDelta]]],
+        collect: Callable[[AsyncIterator[IndexedDelta]], Awaitable[BaseModel]],
+        events: Callable[[IndexedDelta | None, AsyncIterator[IndexedDelta]], AsyncIterator[bytes]],
+        fix_param: Callable[[str | None], str | None],
+    ) -> Response:
+        """Run a completion whole or streamed, mapping failures to OpenAI errors."""
 
-    async def complete(body: ChatCompletionRequest, request_id: str) -> ChatCompletion:
-        deltas = await start(body, request_id)
-        return await collect_completion(deltas, request_id=request_id, model=settings.served_model_name)
+        async def whole() -> BaseModel:
+            return await collect(await start())
 
-    async def open_stream(
-        body: ChatCompletionRequest, request_id: str
-    ) -> tuple[StreamDelta | None, AsyncIterator[StreamDelta]]:
-        deltas = await start(body, request_id)
+        async def open_stream() -> tuple[IndexedDelta | None, AsyncIterator[IndexedDelta]]:
+            merged = await start()
+            try:
+                first = await anext(merged, None)
+            except BaseException:
+                await merged.aclose()  # type: ignore[attr-defined]
+                raise
+            return first, merged
+
         try:
-            first = await anext(deltas, None)
-        except BaseException:
-            await deltas.aclose()  # type: ignore[attr-defined]
-            raise
-        return first, deltas
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        """Create a chat completion, whole or streamed as server-sent events."""
-        request_id = getattr(request.state, "request_id", None) or new_request_id()
-        _check_request(body, settings)
-        try:
-            if not body.stream:
-                completion = await run_until_disconnect(request.receive, complete(body, request_id))
-                return JSONResponse(completion.model_dump(mode="json"))
-            first, deltas = await run_until_disconnect(request.receive, open_stream(body, request_id))
+            if not stream:
+                result = await run_until_disconnect(request.receive, whole())
+                return JSONResponse(result.model_dump(mode="json"))
+            first, merged = await run_until_disconnect(request.receive, open_stream())
         except ClientDisconnected:
             request.state.outcome = "client disconnected"
             return _ClientGoneResponse()
@@ -200,16 +257,131 @@ def create_app(
             error = to_api_error(exc)
             if error.code == "internal_error":
                 raise  # the app-wide handler logs it and answers 500
+            error.param = fix_param(error.param)
             logger.warning("request %s failed: %s %s", request_id, error.status_code, error.message)
             raise error from None
-        events = stream_events(
-            first,
-            deltas,
-            request_id=request_id,
-            model=settings.served_model_name,
-            include_usage=body.include_usage,
-            state=request.scope.setdefault("state", {}),
+        return SSEResponse(events(first, merged))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Create a chat completion, whole or streamed as server-sent events."""
+        request_id = getattr(request.state, "request_id", None) or new_request_id()
+        _check_request(body, settings)
+        n = body.num_choices
+        image_refs: list[ImageRef] = []
+
+        async def start() -> AsyncIterator[IndexedDelta]:
+            messages, refs = to_wire_messages(body.messages)
+            image_refs.extend(refs)
+            if len(refs) > settings.max_images_per_request:
+                raise APIError(
+                    400,
+                    f"Too many images: {len(refs)} (at most {settings.max_images_per_request} per request).",
+                    param="messages",
+                    code="too_many_images",
+                )
+            parameters = build_parameters(body)
+            images = await fetcher.fetch_all(refs)
+            logger.debug(
+                "request %s: %d messages, %d images, n=%d, parameters %s",
+                request_id,
+                len(messages),
+                len(images),
+                n,
+                parameters,
+            )
+            ids = _choice_ids(request_id, n)
+            return merge_streams(
+                [backend.stream(messages, images, choice_parameters(parameters, i), ids[i]) for i in range(n)]
+            )
+
+        def fix_param(param: str | None) -> str | None:
+            """Triton names images by position (``images[k]``): name the content part instead."""
+            match = _IMAGE_PARAM.fullmatch(param or "")
+            if match and int(match.group(1)) < len(image_refs):
+                return image_refs[int(match.group(1))].param
+            return param
+
+        logprobs = bool(body.logprobs)
+        return await serve(
+            request,
+            request_id,
+            stream=bool(body.stream),
+            start=start,
+            collect=lambda merged: collect_chat_completion(
+                merged,
+                request_id=request_id,
+                model=settings.served_model_name,
+                num_choices=n,
+                logprobs=logprobs,
+                system_fingerprint=fingerprint,
+            ),
+            events=lambda first, merged: chat_stream_events(
+                first,
+                merged,
+                request_id=request_id,
+                model=settings.served_model_name,
+                include_usage=body.include_usage,
+                num_choices=n,
+                system_fingerprint=fingerprint,
+                state=request.scope.setdefault("state", {}),
+            ),
+            fix_param=fix_param,
         )
-        return SSEResponse(events)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Create a (legacy) text completion from a raw prompt or token ids, whole or streamed."""
+        request_id = getattr(request.state, "request_id", None) or new_request_id("cmpl")
+        _check_request(body, settings, UNSUPPORTED_COMPLETION_FIELDS)
+        prompts = _check_completion(body)
+        parameters = build_completion_parameters(body)
+        n = body.num_choices
+        prompt_of_choice = [p for p in range(len(prompts)) for _ in range(n)]
+        echoes = [prompts[p] if body.echo else "" for p in prompt_of_choice]
+
+        async def start() -> AsyncIterator[IndexedDelta]:
+            ids = _choice_ids(request_id, len(prompt_of_choice))
+            streams = []
+            for c, p in enumerate(prompt_of_choice):
+                prompt = prompts[p]
+                form: dict[str, Any] = (
+                    {"prompt": prompt} if isinstance(prompt, str) else {"prompt_ids": prompt}
+                )
+                streams.append(backend.stream(None, [], choice_parameters(parameters, c % n), ids[c], **form))
+            return merge_streams(streams)
+
+        def fix_param(param: str | None) -> str | None:
+            return "prompt" if param in ("messages", "input_ids", "images") else param
+
+        logprobs = body.logprobs is not None
+        return await serve(
+            request,
+            request_id,
+            stream=bool(body.stream),
+            start=start,
+            collect=lambda merged: collect_text_completion(
+                merged,
+                request_id=request_id,
+                model=settings.served_model_name,
+                echoes=echoes,  # type: ignore[arg-type]
+                prompt_of_choice=prompt_of_choice,
+                logprobs=logprobs,
+                system_fingerprint=fingerprint,
+            ),
+            events=lambda first, merged: text_stream_events(
+                first,
+                merged,
+                request_id=request_id,
+                model=settings.served_model_name,
+                include_usage=body.include_usage,
+                echoes=echoes,  # type: ignore[arg-type]
+                prompt_of_choice=prompt_of_choice,
+                logprobs=logprobs,
+                system_fingerprint=fingerprint,
+                state=request.scope.setdefault("state", {}),
+            ),
+            fix_param=fix_param,
+        )
 
     return app

@@ -1,19 +1,26 @@
-"""Turn the ``StreamDelta`` stream of one Triton request into an OpenAI answer.
+"""Turn the ``StreamDelta`` streams of a request's Triton calls into an OpenAI answer.
 
-:func:`collect_completion` aggregates it into one ``ChatCompletion``; :func:`stream_events` writes it
-as server-sent events: a role chunk, content chunks, a chunk with the finish reason, an optional usage
-chunk, ``data: [DONE]``. An error after the first event is sent as a ``data: {"error": ...}`` event
-followed by ``[DONE]``. Both close the Triton stream whatever happens (which cancels its gRPC call
-when the answer was not finished).
+A request with ``n`` choices (times the number of prompts, for text completions) runs one Triton
+stream per choice; :func:`merge_streams` interleaves them as ``(choice index, delta)`` pairs.
+
+For chat completions :func:`collect_chat_completion` aggregates them into one ``ChatCompletion`` and
+:func:`chat_stream_events` writes them as server-sent events: a role chunk per choice, content chunks
+(with ``logprobs`` when asked), a chunk with each choice's finish reason, an optional usage chunk,
+``data: [DONE]``. :func:`collect_text_completion` and :func:`text_stream_events` do the same for the
+legacy ``text_completion`` object. An error after the first event is sent as a
+``data: {"error": ...}`` event followed by ``[DONE]``. All of them close the Triton streams whatever
+happens (which cancels the gRPC calls of answers that were not finished).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect
@@ -27,6 +34,10 @@ from tritonvlm.frontend.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChatCompletionMessage,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
     DeltaMessage,
     UsageInfo,
 )
@@ -35,19 +46,25 @@ from tritonvlm.frontend.triton_client import StreamDelta, TritonRequestError, Tr
 logger = logging.getLogger("tritonvlm.frontend.completions")
 
 _FINISH_REASONS = ("stop", "length")
+_MERGE_QUEUE_SIZE = 64
 
 
 class ChatBackend(Protocol):
-    """What the app needs from a Triton client (``TritonVLMClient``, or a fake in unit tests)."""
+    """What the app needs from a Triton client (``TritonVLMClient``, or a fake in unit tests).
+
+    Chat completions call ``stream(messages, images, parameters, request_id)``; text completions call
+    it with ``messages=None`` and the keyword ``prompt`` (text) or ``prompt_ids`` (token ids).
+    """
 
     async def is_ready(self) -> bool: ...
 
     def stream(
         self,
-        messages: list[dict[str, Any]],
-        images: list[bytes],
+        messages: list[dict[str, Any]] | None,
+        images: Sequence[bytes],
         parameters: dict[str, Any],
         request_id: str,
+        **prompt: Any,
     ) -> AsyncIterator[StreamDelta]: ...
 
 
@@ -71,29 +88,130 @@ def _finish_reason(reason: str | None, request_id: str) -> str:
     return "stop"
 
 
-async def collect_completion(
-    deltas: AsyncIterator[StreamDelta], *, request_id: str, model: str
+# --------------------------------------------------------------------------- several streams as one
+
+IndexedDelta = tuple[int, StreamDelta]
+
+
+async def merge_streams(streams: Sequence[AsyncIterator[StreamDelta]]) -> AsyncIterator[IndexedDelta]:
+    """Interleave the streams as ``(index, delta)`` in arrival order; the first error ends them all.
+
+    Closing (or cancelling) the merged stream closes (or cancels) every stream. A single stream is
+    iterated directly, without a task.
+    """
+    if len(streams) == 1:
+        only = streams[0]
+        async with contextlib.aclosing(only):  # type: ignore[type-var]
+            async for delta in only:
+                yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, StreamDelta | None, BaseException | None]] = asyncio.Queue(
+        _MERGE_QUEUE_SIZE
+    )
+
+    async def pump(index: int, stream: AsyncIterator[StreamDelta]) -> None:
+        try:
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for delta in stream:
+                    await queue.put((index, delta, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+        else:
+            await queue.put((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                remaining -= 1
+                continue
+            yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: nothing is logged as "never retrieved"
+
+
+@dataclass
+class ChoiceState:
+    """What one choice's stream has produced so far."""
+
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seen: bool = False
+    finished: bool = False  # its finish reason was written (streaming)
+
+    def add(self, delta: StreamDelta) -> None:
+        self.texts.append(delta.text)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens = delta.completion_tokens
+        self.seen = True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+def usage_of(states: Sequence[ChoiceState], prompt_of_choice: Sequence[int] | None = None) -> UsageInfo:
+    """Usage of a request: each prompt counted once (choices of the same prompt share it), the
+    completions summed. ``prompt_of_choice[i]`` is the prompt of choice ``i`` (default: all one)."""
+    prompts: dict[int, int] = {}
+    for i, state in enumerate(states):
+        key = prompt_of_choice[i] if prompt_of_choice is not None else 0
+        if state.seen and key not in prompts:
+            prompts[key] = state.prompt_tokens
+    return UsageInfo.of(sum(prompts.values()), sum(s.completion_tokens for s in states))
+
+
+async def _drain(merged: AsyncIterator[IndexedDelta], num_choices: int) -> list[ChoiceState]:
+    states = [ChoiceState() for _ in range(num_choices)]
+    async with contextlib.aclosing(merged):  # type: ignore[type-var]
+        async for index, delta in merged:
+            states[index].add(delta)
+    return states
+
+
+# --------------------------------------------------------------------------- chat completions
+
+
+async def collect_chat_completion(
+    merged: AsyncIterator[IndexedDelta],
+    *,
+    request_id: str,
+    model: str,
+    num_choices: int = 1,
+    logprobs: bool = False,
+    system_fingerprint: str | None = None,
 ) -> ChatCompletion:
-    """Aggregate a whole Triton stream into one ``ChatCompletion`` (usage from the last delta)."""
-    texts: list[str] = []
-    last: StreamDelta | None = None
-    reason: str | None = None
-    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
-        async for delta in deltas:
-            texts.append(delta.text)
-            reason = delta.finish_reason or reason
-            last = delta
-    usage = UsageInfo.of(last.prompt_tokens, last.completion_tokens) if last else UsageInfo()
+    """Aggregate whole Triton streams into one ``ChatCompletion`` (usage from the last deltas)."""
+    states = await _drain(merged, num_choices)
     return ChatCompletion(
         id=request_id,
         model=model,
         choices=[
             ChatCompletionChoice(
-                message=ChatCompletionMessage(content="".join(texts)),
-                finish_reason=_finish_reason(reason, request_id),  # type: ignore[arg-type]
+                index=i,
+                message=ChatCompletionMessage(content=state.text),
+                finish_reason=_finish_reason(state.finish_reason, request_id),  # type: ignore[arg-type]
+                logprobs=ChoiceLogprobs(content=state.logprobs) if logprobs else None,
             )
+            for i, state in enumerate(states)
         ],
-        usage=usage,
+        usage=usage_of(states),
+        system_fingerprint=system_fingerprint,
     )
 
 
@@ -105,50 +223,22 @@ def sse(data: str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-async def stream_events(
-    first: StreamDelta | None,
-    deltas: AsyncIterator[StreamDelta],
-    *,
+async def _sse_body(
+    produce: Callable[[], AsyncIterator[bytes]],
+    merged: AsyncIterator[IndexedDelta],
     request_id: str,
-    model: str,
-    include_usage: bool,
-    state: MutableMapping[str, Any] | None = None,
+    state: MutableMapping[str, Any] | None,
 ) -> AsyncIterator[bytes]:
-    """The SSE body of a streamed completion; ``first`` is the delta already taken from ``deltas``.
-
-    ``state`` (the request state) gets an ``outcome`` note when the stream fails or is abandoned.
-    """
-    created = int(time.time())
-    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
-
-    def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> bytes:
-        choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)  # type: ignore[arg-type]
-        body = ChatCompletionChunk(
-            id=request_id, created=created, model=model, choices=[choice], **usage_field
-        )
-        return sse(body.model_dump_json())
-
+    """Run ``produce`` (the events), turn a failure into an SSE error event, end with ``[DONE]``, and
+    close ``merged`` whatever happens. ``state`` (the request state) gets an ``outcome`` note when the
+    stream fails or is abandoned."""
     finished = False
     try:
-        async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+        async with contextlib.aclosing(merged):  # type: ignore[type-var]
             try:
-                yield chunk(DeltaMessage(role="assistant", content=""))
-                last: StreamDelta | None = None
-                reason: str | None = None
-                delta = first
-                while delta is not None:
-                    if delta.text:
-                        yield chunk(DeltaMessage(content=delta.text))
-                    reason = delta.finish_reason or reason
-                    last = delta
-                    delta = await anext(deltas, None)
-                yield chunk(DeltaMessage(), _finish_reason(reason, request_id))
-                if include_usage:
-                    usage = UsageInfo.of(last.prompt_tokens, last.completion_tokens) if last else UsageInfo()
-                    final = ChatCompletionChunk(
-                        id=request_id, created=created, model=model, choices=[], usage=usage
-                    )
-                    yield sse(final.model_dump_json())
+                async with contextlib.aclosing(produce()) as events:
+                    async for event in events:
+                        yield event
             except Exception as exc:  # after the first event, errors go out as an SSE event
                 error = to_api_error(exc)
                 if error.status_code >= 500 and not isinstance(
@@ -165,6 +255,219 @@ async def stream_events(
     finally:
         if not finished and state is not None and "outcome" not in state:
             state["outcome"] = "client disconnected"
+
+
+async def _deltas(
+    first: IndexedDelta | None, merged: AsyncIterator[IndexedDelta]
+) -> AsyncIterator[IndexedDelta]:
+    item = first
+    while item is not None:
+        yield item
+        item = await anext(merged, None)
+
+
+def chat_stream_events(
+    first: IndexedDelta | None,
+    merged: AsyncIterator[IndexedDelta],
+    *,
+    request_id: str,
+    model: str,
+    include_usage: bool,
+    num_choices: int = 1,
+    system_fingerprint: str | None = None,
+    state: MutableMapping[str, Any] | None = None,
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed chat completion; ``first`` is the item already taken from ``merged``.
+
+    Each choice gets a role chunk, then its content chunks (a token whose text is held back, an
+    incomplete character, still sends its ``logprobs`` with empty content), then a chunk with its
+    finish reason as soon as it finishes.
+    """
+    created = int(time.time())
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+
+    def chunk(
+        index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: Any = None
+    ) -> bytes:
+        choice = ChatCompletionChunkChoice(
+            index=index,
+            delta=delta,
+            finish_reason=finish_reason,  # type: ignore[arg-type]
+            logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None,
+        )
+        body = ChatCompletionChunk(
+            id=request_id,
+            created=created,
+            model=model,
+            choices=[choice],
+            system_fingerprint=system_fingerprint,
+            **usage_field,
+        )
+        return sse(body.model_dump_json())
+
+    async def produce() -> AsyncIterator[bytes]:
+        states = [ChoiceState() for _ in range(num_choices)]
+        for i in range(num_choices):
+            yield chunk(i, DeltaMessage(role="assistant", content=""))
+        async with contextlib.aclosing(_deltas(first, merged)) as items:
+            async for index, delta in items:
+                choice = states[index]
+                choice.add(delta)
+                if delta.text or delta.logprobs:
+                    yield chunk(index, DeltaMessage(content=delta.text), logprobs=delta.logprobs)
+                if delta.finish_reason and not choice.finished:
+                    choice.finished = True
+                    yield chunk(index, DeltaMessage(), _finish_reason(delta.finish_reason, request_id))
+        for i, choice in enumerate(states):
+            if not choice.finished:  # a stream that ended without a finish reason
+                yield chunk(i, DeltaMessage(), _finish_reason(choice.finish_reason, request_id))
+        if include_usage:
+            final = ChatCompletionChunk(
+                id=request_id,
+                created=created,
+                model=model,
+                choices=[],
+                usage=usage_of(states),
+                system_fingerprint=system_fingerprint,
+            )
+            yield sse(final.model_dump_json())
+
+    return _sse_body(produce, merged, request_id, state)
+
+
+# --------------------------------------------------------------------------- text completions
+
+
+class _LegacyLogprobs:
+    """Builds the legacy ``logprobs`` object of a text completion choice, token by token."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset  # characters of text before the next token (echoed prompt included)
+
+    def add(self, delta: StreamDelta) -> CompletionLogprobs:
+        """The logprobs of ``delta``'s tokens; a token starts where the text emitted so far ends."""
+        out = CompletionLogprobs()
+        for entry in delta.logprobs or ():
+            out.tokens.append(str(entry.get("token", "")))
+            out.token_logprobs.append(float(entry.get("logprob", 0.0)))
+            top = entry.get("top_logprobs") or []
+            out.top_logprobs.append({str(t.get("token", "")): float(t.get("logprob", 0.0)) for t in top})
+            out.text_offset.append(self.offset)
+        self.offset += len(delta.text)
+        return out
+
+
+def _extend(total: CompletionLogprobs, part: CompletionLogprobs) -> None:
+    total.tokens.extend(part.tokens)
+    total.token_logprobs.extend(part.token_logprobs)
+    total.top_logprobs.extend(part.top_logprobs)
+    total.text_offset.extend(part.text_offset)
+
+
+async def collect_text_completion(
+    merged: AsyncIterator[IndexedDelta],
+    *,
+    request_id: str,
+    model: str,
+    echoes: Sequence[str],
+    prompt_of_choice: Sequence[int],
+    logprobs: bool = False,
+    system_fingerprint: str | None = None,
+) -> Completion:
+    """Aggregate whole Triton streams into one ``text_completion``; choice ``i`` starts with
+    ``echoes[i]`` (the prompt, when ``echo`` is set, else "")."""
+    num_choices = len(echoes)
+    states = [ChoiceState() for _ in range(num_choices)]
+    builders = [_LegacyLogprobs(len(echo)) for echo in echoes]
+    totals = [CompletionLogprobs() for _ in range(num_choices)]
+    async with contextlib.aclosing(merged):  # type: ignore[type-var]
+        async for index, delta in merged:
+            states[index].add(delta)
+            _extend(totals[index], builders[index].add(delta))
+    return Completion(
+        id=request_id,
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=echoes[i] + state.text,
+                logprobs=totals[i] if logprobs else None,
+                finish_reason=_finish_reason(state.finish_reason, request_id),  # type: ignore[arg-type]
+            )
+            for i, state in enumerate(states)
+        ],
+        usage=usage_of(states, prompt_of_choice),
+        system_fingerprint=system_fingerprint,
+    )
+
+
+def text_stream_events(
+    first: IndexedDelta | None,
+    merged: AsyncIterator[IndexedDelta],
+    *,
+    request_id: str,
+    model: str,
+    include_usage: bool,
+    echoes: Sequence[str],
+    prompt_of_choice: Sequence[int],
+    logprobs: bool = False,
+    system_fingerprint: str | None = None,
+    state: MutableMapping[str, Any] | None = None,
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed text completion: the echoed prompt (if any), text chunks, a chunk
+    with each choice's finish reason, an optional usage chunk, ``[DONE]``."""
+    created = int(time.time())
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+    num_choices = len(echoes)
+
+    def chunk(
+        index: int, text: str, finish_reason: str | None = None, lp: CompletionLogprobs | None = None
+    ) -> bytes:
+        choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish_reason)  # type: ignore[arg-type]
+        body = Completion(
+            id=request_id,
+            created=created,
+            model=model,
+            choices=[choice],
+            system_fingerprint=system_fingerprint,
+            **usage_field,
+        )
+        return sse(body.model_dump_json())
+
+    async def produce() -> AsyncIterator[bytes]:
+        states = [ChoiceState() for _ in range(num_choices)]
+        builders = [_LegacyLogprobs(len(echo)) for echo in echoes]
+        for i, echo in enumerate(echoes):
+            if echo:
+                yield chunk(i, echo)
+        async with contextlib.aclosing(_deltas(first, merged)) as items:
+            async for index, delta in items:
+                choice = states[index]
+                choice.add(delta)
+                part = builders[index].add(delta)
+                if delta.text or delta.logprobs:
+                    yield chunk(index, delta.text, lp=part if logprobs else None)
+                if delta.finish_reason and not choice.finished:
+                    choice.finished = True
+                    yield chunk(index, "", _finish_reason(delta.finish_reason, request_id))
+        for i, choice in enumerate(states):
+            if not choice.finished:
+                yield chunk(i, "", _finish_reason(choice.finish_reason, request_id))
+        if include_usage:
+            final = Completion(
+                id=request_id,
+                created=created,
+                model=model,
+                choices=[],
+                usage=usage_of(states, prompt_of_choice),
+                system_fingerprint=system_fingerprint,
+            )
+            yield sse(final.model_dump_json())
+
+    return _sse_body(produce, merged, request_id, state)
+
+
+# --------------------------------------------------------------------------- the response
 
 
 class SSEResponse(StreamingResponse):

@@ -4,9 +4,15 @@
 deadline, a byte cap (enforced while streaming), a concurrency limit and manual redirects (each hop
 re-checked). By default an SSRF guard refuses hosts that resolve to loopback, private, link-local,
 reserved, multicast or otherwise non-global addresses, and connects to the very address it checked
-(so a DNS answer cannot change between the check and the connection). Whatever the source, the bytes
-must look like an image. Every failure is an :class:`~tritonvlm.frontend.errors.APIError` 400 whose
-``param`` names the content part and whose message names the URL.
+(so a DNS answer cannot change between the check and the connection). An optional domain allow-list
+restricts the hosts (and their subdomains) every hop may name. ``file://`` URLs are read only when a
+local media folder is configured, and only for files whose real path (symlinks and ``..`` resolved)
+lies inside it.
+
+Whatever the source, the bytes must be an image Pillow can open (PNG, JPEG, GIF, WebP, BMP, TIFF),
+no larger than the pixel limit, read from the image header before anything is decoded (decompression
+bombs). Every failure is an :class:`~tritonvlm.frontend.errors.APIError` 400 whose ``param`` names the
+content part and whose message names the URL.
 """
 
 from __future__ import annotations
@@ -17,9 +23,15 @@ import binascii
 import io
 import ipaddress
 import logging
+import os
+import re
 import socket
-from collections.abc import Sequence
+import stat
+import urllib.parse
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -28,6 +40,7 @@ from tritonvlm.frontend.errors import APIError
 logger = logging.getLogger("tritonvlm.frontend.media")
 
 MiB = 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096, as the preprocess model's max_image_pixels
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _URL_SHOWN_CHARS = 120
 
@@ -74,14 +87,24 @@ def sniff_image_format(data: bytes) -> str | None:
     return None
 
 
-def _pillow_verify(data: bytes) -> None:
+def _open_and_verify(data: bytes, max_pixels: int | None) -> tuple[int, int] | None:
+    """Open the image (its header only) and verify it; ``(width, height)`` if over ``max_pixels``."""
     assert _PILImage is not None
-    with _PILImage.open(io.BytesIO(data)) as image:
-        image.verify()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBombWarning: our own limit decides
+        with _PILImage.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                return width, height
+            image.verify()
+    return None
 
 
-async def check_image(data: bytes, url: str, param: str | None) -> None:
-    """Raise a 400 unless ``data`` is an image file: known magic bytes, and Pillow can verify it."""
+async def check_image(
+    data: bytes, url: str, param: str | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> None:
+    """Raise a 400 unless ``data`` is an image file: known magic bytes, at most ``max_pixels`` pixels
+    (read from the header, nothing decoded), and Pillow can verify it."""
     if not data:
         raise _bad(f"The image at {describe_url(url)} is empty.", param, "invalid_image")
     if sniff_image_format(data) is None:
@@ -94,11 +117,23 @@ async def check_image(data: bytes, url: str, param: str | None) -> None:
     if _PILImage is None:
         return
     try:
-        await asyncio.to_thread(_pillow_verify, data)
-    except Exception as exc:  # Pillow raises many types for corrupt files (and DecompressionBombError)
+        too_big = await asyncio.to_thread(_open_and_verify, data, max_pixels)
+    except _PILImage.DecompressionBombError as exc:  # over Pillow's own hard limit: over ours too
+        match = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{match.group(1)} pixels" if match else "too many pixels"
+    except Exception as exc:  # Pillow raises many types for corrupt files
         raise _bad(
             f"The image at {describe_url(url)} could not be decoded: {exc}", param, "invalid_image"
         ) from None
+    else:
+        if too_big is None:
+            return
+        size = f"{too_big[0]}x{too_big[1]} pixels"
+    raise _bad(
+        f"The image at {describe_url(url)} is {size}, over the limit of {max_pixels} pixels.",
+        param,
+        "image_too_many_pixels",
+    )
 
 
 # --------------------------------------------------------------------------- data: URLs
@@ -161,6 +196,37 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return addresses
 
 
+def normalize_host(host: str) -> str:
+    """A host name as compared with the allow-list: lower case, IDNA (punycode), no trailing dot,
+    IPv6 without brackets."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    if not host:
+        return ""
+    try:
+        return httpx.URL(f"http://{host if ':' not in host else f'[{host}]'}/").raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError, ValueError):
+        return host
+
+
+def parse_domains(domains: Iterable[str] | str | None) -> tuple[str, ...]:
+    """The allow-list from a comma-separated string or an iterable (``.a.com`` is ``a.com``)."""
+    if domains is None:
+        return ()
+    items = domains.split(",") if isinstance(domains, str) else list(domains)
+    out: list[str] = []
+    for item in items:
+        host = normalize_host(item.strip().lstrip("."))
+        if host and host not in out:
+            out.append(host)
+    return tuple(out)
+
+
+def host_allowed(host: str, domains: Sequence[str]) -> bool:
+    """Whether ``host`` is one of ``domains`` or a subdomain of one (``img.a.com`` under ``a.com``)."""
+    host = normalize_host(host)
+    return any(host == d or host.endswith("." + d) for d in domains)
+
+
 # --------------------------------------------------------------------------- the fetcher
 
 
@@ -175,13 +241,29 @@ class MediaFetcher:
         max_concurrency: int = 16,
         max_redirects: int = 3,
         allow_private: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        allowed_local_path: str | os.PathLike[str] | None = None,
+        allowed_domains: Iterable[str] | str | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        """``timeout_s`` bounds a whole fetch (redirects included) and each connect/read."""
+        """``timeout_s`` bounds a whole fetch (redirects included) and each connect/read.
+
+        ``max_pixels``: images with more pixels are refused (``None``: no limit). ``allowed_local_path``:
+        the folder ``file://`` URLs may read from (``None``: ``file://`` is refused).
+        ``allowed_domains``: if not empty, the only hosts (and their subdomains) ``http(s)://`` URLs and
+        their redirects may name; the SSRF guard still applies to them.
+        """
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.allow_private = allow_private
+        self.max_pixels = max_pixels
+        self.allowed_local_path = (
+            Path(os.path.realpath(allowed_local_path)) if allowed_local_path is not None else None
+        )
+        if self.allowed_local_path is not None and not self.allowed_local_path.is_dir():
+            raise ValueError(f"the allowed local media path {allowed_local_path} is not a directory")
+        self.allowed_domains = parse_domains(allowed_domains)
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._own_client = client is None
         self._client = client or httpx.AsyncClient(
@@ -218,10 +300,12 @@ class MediaFetcher:
         return [tasks[ref.url].result() for ref in refs]
 
     async def fetch(self, url: str, param: str | None = None) -> bytes:
-        """The checked image bytes behind ``url`` (``data:`` or ``http(s)://``)."""
+        """The checked image bytes behind ``url`` (``data:``, ``http(s)://`` or allowed ``file://``)."""
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             data = decode_data_url(url, param, self.max_bytes)
+        elif scheme == "file" and self.allowed_local_path is not None:
+            data = await asyncio.to_thread(self._read_local, url, param)
         elif scheme in ("http", "https"):
             async with self._semaphore:
                 try:
@@ -233,12 +317,72 @@ class MediaFetcher:
                         "image_fetch_timeout",
                     ) from None
         else:
+            disabled = " (file:// URLs are not enabled on this server)" if scheme == "file" else ""
             raise _bad(
-                f"Unsupported image URL {describe_url(url)}: use an http(s):// or data:image/...;base64 URL.",
+                f"Unsupported image URL {describe_url(url)}: use an http(s):// or data:image/...;base64 "
+                f"URL{disabled}.",
                 param,
             )
-        await check_image(data, url, param)
+        await check_image(data, url, param, self.max_pixels)
         return data
+
+    def _read_local(self, url: str, param: str | None) -> bytes:
+        """Read a ``file://`` URL below ``allowed_local_path`` (blocking: run in a thread).
+
+        The path is resolved (symlinks, ``..``) before the check, opened without following a final
+        symlink, and the opened file's own path is checked again (so a swap between the check and the
+        open is caught where ``/proc/self/fd`` exists).
+        """
+        root = self.allowed_local_path
+        assert root is not None
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise _bad(
+                f"Invalid file URL {describe_url(url)}: use file:///absolute/path (no host, query or "
+                "fragment).",
+                param,
+            )
+        path = urllib.parse.unquote(parts.path)
+        if not path.startswith("/") or "\0" in path:
+            raise _bad(f"Invalid file URL {describe_url(url)}: the path must be absolute.", param)
+        forbidden = _bad(
+            f"The image URL {describe_url(url)} is outside the folder local images may be read from.",
+            param,
+            "image_url_forbidden",
+        )
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(root):
+            raise forbidden
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(real, flags | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise _bad(f"Could not read the image at {describe_url(url)}: {exc.strerror}.", param) from None
+        too_large = _bad(
+            f"The image at {describe_url(url)} is larger than the limit of {self.max_bytes} bytes.",
+            param,
+            "image_too_large",
+        )
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _bad(f"The image URL {describe_url(url)} is not a regular file.", param)
+            proc_path = f"/proc/self/fd/{fd}"
+            if os.path.exists(proc_path) and not Path(os.path.realpath(proc_path)).is_relative_to(root):
+                raise forbidden
+            if info.st_size > self.max_bytes:
+                raise too_large
+            data = bytearray()
+            while len(data) <= self.max_bytes:
+                block = os.read(fd, min(MiB, self.max_bytes + 1 - len(data)))
+                if not block:
+                    break
+                data += block
+        finally:
+            os.close(fd)
+        if len(data) > self.max_bytes:
+            raise too_large
+        return bytes(data)
 
     async def _checked_addresses(self, url: httpx.URL, original: str, param: str | None) -> list[str]:
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -269,6 +413,14 @@ class MediaFetcher:
             if url.scheme not in ("http", "https") or not url.host:
                 raise _bad(
                     f"Unsupported image URL {describe_url(current)} (from {describe_url(original)}).", param
+                )
+            if self.allowed_domains and not host_allowed(url.host, self.allowed_domains):
+                via = f" (redirected from {describe_url(original)})" if current != original else ""
+                raise _bad(
+                    f"The host of the image URL {describe_url(current)}{via} is not in the allowed media "
+                    "domains of this server.",
+                    param,
+                    "image_url_forbidden",
                 )
             addresses = await self._checked_addresses(url, current, param)
             response_or_location = await self._get(url, addresses, current, param)

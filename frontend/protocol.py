@@ -1,10 +1,12 @@
-"""The OpenAI chat-completions schema as pydantic models, in one place (like vLLM's ``protocol.py``).
+"""The OpenAI chat-completions and (legacy) completions schemas as pydantic models, in one place (like
+vLLM's ``protocol.py``).
 
 Requests are validated strictly: a field that OpenAI defines but this server does not implement is
 refused with a 400 naming it (:data:`UNSUPPORTED_FIELDS`, :func:`find_unsupported_fields`) rather than
-silently ignored, and so is a field OpenAI does not define at all. Sampling ranges mirror
-``tritonvlm.engine.sampling_params.SamplingParams.validate`` (which cannot be imported here without
-pulling torch in), so a bad value is refused before any Triton call.
+silently ignored, and so is a field OpenAI does not define at all. The pydantic ranges below name the
+field in the error; the PARAMETERS built from a request are then checked once more by the engine's own
+``SamplingParams.from_dict`` (see :func:`tritonvlm.frontend.conversion.check_parameters`), so a value
+the engine would refuse never reaches Triton.
 
 Union members carry tags that are not Python identifiers (``"text-part"``, ``"content-parts"``...):
 :func:`tritonvlm.frontend.errors.loc_to_param` drops them from error locations, so a validation error
@@ -32,7 +34,11 @@ from pydantic_core import PydanticCustomError
 
 
 class ImageURL(BaseModel):
-    """``image_url`` of a content part: an ``http(s)://`` or ``data:`` URL and a detail hint."""
+    """``image_url`` of a content part: an ``http(s)://``, ``data:`` or (when enabled) ``file://`` URL.
+
+    ``detail`` (``auto``, ``low``, ``high``) is accepted and has no effect: every image is resized by
+    the model's own processor limits (the preprocess model has no per-image resolution hint).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -125,7 +131,6 @@ UNSUPPORTED_FIELDS: tuple[str, ...] = (
     "function_call",
     "functions",
     "logit_bias",
-    "logprobs",
     "modalities",
     "parallel_tool_calls",
     "prediction",
@@ -136,10 +141,16 @@ UNSUPPORTED_FIELDS: tuple[str, ...] = (
     "store",
     "tool_choice",
     "tools",
-    "top_logprobs",
     "verbosity",
     "web_search_options",
 )
+
+# The same for the legacy ``/v1/completions`` (``suffix``, ``echo`` and ``best_of`` are declared fields,
+# checked in the app: some of their values are served).
+UNSUPPORTED_COMPLETION_FIELDS: tuple[str, ...] = ("logit_bias",)
+
+# The most choices one request may ask for (``n``, times the number of prompts for completions).
+MAX_CHOICES = 128
 
 # Values of unsupported fields that ask for exactly what the server does anyway.
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
@@ -149,19 +160,9 @@ _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body. ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are
-    extensions (as in vLLM); ``user``, ``metadata``, ``safety_identifier`` and ``prompt_cache_key`` are
-    accepted and have no effect."""
+class SamplingFields(BaseModel):
+    """The sampling fields chat and text completions share (ranges as the engine's SamplingParams)."""
 
-    # "allow" keeps unknown keys in ``model_extra`` so find_unsupported_fields() can name them.
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # extension; 0 or -1: disabled
@@ -174,12 +175,8 @@ class ChatCompletionRequest(BaseModel):
 
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
-
+    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
-    metadata: dict[str, str] | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -189,12 +186,10 @@ class ChatCompletionRequest(BaseModel):
             raise PydanticCustomError("invalid_stop", "stop must be up to 4 non-empty strings")
         return value
 
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise PydanticCustomError("unsupported_n", "only n=1 is supported")
-        return value
+    @property
+    def num_choices(self) -> int:
+        """Choices per prompt (``n``)."""
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
@@ -202,15 +197,102 @@ class ChatCompletionRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def find_unsupported_fields(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions`` body. ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are
+    extensions (as in vLLM); ``user``, ``metadata``, ``safety_identifier`` and ``prompt_cache_key`` are
+    accepted and have no effect. ``n`` choices are ``n`` engine requests (with a ``seed``, choice ``i``
+    uses ``seed + i``)."""
+
+    # "allow" keeps unknown keys in ``model_extra`` so find_unsupported_fields() can name them.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
+
+
+def _prompt_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list | tuple):
+        if not value:
+            return "token-ids"  # min_length names the error
+        first = value[0]
+        if isinstance(first, str):
+            return "texts"
+        if isinstance(first, list | tuple):
+            return "token-id-lists"
+        return "token-ids"
+    return None
+
+
+PromptField = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Tag("texts")]
+    | Annotated[TokenIds, Tag("token-ids")]
+    | Annotated[list[TokenIds], Tag("token-id-lists")],
+    Discriminator(
+        _prompt_tag,
+        custom_error_type="invalid_prompt",
+        custom_error_message="prompt must be a string, a list of strings, a list of token ids "
+        "or a list of token id lists",
+    ),
+]
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions`` body (the legacy text completions API): a raw prompt, no chat template.
+
+    ``prompt`` is a string or a list of token ids, or a list of either (one set of ``n`` choices per
+    prompt). ``max_tokens`` defaults to 16 as in OpenAI's API. ``logprobs`` is an int (0-5: the
+    chosen token's log probability plus that many alternatives). ``echo`` works for text prompts
+    without ``logprobs``; ``best_of`` only when it equals ``n``; a non-empty ``suffix`` is refused.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: PromptField
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request, each a text or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+def find_unsupported_fields(
+    request: SamplingFields, unsupported: tuple[str, ...] = UNSUPPORTED_FIELDS
+) -> list[tuple[str, str]]:
     """``(field, message)`` for each field of ``request`` this server refuses, in request order.
 
-    Covers OpenAI fields that are not implemented (:data:`UNSUPPORTED_FIELDS`) unless their value is
-    null, false or a no-op, fields OpenAI does not define, and ``stream_options`` without ``stream``.
+    Covers OpenAI fields that are not implemented (``unsupported``, by default :data:`UNSUPPORTED_FIELDS`)
+    unless their value is null, false or a no-op, fields OpenAI does not define, and ``stream_options``
+    without ``stream``.
     """
     problems: list[tuple[str, str]] = []
     for name, value in (request.model_extra or {}).items():
-        if name in UNSUPPORTED_FIELDS:
+        if name in unsupported:
             if value is None or value is False or value in _NOOP_VALUES.get(name, ()):
                 continue
             problems.append((name, f"'{name}' is not supported by this server"))
@@ -224,24 +306,43 @@ def find_unsupported_fields(request: ChatCompletionRequest) -> list[tuple[str, s
 # --------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    """``usage.prompt_tokens_details``. The engine has no prefix cache: no prompt token is ever cached."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     """Token counts; prompt tokens include the image placeholder tokens."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-        """Usage with ``total_tokens`` filled in."""
+        """Usage with ``total_tokens`` and ``prompt_tokens_details`` filled in."""
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=0),
         )
 
 
 FinishReason = Literal["stop", "length"]
+
+# One entry of ``logprobs.content``, exactly as the engine sends it in the LOGPROBS output:
+# ``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}``.
+TokenLogprob = dict[str, Any]
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[].logprobs`` of a chat completion (and of a chunk): one entry per generated token."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
 
 
 class ChatCompletionMessage(BaseModel):
@@ -258,7 +359,7 @@ class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def _now() -> int:
@@ -294,23 +395,14 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    """``object: "chat.completion.chunk"``: one SSE event of a streamed answer.
+class _UsageWhenSet(BaseModel):
+    """``usage`` is written only when it was given (``null`` on the chunks of a stream that asked for
+    usage, as OpenAI does; absent otherwise)."""
 
-    ``usage`` is written only when it was given (``null`` on the chunks of a stream that asked for
-    usage, as OpenAI does; absent otherwise).
-    """
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatCompletionChunkChoice]
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -318,6 +410,47 @@ class ChatCompletionChunk(BaseModel):
         if "usage" not in self.model_fields_set:
             data.pop("usage", None)
         return data
+
+
+class ChatCompletionChunk(_UsageWhenSet):
+    """``object: "chat.completion.chunk"``: one SSE event of a streamed answer."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of the legacy completions API (parallel lists, one item per token)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a text completion (or of one of its stream chunks)."""
+
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(_UsageWhenSet):
+    """``object: "text_completion"``: a whole text completion, or one SSE chunk of a streamed one
+    (OpenAI uses the same object for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

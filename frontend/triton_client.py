@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ class StreamDelta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[dict[str, Any]] | None = None  # one OpenAI logprobs entry per token, when asked
 
 
 class TritonRequestError(Exception):
@@ -84,13 +85,32 @@ def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
 
 
 def build_inputs(
-    messages: list[dict[str, Any]], images: list[bytes], parameters: dict[str, Any]
+    messages: list[dict[str, Any]] | None,
+    images: Sequence[bytes] = (),
+    parameters: dict[str, Any] | None = None,
+    *,
+    prompt: str | None = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> list[grpcclient.InferInput]:
-    """The ``vlm`` input tensors; ``IMAGES`` is left out when there are no images."""
-    inputs = [_bytes_input(wire.MESSAGES, [json.dumps(messages).encode("utf-8")])]
+    """The ``vlm`` input tensors for exactly one prompt form: ``MESSAGES`` (chat, with ``IMAGES`` when
+    there are images), ``PROMPT`` (raw text) or ``INPUT_IDS`` (token ids)."""
+    forms = sum(x is not None for x in (messages, prompt, prompt_ids))
+    if forms != 1:
+        raise ValueError("give exactly one of messages, prompt or prompt_ids")
+    if images and messages is None:
+        raise ValueError("images go with messages only")
+    if messages is not None:
+        inputs = [_bytes_input(wire.MESSAGES, [json.dumps(messages).encode("utf-8")])]
+    elif prompt is not None:
+        inputs = [_bytes_input(wire.PROMPT, [prompt.encode("utf-8")])]
+    else:
+        ids = np.asarray(list(prompt_ids or ()), dtype=np.int64)
+        tensor = grpcclient.InferInput(wire.INPUT_IDS, [int(ids.shape[0])], "INT64")
+        tensor.set_data_from_numpy(ids)
+        inputs = [tensor]
     if images:
         inputs.append(_bytes_input(wire.IMAGES, list(images)))
-    inputs.append(_bytes_input(wire.PARAMETERS, [json.dumps(parameters).encode("utf-8")]))
+    inputs.append(_bytes_input(wire.PARAMETERS, [json.dumps(parameters or {}).encode("utf-8")]))
     return inputs
 
 
@@ -112,6 +132,18 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _logprobs(value: Any) -> list[dict[str, Any]] | None:
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError:
+        logger.warning("ignoring a LOGPROBS output that is not JSON: %.80r", text)
+        return None
+    return entries if isinstance(entries, list) else None
+
+
 def parse_response(result: Any, previous: StreamDelta | None = None) -> StreamDelta | None:
     """The :class:`StreamDelta` of one ``InferResult``; ``None`` if it carries no outputs.
 
@@ -130,6 +162,7 @@ def parse_response(result: Any, previous: StreamDelta | None = None) -> StreamDe
         completion_tokens=(
             int(completion) if completion is not None else (previous.completion_tokens if previous else 0)
         ),
+        logprobs=_logprobs(_first_scalar(result, wire.LOGPROBS)),
     )
 
 
@@ -196,19 +229,24 @@ class TritonVLMClient:
 
     async def stream(
         self,
-        messages: list[dict[str, Any]],
-        images: list[bytes],
-        parameters: dict[str, Any],
-        request_id: str,
+        messages: list[dict[str, Any]] | None = None,
+        images: Sequence[bytes] = (),
+        parameters: dict[str, Any] | None = None,
+        request_id: str = "",
+        *,
+        prompt: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
     ) -> AsyncIterator[StreamDelta]:
-        """Run one chat completion; yield a :class:`StreamDelta` per non-empty response.
+        """Run one completion; yield a :class:`StreamDelta` per non-empty response.
 
-        Raises :class:`TritonRequestError` for an error response and :class:`TritonUnavailableError`
-        when Triton cannot be reached. Closing the generator early cancels the gRPC call.
+        The prompt is exactly one of ``messages`` (a chat, wire form, with ``images``), ``prompt`` (raw
+        text, tokenized as is) or ``prompt_ids`` (token ids). Raises :class:`TritonRequestError` for an
+        error response and :class:`TritonUnavailableError` when Triton cannot be reached. Closing the
+        generator early cancels the gRPC call.
         """
         request = {
             "model_name": self.model_name,
-            "inputs": build_inputs(messages, images, parameters),
+            "inputs": build_inputs(messages, images, parameters, prompt=prompt, prompt_ids=prompt_ids),
             "outputs": [grpcclient.InferRequestedOutput(name) for name in wire.STREAM_OUTPUTS],
             "request_id": request_id,
             "parameters": {ENABLE_EMPTY_FINAL_PARAMETER: True},

@@ -222,3 +222,43 @@ def test_run_until_disconnect_cancels_work() -> None:
         assert work_cancelled.is_set()
 
     asyncio.run(run())
+
+
+class EndlessChoices(EndlessClient):
+    """Like EndlessClient, but counts the streams that stopped (one per choice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stops: list[str] = []
+
+    async def _stream(self) -> AsyncIterator[StreamDelta]:
+        try:
+            while True:
+                self.yielded += 1
+                yield StreamDelta("x ", [1], None, 4, self.yielded)
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:
+            self.stops.append("cancelled")
+            raise
+        except GeneratorExit:
+            self.stops.append("closed")
+            raise
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_stops_every_choice_of_n(stream: bool) -> None:
+    async def run() -> EndlessChoices:
+        client = EndlessChoices()
+        request = {**_request(stream=stream), "n": 3}
+        if stream:
+            await _drive(client, request, disconnect_after_chunks=6)
+        else:
+            await _drive(client, request, disconnect_after_chunks=None, delay=0.1)
+        for _ in range(100):
+            if len(client.stops) == 3:
+                break
+            await asyncio.sleep(0.01)
+        return client
+
+    client = asyncio.run(run())
+    assert len(client.streams) == 3 and len(client.stops) == 3

@@ -401,3 +401,188 @@ def test_app_limits_images_per_request() -> None:
     with TestClient(app) as http:
         r = http.post("/v1/chat/completions", json=_image_request(*[data_url(PNG)] * 3))
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_images"
+
+
+# --------------------------------------------------------------------------- image formats, pixels
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces ``width x height`` pixels, with a token IDAT: a decompression
+    bomb stand-in that only a header check can refuse cheaply."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+RGB = Image.new("RGB", (16, 12), (10, 200, 30))
+
+
+@pytest.mark.parametrize(
+    ("data", "media_type"),
+    [
+        (encode(RGB, "WEBP"), "image/webp"),
+        (encode(RGB, "WEBP", lossless=True), "image/webp"),
+        (encode(RGB.convert("P"), "GIF"), "image/gif"),
+        (encode(RGB, "BMP"), "image/bmp"),
+        (encode(RGB, "TIFF"), "image/tiff"),
+        (encode(RGB.convert("RGBA"), "PNG"), "image/png"),
+        (encode(RGB.convert("L").convert("P"), "PNG"), "image/png"),
+        (encode(RGB, "JPEG"), "image/jpg"),  # a common misspelling of the media type
+    ],
+)
+def test_data_url_image_formats(data: bytes, media_type: str) -> None:
+    assert fetch(data_url(data, media_type)) == data
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tiff")]
+)
+def test_sniff_more_formats(fmt: str, name: str) -> None:
+    assert sniff_image_format(encode(RGB, fmt)) == name
+
+
+def test_too_many_pixels_refused_from_the_header() -> None:
+    bomb = png_header_only(20000, 20000)
+    assert len(bomb) < 100
+    error = fetch_error(data_url(bomb))
+    assert error.code == "image_too_many_pixels" and "400000000 pixels" in error.message
+    error = fetch_error(data_url(png_header_only(5000, 4000)))
+    assert error.code == "image_too_many_pixels" and "5000x4000" in error.message
+    assert fetch(data_url(PNG), max_pixels=64) == PNG  # 8x8 = 64: at the limit
+    assert fetch_error(data_url(PNG), max_pixels=63).code == "image_too_many_pixels"
+
+
+def test_over_pillows_own_bomb_limit_is_too_many_pixels() -> None:
+    error = fetch_error(data_url(png_header_only(100000, 100000)), max_pixels=None)
+    assert error.code == "image_too_many_pixels"
+
+
+def test_pixel_limit_from_settings_reaches_the_fetcher() -> None:
+    app = create_app(FrontendSettings(served_model_name="m", max_image_pixels=63), client=RecordingClient())
+    with TestClient(app) as http:
+        r = http.post("/v1/chat/completions", json=_image_request(data_url(PNG)))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_many_pixels"
+
+
+# --------------------------------------------------------------------------- file:// URLs
+
+
+@pytest.fixture
+def media_dir(tmp_path: Any) -> Any:
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.png").write_bytes(PNG)
+    (root / "sub" / "deep.jpg").write_bytes(JPEG)
+    (root / "notes.txt").write_text("not an image")
+    (tmp_path / "secret.png").write_bytes(PNG)
+    (root / "escape.png").symlink_to(tmp_path / "secret.png")
+    (root / "inside-link.png").symlink_to(root / "ok.png")
+    (root / "dirlink").symlink_to(tmp_path)
+    return root
+
+
+def test_file_url_inside_allowed_folder(media_dir: Any) -> None:
+    assert fetch(f"file://{media_dir}/ok.png", allowed_local_path=media_dir) == PNG
+    assert fetch(f"file://localhost{media_dir}/sub/deep.jpg", allowed_local_path=media_dir) == JPEG
+    assert fetch(f"file://{media_dir}/inside-link.png", allowed_local_path=media_dir) == PNG
+    assert fetch(f"file://{media_dir}/sub/../ok.png", allowed_local_path=media_dir) == PNG
+    assert fetch(f"file://{str(media_dir).replace('/', '%2F')}%2Fok.png".replace("%2F", "/", 1),
+                 allowed_local_path=media_dir) == PNG  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["{root}/../secret.png", "{root}/escape.png", "{root}/dirlink/secret.png", "/etc/passwd",
+     "{root}/sub/../../secret.png", "{root}%2F..%2Fsecret.png"],
+)  # fmt: skip
+def test_file_url_outside_allowed_folder_is_forbidden(media_dir: Any, path: str) -> None:
+    error = fetch_error("file://" + path.format(root=media_dir), allowed_local_path=media_dir)
+    assert error.code == "image_url_forbidden"
+
+
+@pytest.mark.parametrize(
+    ("path", "needle"),
+    [
+        ("{root}/missing.png", "Could not read"),
+        ("{root}/sub", "not a regular file"),
+        ("{root}/notes.txt", "not a supported image"),
+    ],
+)
+def test_file_url_bad_files(media_dir: Any, path: str, needle: str) -> None:
+    error = fetch_error("file://" + path.format(root=media_dir), allowed_local_path=media_dir)
+    assert needle in error.message and error.code in ("invalid_image_url", "invalid_image")
+
+
+def test_file_url_with_host_or_relative_path(media_dir: Any) -> None:
+    assert (
+        "Invalid file URL"
+        in fetch_error(f"file://example.com{media_dir}/ok.png", allowed_local_path=media_dir).message
+    )
+    assert fetch_error("file:ok.png", allowed_local_path=media_dir).code == "invalid_image_url"
+
+
+def test_file_url_size_cap(media_dir: Any) -> None:
+    assert (
+        fetch_error(f"file://{media_dir}/ok.png", allowed_local_path=media_dir, max_bytes=10).code
+        == "image_too_large"
+    )
+
+
+def test_file_urls_are_off_by_default(media_dir: Any) -> None:
+    error = fetch_error(f"file://{media_dir}/ok.png")
+    assert "not enabled" in error.message
+
+
+def test_allowed_local_path_must_be_a_folder(media_dir: Any) -> None:
+    with pytest.raises(ValueError):
+        MediaFetcher(allowed_local_path=media_dir / "ok.png")
+
+
+# --------------------------------------------------------------------------- domain allow-list
+
+
+def test_parse_and_match_domains() -> None:
+    domains = media.parse_domains(" Example.COM, .img.org.,, bücher.de ,127.0.0.1")
+    assert domains == ("example.com", "img.org", "xn--bcher-kva.de", "127.0.0.1")
+    assert media.host_allowed("example.com", domains) and media.host_allowed("CDN.Example.com.", domains)
+    assert media.host_allowed("bücher.de", domains) and media.host_allowed("127.0.0.1", domains)
+    assert not media.host_allowed("badexample.com", domains)
+    assert not media.host_allowed("example.com.evil.net", domains)
+    assert not media.host_allowed("127.0.0.2", domains)
+
+
+def test_domain_allow_list_refuses_other_hosts_before_any_connection(image_server: str) -> None:
+    _Handler.hosts.clear()
+    error = fetch_error(f"{image_server}/ok.png", allowed_domains="example.com")
+    assert error.code == "image_url_forbidden" and "allowed media domains" in error.message
+    assert _Handler.hosts == []
+    assert fetch(f"{image_server}/ok.png", allowed_domains="example.com,127.0.0.1") == PNG
+
+
+def test_domain_allow_list_checks_every_redirect(image_server: str) -> None:
+    assert fetch(f"{image_server}/redirect/2", allowed_domains="127.0.0.1") == PNG
+    error = fetch_error(f"{image_server}/redirect-absolute-private", allowed_domains="127.0.0.1")
+    assert (
+        error.code == "image_url_forbidden" and "127.0.0.2" in error.message and "redirected" in error.message
+    )
+
+
+def test_domain_allow_list_does_not_lift_the_ssrf_guard(image_server: str) -> None:
+    error = fetch_error(f"{image_server}/ok.png", allowed_domains="127.0.0.1", allow_private=False)
+    assert "non-public" in error.message

@@ -78,7 +78,10 @@ def plus(**fields: Any) -> dict[str, Any]:
         (plus(max_tokens=0), "max_tokens"),
         (plus(stop=5), "stop"),
         (plus(stop=["a", "b", "c", "d", "e"]), "stop"),
-        (plus(n=2), "n"),
+        (plus(n=0), "n"),
+        (plus(n=129), "n"),
+        (plus(top_logprobs=21), "top_logprobs"),
+        (plus(top_logprobs=-1), "top_logprobs"),
         (plus(stream_options={"x": 1}), "stream_options.x"),
     ],
 )
@@ -89,8 +92,8 @@ def test_validation_errors_name_the_field(body: dict[str, Any], param: str) -> N
 
 
 def test_n_error_message() -> None:
-    _, message = validation_param({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3})
-    assert "n=1" in message
+    _, message = validation_param({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0})
+    assert "greater than or equal to 1" in message
 
 
 def test_loc_to_param_drops_body_and_union_tags() -> None:
@@ -145,8 +148,10 @@ def test_noop_values_of_unsupported_fields_pass(fields: dict[str, Any]) -> None:
 
 
 def test_core_unsupported_fields_are_listed() -> None:
-    for name in ("tools", "response_format", "logit_bias", "audio", "modalities", "logprobs", "top_logprobs"):
+    for name in ("tools", "response_format", "logit_bias", "audio", "modalities"):
         assert name in UNSUPPORTED_FIELDS
+    for name in ("logprobs", "top_logprobs", "n"):  # served now
+        assert name not in UNSUPPORTED_FIELDS
 
 
 def test_unknown_fields_are_refused() -> None:
@@ -260,6 +265,24 @@ def test_top_k_minus_one_means_disabled() -> None:
     assert build_parameters(req(top_k=-1)) == {"top_k": 0}
 
 
+def test_logprobs_parameters() -> None:
+    assert build_parameters(req(logprobs=True)) == {"logprobs": True}
+    assert build_parameters(req(logprobs=True, top_logprobs=5)) == {"logprobs": True, "top_logprobs": 5}
+    assert build_parameters(req(logprobs=False, top_logprobs=0)) == {}
+    with pytest.raises(APIError) as info:
+        build_parameters(req(top_logprobs=5))
+    assert info.value.status_code == 400 and info.value.param == "top_logprobs"
+
+
+def test_frontend_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tritonvlm.frontend.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_temperature_zero_is_sent() -> None:
     assert build_parameters(req(temperature=0, stop=["a", "b"])) == {"temperature": 0.0, "stop": ["a", "b"]}
 
@@ -273,18 +296,18 @@ def test_temperature_zero_is_sent() -> None:
         {"presence_penalty": 2.0}, {"presence_penalty": 2.1}, {"frequency_penalty": -2.0},
         {"frequency_penalty": -2.1}, {"repetition_penalty": 0.0}, {"repetition_penalty": 0.01},
         {"stop": ["a", "b", "c", "d"]}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": ""}, {"stop": [""]},
-        {"seed": -5},
+        {"seed": -5}, {"logprobs": True, "top_logprobs": 20}, {"logprobs": True, "top_logprobs": 21},
+        {"top_logprobs": 2}, {"logprobs": False, "top_logprobs": 0}, {"logprobs": True},
     ],
 )  # fmt: skip
 def test_ranges_agree_with_engine_sampling_params(fields: dict[str, Any]) -> None:
     """A request the frontend accepts must be accepted by the engine, and vice versa."""
-    pytest.importorskip("torch")  # tritonvlm.engine imports torch
     from tritonvlm.engine.sampling_params import SamplingParams
     from tritonvlm.wire import InvalidRequestError
 
     try:
         parameters = build_parameters(req(**fields))
-    except ValidationError:
+    except (ValidationError, APIError):
         frontend_ok, parameters = False, {**fields}
     else:
         frontend_ok = True
@@ -315,4 +338,9 @@ def test_chunk_json_shape() -> None:
     ).model_dump()
     assert last["choices"][0]["delta"] == {} and last["usage"] is None
     usage = ChatCompletionChunk(id="c", model="m", choices=[], usage=UsageInfo.of(3, 4)).model_dump()
-    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert usage["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }

@@ -46,8 +46,10 @@ def _response(
     prompt: int = 7,
     completion: int = 0,
     final: bool = False,
+    logprobs: str | None = None,
 ) -> service_pb2.ModelStreamInferResponse:
-    """A vlm response; ``text=None`` makes an empty one (no outputs)."""
+    """A vlm response; ``text=None`` makes an empty one (no outputs). ``logprobs``: the LOGPROBS output
+    (left out when ``None``, as a server without it would)."""
     resp = service_pb2.ModelInferResponse(model_name=wire.VLM_MODEL, id=request_id)
     if text is not None:
         tensors = [
@@ -57,6 +59,8 @@ def _response(
             (wire.PROMPT_TOKENS, "INT32", [1], np.asarray([prompt], dtype=np.int32).tobytes()),
             (wire.COMPLETION_TOKENS, "INT32", [1], np.asarray([completion], dtype=np.int32).tobytes()),
         ]
+        if logprobs is not None:
+            tensors.append((wire.LOGPROBS, "BYTES", [1], _bytes_raw([logprobs.encode()])))
         for name, datatype, shape, raw in tensors:
             out = resp.outputs.add()
             out.name, out.datatype = name, datatype
@@ -85,7 +89,11 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             async for request in request_iterator:
                 decoded = {
-                    t.name: [bytes(x) for x in deserialize_bytes_tensor(raw)]
+                    t.name: (
+                        [bytes(x) for x in deserialize_bytes_tensor(raw)]
+                        if t.datatype == "BYTES"
+                        else np.frombuffer(raw, dtype=np.int64).tolist()
+                    )
                     for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
                 }
                 self.requests.append(
@@ -107,6 +115,11 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield _response(rid, text="Hel", ids=[1, 2], completion=2)
             yield _response(rid, text="lo", ids=[3], completion=3)
             yield _response(rid, text="", ids=[4], finish="stop", completion=4)
+            yield _response(rid, final=True)
+        elif scenario == "logprobs":
+            entry = {"token": "a", "logprob": -0.25, "bytes": [97], "top_logprobs": []}
+            yield _response(rid, text="a", ids=[1], completion=1, logprobs=json.dumps([entry]))
+            yield _response(rid, text="", ids=[2], finish="stop", completion=2, logprobs="")
             yield _response(rid, final=True)
         elif scenario == "final_with_outputs":
             yield _response(rid, text="é", ids=[9], finish="length", completion=1, final=True)
@@ -158,6 +171,44 @@ def test_build_inputs_omits_images_when_none() -> None:
     assert names == [wire.MESSAGES, wire.PARAMETERS]
     names = [t.name() for t in build_inputs([], [b"\x89PNG", b"\xff\xd8\xff"], {})]
     assert names == [wire.MESSAGES, wire.IMAGES, wire.PARAMETERS]
+
+
+def test_build_inputs_prompt_forms() -> None:
+    text = build_inputs(None, prompt="Once upon", parameters={"max_tokens": 3})
+    assert [(t.name(), t.datatype()) for t in text] == [(wire.PROMPT, "BYTES"), (wire.PARAMETERS, "BYTES")]
+    ids = build_inputs(None, prompt_ids=[5, 6, 7])
+    assert [(t.name(), t.datatype(), t.shape()) for t in ids][0] == (wire.INPUT_IDS, "INT64", [3])
+    for bad in ({}, {"prompt": "x", "prompt_ids": [1]}):
+        with pytest.raises(ValueError):
+            build_inputs(None, **bad)
+    with pytest.raises(ValueError):
+        build_inputs([{"role": "user", "content": "x"}], prompt="x")
+    with pytest.raises(ValueError):
+        build_inputs(None, [b"img"], prompt="x")
+
+
+def test_stream_prompt_and_prompt_ids_reach_triton() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        await _collect(
+            client.stream(prompt="Once upon ü", parameters={"scenario": "normal"}, request_id="c1")
+        )
+        await _collect(client.stream(None, (), {"scenario": "normal"}, "c2", prompt_ids=[3, 1, 4]))
+
+    fake = asyncio.run(_with_server(body))
+    first, second = fake.requests
+    assert first["inputs"][wire.PROMPT] == ["Once upon ü".encode()] and wire.MESSAGES not in first["inputs"]
+    assert second["inputs"][wire.INPUT_IDS] == [3, 1, 4] and second["id"] == "c2"
+
+
+def test_logprobs_output_is_parsed() -> None:
+    seen: list[StreamDelta] = []
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        seen.extend(await _collect(client.stream(MESSAGES, [], {"scenario": "logprobs"}, "lp")))
+
+    asyncio.run(_with_server(body))
+    assert seen[0].logprobs == [{"token": "a", "logprob": -0.25, "bytes": [97], "top_logprobs": []}]
+    assert seen[1].logprobs is None  # "" means not asked / nothing to report
 
 
 def test_stream_sends_wire_request_and_parses_responses() -> None:

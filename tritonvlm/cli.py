@@ -75,6 +75,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let image URLs point at loopback/private addresses (refused by default: SSRF)",
     )
+    serve.add_argument(
+        "--allowed-media-domains",
+        default="",
+        metavar="A.COM,B.ORG",
+        help="if set, image URLs (and their redirects) may only name these hosts and their subdomains",
+    )
+    serve.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="let file:// image URLs read files below DIR (symlinks and .. resolved; default: refused)",
+    )
+    serve.add_argument(
+        "--max-images-per-request", type=int, default=8, help="images in one request (default 8)"
+    )
+    serve.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=20 * 1024 * 1024,
+        help="size of one encoded image in bytes (default 20971520, 20 MiB)",
+    )
+    serve.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=16777216,
+        help="width x height of one image, checked before decoding (frontend and Triton; default 16777216)",
+    )
+    serve.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=50 * 1024 * 1024,
+        help="HTTP request body size, else 413 (default 52428800, 50 MiB)",
+    )
+    serve.add_argument(
+        "--media-fetch-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to fetch one image URL, redirects included (default 10)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("TRITONVLM_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $TRITONVLM_API_KEY; unset: open)",
+    )
     serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for Triton")
     serve.add_argument("--state-dir", type=Path, help="server logs and runtime files (default: a cache dir)")
 
@@ -89,7 +132,8 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
     from tritonvlm.triton_utils import env_name
 
     env = {env_name("model_path"): model, "TRITONVLM_LOG_LEVEL": args.log_level.upper()}
-    for key in ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype"):
+    keys = ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype")
+    for key in (*keys, "max_image_pixels"):
         value = getattr(args, key)
         if value is not None:
             env[env_name(key)] = str(value)
@@ -156,6 +200,14 @@ def serve(args: argparse.Namespace) -> int:
             triton_grpc_url=triton.grpc_url,
             served_model_name=served_name,
             allow_private_media_urls=args.allow_private_media_urls,
+            allowed_media_domains=args.allowed_media_domains,
+            allowed_local_media_path=args.allowed_local_media_path,
+            max_images_per_request=args.max_images_per_request,
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_request_body_bytes=args.max_request_body_bytes,
+            media_fetch_timeout_s=args.media_fetch_timeout,
+            api_key=args.api_key,
         )
         app = create_app(settings)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
