@@ -1,5 +1,5 @@
 """The FastAPI application: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``.
+``GET /health``, ``GET /metrics`` (Prometheus, :mod:`tritonvlm.frontend.metrics`).
 
 A chat completion is: validate the request (schema, unsupported fields, model name, image count,
 sampling parameters) → convert the messages to the wire form and collect the image URLs → fetch every
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from tritonvlm.frontend.conversion import (
 from tritonvlm.frontend.disconnect import ClientDisconnected, run_until_disconnect
 from tritonvlm.frontend.errors import APIError, install_exception_handlers
 from tritonvlm.frontend.media import DEFAULT_MAX_IMAGE_PIXELS, ImageRef, MediaFetcher, MiB
+from tritonvlm.frontend.metrics import FrontendMetrics, route_label
 from tritonvlm.frontend.protocol import (
     MAX_CHOICES,
     UNSUPPORTED_COMPLETION_FIELDS,
@@ -156,9 +158,13 @@ def create_app(
     settings: FrontendSettings,
     client: ChatBackend | None = None,
     media_fetcher: MediaFetcher | None = None,
+    metrics: FrontendMetrics | None = None,
 ) -> FastAPI:
     """Build the app. ``client`` defaults to a :class:`TritonVLMClient` for ``settings.triton_grpc_url``
-    and ``media_fetcher`` to one configured from ``settings``; the app closes the ones it created."""
+    and ``media_fetcher`` to one configured from ``settings``; the app closes the ones it created.
+    ``metrics`` defaults to a fresh :class:`FrontendMetrics` (a given fetcher without metrics of its
+    own reports to it too)."""
+    metrics = metrics or FrontendMetrics()
     own_client = client is None
     backend: ChatBackend = client if client is not None else TritonVLMClient(settings.triton_grpc_url)
     own_fetcher = media_fetcher is None
@@ -171,6 +177,8 @@ def create_app(
         allowed_local_path=settings.allowed_local_media_path,
         allowed_domains=settings.allowed_media_domains,
     )
+    if getattr(fetcher, "metrics", None) is None:
+        fetcher.metrics = metrics
     fingerprint = settings.system_fingerprint
 
     @asynccontextmanager
@@ -187,12 +195,13 @@ def create_app(
     app.state.settings = settings
     app.state.client = backend
     app.state.media_fetcher = fetcher
+    app.state.metrics = metrics
     install_exception_handlers(app)
     # The last added runs first: access log → API key → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -201,6 +210,12 @@ def create_app(
             return JSONResponse({"status": "ok"})
         error = APIError(503, "The inference server or its model is not ready.", code="service_unavailable")
         return error.to_response()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """The frontend's Prometheus metrics (text exposition format)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -241,6 +256,9 @@ def create_app(
             except BaseException:
                 await merged.aclose()  # type: ignore[attr-defined]
                 raise
+            started = getattr(request.state, "started_at", None)
+            if first is not None and started is not None:
+                metrics.first_token(route_label(request.scope), time.perf_counter() - started)
             return first, merged
 
         try:

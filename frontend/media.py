@@ -32,10 +32,14 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from tritonvlm.frontend.errors import APIError
+
+if TYPE_CHECKING:
+    from tritonvlm.frontend.metrics import FrontendMetrics
 
 logger = logging.getLogger("tritonvlm.frontend.media")
 
@@ -245,14 +249,17 @@ class MediaFetcher:
         allowed_local_path: str | os.PathLike[str] | None = None,
         allowed_domains: Iterable[str] | str | None = None,
         client: httpx.AsyncClient | None = None,
+        metrics: FrontendMetrics | None = None,
     ) -> None:
         """``timeout_s`` bounds a whole fetch (redirects included) and each connect/read.
 
         ``max_pixels``: images with more pixels are refused (``None``: no limit). ``allowed_local_path``:
         the folder ``file://`` URLs may read from (``None``: ``file://`` is refused).
         ``allowed_domains``: if not empty, the only hosts (and their subdomains) ``http(s)://`` URLs and
-        their redirects may name; the SSRF guard still applies to them.
+        their redirects may name; the SSRF guard still applies to them. ``metrics``: where fetched and
+        refused images are counted.
         """
+        self.metrics = metrics
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
@@ -301,6 +308,17 @@ class MediaFetcher:
 
     async def fetch(self, url: str, param: str | None = None) -> bytes:
         """The checked image bytes behind ``url`` (``data:``, ``http(s)://`` or allowed ``file://``)."""
+        try:
+            data = await self._fetch_checked(url, param)
+        except APIError as exc:
+            if self.metrics is not None:
+                self.metrics.image_failed(exc.code)
+            raise
+        if self.metrics is not None:
+            self.metrics.image_fetched(url, len(data))
+        return data
+
+    async def _fetch_checked(self, url: str, param: str | None) -> bytes:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             data = decode_data_url(url, param, self.max_bytes)

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from tritonvlm import wire
@@ -35,6 +36,24 @@ FINAL_RESPONSE_PARAMETER = "triton_final_response"
 ENABLE_EMPTY_FINAL_PARAMETER = "triton_enable_empty_final_response"
 # Triton's messages for a model that is missing or not loaded (answered as unavailable, not as 500).
 _MODEL_UNAVAILABLE_MARKERS = ("unknown model", "is not ready", "has no available versions")
+# gRPC waits longer and longer between reconnection attempts (up to 120 s by default) while the server
+# is down, and calls fail at once in between: capped, a Triton that comes back (restarted, or a
+# Kubernetes Service's new pod) is used, and /health turns 200, within about a second.
+_RECONNECT_BACKOFF_MS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000))
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """tritonclient's default channel options (message sizes, keepalive) plus a capped reconnect backoff."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        *_RECONNECT_BACKOFF_MS,
+    ]
 
 
 @dataclass
@@ -204,7 +223,7 @@ class TritonVLMClient:
         # A grpc.aio channel belongs to the event loop it was made in: make it lazily, in that loop.
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = grpcclient.InferenceServerClient(self.grpc_url)
+            self._client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=channel_options())
             self._loop = loop
         return self._client
 
