@@ -1,8 +1,8 @@
 # tritonvlm on NVIDIA's Triton container (Triton 2.51, the same version the local launcher runs).
 #   docker build -t tritonvlm .
 #   docker run --gpus all -p 8000:8000 -v /path/to/Qwen2.5-VL-7B-Instruct:/model tritonvlm --model /model
-# Without --model it serves the built-in tiny test model. The model runs on the GPU when CUDA is
-# available (bf16), else on the CPU.
+# Without --model it serves the built-in shapes demo model (models/tritonvlm-shapes-demo).
+# The model runs on the GPU when CUDA is available (bf16), else on the CPU.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -17,6 +17,7 @@ RUN pip install "torch==2.13.0"
 COPY tritonvlm ./tritonvlm
 COPY frontend ./frontend
 COPY model_repository ./model_repository
+COPY models ./models
 RUN pip install -e . \
     && useradd --create-home --uid 1000 tritonvlm \
     && mkdir -p "$TRITONVLM_CACHE" && chown tritonvlm "$TRITONVLM_CACHE"

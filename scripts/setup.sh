@@ -35,7 +35,7 @@ if ! command -v tritonserver >/dev/null 2>&1; then
   pip install --no-deps "nvidia-pytriton==0.7.0"
 fi
 spec="$ROOT"
-[ -n "$EXTRAS" ] && spec="$ROOT[$EXTRAS]"
+[ -n "$EXTRAS" ] && spec="${ROOT}[$EXTRAS]"
 echo "setup: installing tritonvlm ($spec)" >&2
 pip install -e "$spec"
 echo "$want" > "$stamp"
