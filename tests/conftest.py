@@ -58,7 +58,8 @@ def free_port() -> int:
 class ServerProcess:
     """`tritonvlm serve` in a subprocess on loopback; stopped with SIGTERM like a user's Ctrl-C."""
 
-    def __init__(self, model_dir: Path, state_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, model_dir: Path | None, state_dir: Path, extra: tuple[str, ...] = ()) -> None:
+        """``model_dir=None``: no ``--model`` and no ``--served-model-name`` (the built-in default)."""
         import subprocess
         import sys
 
@@ -68,8 +69,7 @@ class ServerProcess:
         self.log_path = state_dir / "serve.log"
         cmd = [
             sys.executable, "-m", "tritonvlm.cli", "serve",
-            "--model", str(model_dir),
-            "--served-model-name", "tiny",
+            *(() if model_dir is None else ("--model", str(model_dir), "--served-model-name", "tiny")),
             "--port", str(self.port),
             "--triton-metrics-port", str(self.metrics_port),
             "--state-dir", str(state_dir),
@@ -129,9 +129,9 @@ class ServerProcess:
         return procs + shm
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    proc = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve"))
+def serving(proc: ServerProcess):
+    """A fixture's body for a server: wait until healthy, yield it, then stop it and check that it
+    exited cleanly and left nothing behind."""
     try:
         proc.wait_healthy()
         yield proc
@@ -140,6 +140,11 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     # SIGTERM (what Ctrl-C or a supervisor sends) must stop tritonserver and its stubs too.
     assert proc.proc.returncode == 0, proc.log_tail()
     assert proc.leftovers() == [], proc.leftovers()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from serving(ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve")))
 
 
 @pytest.fixture(scope="session")

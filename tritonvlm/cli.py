@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 log = logging.getLogger("tritonvlm")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_MODEL_NAME = "tritonvlm-tiny-random"
+# The built-in model: the shapes demo trained by scripts/train_demo_model.py, committed in the checkout.
+DEMO_MODEL_DIR = REPO_ROOT / "models" / "tritonvlm-shapes-demo"
+DEFAULT_MODEL_NAME = "tritonvlm-shapes-demo"
+FALLBACK_MODEL_NAME = "tritonvlm-tiny-random"
 
 
 def cache_dir() -> Path:
@@ -23,103 +29,235 @@ def cache_dir() -> Path:
 
 
 def default_model() -> Path:
-    """The built-in model: the tiny random-weight test model, built once and cached."""
+    """The built-in model: the shapes demo model of the checkout (a tiny Qwen2.5-VL trained on
+    synthetic pictures of shapes); without it (an install without ``models/``), the tiny random-weight
+    test model, built once and cached."""
+    if (DEMO_MODEL_DIR / "config.json").exists() and (DEMO_MODEL_DIR / "model.safetensors").exists():
+        return DEMO_MODEL_DIR
     from tritonvlm.modeling.testmodel import build_test_model
 
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    target = cache_dir() / "models" / FALLBACK_MODEL_NAME
+    log.warning("no demo model at %s: serving the tiny random-weight test model instead", DEMO_MODEL_DIR)
     if not (target / "config.json").exists():
-        log.info("building the built-in tiny test model into %s (once)", target)
+        log.info("building the tiny test model into %s (once)", target)
         build_test_model(target, size="tiny")
+    return target
+
+
+def default_model_name(model_dir: Path) -> str:
+    """The name clients send for the built-in model."""
+    return DEFAULT_MODEL_NAME if model_dir == DEMO_MODEL_DIR else FALLBACK_MODEL_NAME
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_TRITON_HOST = "127.0.0.1"
+DEFAULT_STARTUP_TIMEOUT = 300.0
+# serve flags that only configure the tritonserver `serve` starts (and its models): unused with
+# --triton-url. All default to None, so that a given one can be reported as ignored.
+TRITON_LAUNCH_FLAGS = (
+    "model_repository",
+    "triton_host",
+    "triton_http_port",
+    "triton_grpc_port",
+    "triton_metrics_port",
+    "startup_timeout",
+    "state_dir",
+    "max_num_seqs",
+    "max_model_len",
+    "max_prefill_tokens",
+    "kv_cache_memory",
+    "device",
+    "dtype",
+)
+
+
+def triton_address(value: str) -> str:
+    """``HOST:PORT`` of a Triton gRPC endpoint (``grpc://`` accepted, IPv6 as ``[::1]:8001``)."""
+    target = value.strip().removeprefix("grpc://").rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit("//" + target)
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = None
+    if parts is None or not parts.hostname or port is None or parts.path or parts.username:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. triton:8001, 127.0.0.1:8001)")
     return target
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonvlm", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("TRITONVLM_LOG_LEVEL", "INFO"))
+    log_level = {
+        "type": str.upper,
+        "choices": LOG_LEVELS,
+        "metavar": "LEVEL",
+        "help": "log level of tritonvlm, the frontend, uvicorn and the Triton models: DEBUG, INFO, "
+        "WARNING, ERROR or CRITICAL (default: $TRITONVLM_LOG_LEVEL, else INFO)",
+    }
+    parser.add_argument("--log-level", default=os.environ.get("TRITONVLM_LOG_LEVEL", "INFO"), **log_level)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start tritonserver and the OpenAI-compatible frontend")
-    serve.add_argument(
-        "--model",
-        help="model directory or hub id (default: the built-in tiny test model, built on first use)",
+    serve = sub.add_parser(
+        "serve",
+        help="start tritonserver and the OpenAI-compatible frontend",
+        description="Start tritonserver with the project's models, wait until it is ready, then serve the "
+        "OpenAI-compatible API until Ctrl-C or SIGTERM (in-flight requests get --shutdown-timeout "
+        "seconds to finish, then tritonserver is stopped). With --triton-url, only the frontend runs, "
+        "in front of a Triton started elsewhere.",
     )
-    serve.add_argument("--served-model-name", help="model name clients send (default: the --model value)")
-    serve.add_argument("--host", default="127.0.0.1", help="frontend address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="frontend port (default 8000)")
-    serve.add_argument(
+    api = serve.add_argument_group("OpenAI API (the frontend)")
+    api.add_argument(
+        "--host", metavar="HOST", default="127.0.0.1", help="address the API listens on (default 127.0.0.1)"
+    )
+    api.add_argument(
+        "--port", metavar="PORT", type=int, default=8000, help="port the API listens on (default 8000)"
+    )
+    api.add_argument(
+        "--served-model-name", metavar="NAME", help="the model name clients send (default: the --model value)"
+    )
+    api.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("TRITONVLM_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $TRITONVLM_API_KEY; unset: open). "
+        "/health and /metrics stay open",
+    )
+    api.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on Ctrl-C/SIGTERM, stop accepting connections and let in-flight requests (streams "
+        "included) finish for up to this long, then cancel the rest (default 30)",
+    )
+    # Also accepted after `serve` (`tritonvlm serve --log-level DEBUG`); SUPPRESS keeps the global value.
+    api.add_argument("--log-level", default=argparse.SUPPRESS, **log_level)
+
+    triton = serve.add_argument_group("Triton (started by serve, unless --triton-url)")
+    triton.add_argument(
+        "--triton-url",
+        type=triton_address,
+        metavar="HOST:PORT",
+        help="use the Triton already serving this gRPC address (the project's model repository, e.g. "
+        "another serve's Triton or a Kubernetes Service) instead of starting one; /health then reports "
+        "that Triton's readiness. The flags that configure a started Triton are ignored",
+    )
+    triton.add_argument(
         "--model-repository",
+        metavar="DIR",
         type=Path,
-        default=DEFAULT_MODEL_REPOSITORY,
         help="Triton model repository (default: the project's model_repository/)",
     )
-    serve.add_argument(
-        "--triton-host", default="127.0.0.1", help="address Triton's own ports bind to (default 127.0.0.1)"
+    triton.add_argument(
+        "--triton-host",
+        metavar="HOST",
+        help=f"address Triton's own ports bind to (default {DEFAULT_TRITON_HOST})",
     )
-    serve.add_argument("--triton-http-port", type=int, help="Triton HTTP port (default: a free port)")
-    serve.add_argument("--triton-grpc-port", type=int, help="Triton gRPC port (default: a free port)")
-    serve.add_argument("--triton-metrics-port", type=int, help="Triton metrics port (default: a free port)")
-    serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together (llm, default 16)")
-    serve.add_argument("--max-model-len", type=int, help="prompt + max_tokens per request (default 4096)")
-    serve.add_argument(
-        "--max-prefill-tokens", type=int, help="prompt tokens prefilled together in one step (default 8192)"
+    triton.add_argument(
+        "--triton-http-port", metavar="PORT", type=int, help="Triton's HTTP port (default: a free port)"
     )
-    serve.add_argument(
+    triton.add_argument(
+        "--triton-grpc-port", metavar="PORT", type=int, help="Triton's gRPC port (default: a free port)"
+    )
+    triton.add_argument(
+        "--triton-metrics-port",
+        metavar="PORT",
+        type=int,
+        help="Triton's Prometheus metrics port (default: a free port)",
+    )
+    triton.add_argument(
+        "--startup-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"seconds to wait for Triton to be ready (default {DEFAULT_STARTUP_TIMEOUT:g})",
+    )
+    triton.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        help="Triton's log (tritonserver.log) and runtime files (default ~/.cache/tritonvlm/run/<pid>)",
+    )
+
+    model = serve.add_argument_group("model and engine (settings of the Triton models that serve starts)")
+    model.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="model directory or hub id (default: the built-in shapes demo model, "
+        "models/tritonvlm-shapes-demo); "
+        "with --triton-url only the default of --served-model-name",
+    )
+    model.add_argument(
+        "--max-num-seqs", metavar="N", type=int, help="sequences decoded together (default 16)"
+    )
+    model.add_argument(
+        "--max-model-len", metavar="TOKENS", type=int, help="prompt + max_tokens per request (default 4096)"
+    )
+    model.add_argument(
+        "--max-prefill-tokens",
+        metavar="TOKENS",
+        type=int,
+        help="prompt tokens prefilled together in one step (default 8192)",
+    )
+    model.add_argument(
         "--kv-cache-memory",
+        metavar="SIZE",
         help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"); caps the '
         "sequences that run at once (default: max-num-seqs slots of max-model-len tokens)",
     )
-    serve.add_argument("--device", help="auto (cuda if available), cpu or cuda[:N] (default auto)")
-    serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default auto)")
-    serve.add_argument(
+    model.add_argument(
+        "--device", metavar="DEVICE", help="auto (cuda if available), cpu or cuda[:N] (default auto)"
+    )
+    model.add_argument("--dtype", metavar="DTYPE", help="auto, float32, bfloat16 or float16 (default auto)")
+
+    media = serve.add_argument_group("request and image limits")
+    media.add_argument(
+        "--max-request-body-bytes",
+        metavar="BYTES",
+        type=int,
+        default=50 * 1024 * 1024,
+        help="HTTP request body size, else 413 (default 52428800, 50 MiB)",
+    )
+    media.add_argument(
+        "--max-images-per-request", metavar="N", type=int, default=8, help="images in one request (default 8)"
+    )
+    media.add_argument(
+        "--max-image-bytes",
+        metavar="BYTES",
+        type=int,
+        default=20 * 1024 * 1024,
+        help="size of one encoded image in bytes (default 20971520, 20 MiB)",
+    )
+    media.add_argument(
+        "--max-image-pixels",
+        metavar="PIXELS",
+        type=int,
+        default=16777216,
+        help="width x height of one image, checked before decoding (frontend, and the Triton that serve "
+        "starts; default 16777216)",
+    )
+    media.add_argument(
+        "--media-fetch-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds to fetch one image URL, redirects included (default 10)",
+    )
+    media.add_argument(
         "--allow-private-media-urls",
         action="store_true",
         help="let image URLs point at loopback/private addresses (refused by default: SSRF)",
     )
-    serve.add_argument(
+    media.add_argument(
         "--allowed-media-domains",
         default="",
         metavar="A.COM,B.ORG",
         help="if set, image URLs (and their redirects) may only name these hosts and their subdomains",
     )
-    serve.add_argument(
+    media.add_argument(
         "--allowed-local-media-path",
         metavar="DIR",
         help="let file:// image URLs read files below DIR (symlinks and .. resolved; default: refused)",
     )
-    serve.add_argument(
-        "--max-images-per-request", type=int, default=8, help="images in one request (default 8)"
-    )
-    serve.add_argument(
-        "--max-image-bytes",
-        type=int,
-        default=20 * 1024 * 1024,
-        help="size of one encoded image in bytes (default 20971520, 20 MiB)",
-    )
-    serve.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=16777216,
-        help="width x height of one image, checked before decoding (frontend and Triton; default 16777216)",
-    )
-    serve.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        default=50 * 1024 * 1024,
-        help="HTTP request body size, else 413 (default 52428800, 50 MiB)",
-    )
-    serve.add_argument(
-        "--media-fetch-timeout",
-        type=float,
-        default=10.0,
-        help="seconds to fetch one image URL, redirects included (default 10)",
-    )
-    serve.add_argument(
-        "--api-key",
-        default=os.environ.get("TRITONVLM_API_KEY") or None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $TRITONVLM_API_KEY; unset: open)",
-    )
-    serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for Triton")
-    serve.add_argument("--state-dir", type=Path, help="server logs and runtime files (default: a cache dir)")
 
     build = sub.add_parser("build-test-model", help="write a random-weight Qwen2.5-VL model (offline)")
     build.add_argument("out_dir", type=Path)
@@ -148,36 +286,134 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Start tritonserver, wait until it is ready, then run the frontend until Ctrl-C/SIGTERM."""
+def _frontend_settings(args: argparse.Namespace, grpc_url: str, served_name: str):
+    from tritonvlm.frontend.app import FrontendSettings
+
+    return FrontendSettings(
+        triton_grpc_url=grpc_url,
+        served_model_name=served_name,
+        allow_private_media_urls=args.allow_private_media_urls,
+        allowed_media_domains=args.allowed_media_domains,
+        allowed_local_media_path=args.allowed_local_media_path,
+        max_images_per_request=args.max_images_per_request,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_request_body_bytes=args.max_request_body_bytes,
+        media_fetch_timeout_s=args.media_fetch_timeout,
+        api_key=args.api_key,
+    )
+
+
+class _ShutdownCancelFilter(logging.Filter):
+    """uvicorn logs a request task it cancels at the end of the graceful shutdown as "Exception in ASGI
+    application" with a CancelledError traceback: say what happened in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "a request still running after --shutdown-timeout was cancelled",
+                (),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def run_frontend(args: argparse.Namespace, grpc_url: str, served_name: str) -> None:
+    """Serve the OpenAI API until Ctrl-C/SIGTERM; returns once in-flight requests are done (or cancelled
+    after ``--shutdown-timeout``) and the app is shut down."""
     import uvicorn
 
-    from tritonvlm.frontend.app import FrontendSettings, create_app
+    from tritonvlm.frontend.app import create_app
+
+    app = create_app(_frontend_settings(args, grpc_url, served_name))
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        log_config=None,  # uvicorn's loggers go through this process's logging setup (format, level)
+        access_log=False,  # the frontend logs each request itself (tritonvlm.frontend.access, with its id)
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    logging.getLogger("uvicorn.error").addFilter(_ShutdownCancelFilter())
+    log.info(
+        "OpenAI API at http://%s:%d/v1 (model %r, Triton %s)", args.host, args.port, served_name, grpc_url
+    )
+    # uvicorn re-raises the signal it handled once it is done: the shutdown has already happened then.
+    with contextlib.suppress(KeyboardInterrupt, Terminated):
+        uvicorn.Server(config).run()  # returns on Ctrl-C / SIGTERM after draining
+
+
+async def _triton_ready(grpc_url: str) -> bool:
+    from tritonvlm.frontend.triton_client import TritonVLMClient
+
+    client = TritonVLMClient(grpc_url)
+    try:
+        return await client.is_ready()
+    finally:
+        await client.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start tritonserver (unless ``--triton-url``), wait until it is ready, then run the frontend until
+    Ctrl-C/SIGTERM, then stop tritonserver."""
     from tritonvlm.launcher import TritonServer, TritonStartError
 
     # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them once it has shut down: with
     # SIGTERM's default action that would kill this process before it stops tritonserver.
     signal.signal(signal.SIGTERM, _raise_terminated)
-    model = args.model or str(default_model())
     served_name = args.served_model_name or (args.model or DEFAULT_MODEL_NAME)
+
+    if args.triton_url:
+        ignored = [
+            f"--{name.replace('_', '-')}" for name in TRITON_LAUNCH_FLAGS if getattr(args, name) is not None
+        ]
+        if ignored:
+            log.warning(
+                "ignored with --triton-url (they configure the tritonserver serve would start): %s",
+                " ".join(ignored),
+            )
+        try:
+            ready = asyncio.run(_triton_ready(args.triton_url))
+        except (KeyboardInterrupt, Terminated):
+            return 130
+        if ready:
+            log.info("using the Triton at %s (ready)", args.triton_url)
+        else:
+            log.warning(
+                "the Triton at %s is not ready (yet): /health answers 503 until it is", args.triton_url
+            )
+        with contextlib.suppress(KeyboardInterrupt, Terminated):
+            run_frontend(args, args.triton_url, served_name)
+        return 0
+
+    if args.model is None:
+        builtin = default_model()
+        model, served_name = str(builtin), args.served_model_name or default_model_name(builtin)
+    else:
+        model = args.model
+    repository = args.model_repository or DEFAULT_MODEL_REPOSITORY
     state = args.state_dir or cache_dir() / "run" / str(os.getpid())
     state.mkdir(parents=True, exist_ok=True)
-    if not (args.model_repository / "vlm" / "config.pbtxt").exists():
-        log.error("no Triton model repository at %s (pass --model-repository)", args.model_repository)
+    if not (repository / "vlm" / "config.pbtxt").exists():
+        log.error("no Triton model repository at %s (pass --model-repository)", repository)
         return 2
 
     triton = TritonServer(
-        args.model_repository.resolve(),
-        host=args.triton_host,
+        repository.resolve(),
+        host=args.triton_host or DEFAULT_TRITON_HOST,
         http_port=args.triton_http_port,
         grpc_port=args.triton_grpc_port,
         metrics_port=args.triton_metrics_port,
         state_dir=state,
         env=triton_env(args, model),
-        startup_timeout=args.startup_timeout,
+        startup_timeout=args.startup_timeout or DEFAULT_STARTUP_TIMEOUT,
     )
     started = time.monotonic()
-    log.info("starting tritonserver on %s (model %s; log: %s)", args.model_repository, model, triton.log_file)
+    log.info("starting tritonserver on %s (model %s; log: %s)", repository, model, triton.log_file)
     try:
         triton.start()
         triton.wait_ready()
@@ -196,24 +432,7 @@ def serve(args: argparse.Namespace) -> int:
         triton.metrics_url,
     )
     try:
-        settings = FrontendSettings(
-            triton_grpc_url=triton.grpc_url,
-            served_model_name=served_name,
-            allow_private_media_urls=args.allow_private_media_urls,
-            allowed_media_domains=args.allowed_media_domains,
-            allowed_local_media_path=args.allowed_local_media_path,
-            max_images_per_request=args.max_images_per_request,
-            max_image_bytes=args.max_image_bytes,
-            max_image_pixels=args.max_image_pixels,
-            max_request_body_bytes=args.max_request_body_bytes,
-            media_fetch_timeout_s=args.media_fetch_timeout,
-            api_key=args.api_key,
-        )
-        app = create_app(settings)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
-        server = uvicorn.Server(config)
-        log.info("OpenAI API at http://%s:%d/v1 (model %r)", args.host, args.port, served_name)
-        server.run()  # returns on Ctrl-C / SIGTERM after draining
+        run_frontend(args, triton.grpc_url, served_name)
     except (KeyboardInterrupt, Terminated):
         pass
     finally:

@@ -391,6 +391,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def save_model(model: Any, out: Path) -> None:
+    """``save_pretrained`` (safetensors) without progress bars, then ``config.json`` and
+    ``generation_config.json`` rewritten sorted, so that the same weights give the same bytes."""
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    for name in ("config.json", "generation_config.json"):
+        _write_json(out / name, json.loads((out / name).read_text(encoding="utf-8")))
+
+
 def _build_into(tmp: Path, size: ModelSize) -> int:
     """Write every file of the model into ``tmp``; returns the parameter count."""
     t0 = time.perf_counter()
@@ -424,16 +438,7 @@ def _build_into(tmp: Path, size: ModelSize) -> int:
         do_sample=False,
     )
     num_params = sum(p.numel() for p in model.parameters())
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    # Re-write the JSON files in the one sorted format used for every JSON file here.
-    for name in ("config.json", "generation_config.json"):
-        _write_json(tmp / name, json.loads((tmp / name).read_text(encoding="utf-8")))
+    save_model(model, tmp)
     _log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - t1:.1f}s)")
     return num_params
 
