@@ -34,8 +34,14 @@ FINAL_RESPONSE_PARAMETER = "triton_final_response"
 # (a decoupled model's ``send(flags=FINAL)``), and the client never learns that the request is over
 # unless the stream is half-closed and ends. Verified against tritonserver 2.51.
 ENABLE_EMPTY_FINAL_PARAMETER = "triton_enable_empty_final_response"
-# Triton's messages for a model that is missing or not loaded (answered as unavailable, not as 500).
-_MODEL_UNAVAILABLE_MARKERS = ("unknown model", "is not ready", "has no available versions")
+# Triton's messages for a model that is missing, not loaded, or whose Python stub process died
+# (answered as unavailable, 503, not as 500).
+_MODEL_UNAVAILABLE_MARKERS = (
+    "unknown model",
+    "is not ready",
+    "has no available versions",
+    "is not healthy",
+)
 # gRPC waits longer and longer between reconnection attempts (up to 120 s by default) while the server
 # is down, and calls fail at once in between: capped, a Triton that comes back (restarted, or a
 # Kubernetes Service's new pod) is used, and /health turns 200, within about a second.

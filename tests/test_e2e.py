@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 
 import httpx
@@ -338,3 +339,41 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(client):
         t.join(60)
     assert together == alone
     assert len(set(crowd)) > 1, "different seeds should give different samples"
+
+
+N_REQUESTS = int(os.environ.get("TRITONVLM_TEST_STRESS_REQUESTS", "1500"))
+
+
+def test_hundreds_of_concurrent_requests_keep_the_pipeline_alive(client, server):
+    """Regression: the vlm stub used to crash (heap corruption in python_backend's BLS stream cleanup)
+    after a few hundred concurrent image requests. All must succeed and the server stay healthy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    urls = [
+        data_url(make_image(40 + 8 * (i % 5), 48, color)) for i, color in enumerate(["red", "green", "blue"])
+    ]
+
+    def one(i: int) -> int:
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}},
+                    {"type": "text", "text": f"Request {i}"},
+                ],
+            }
+        ]
+        if i % 2:
+            stream = client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True
+            )
+            return sum(1 for chunk in stream if chunk.choices and chunk.choices[0].finish_reason)
+        response = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, temperature=0
+        )
+        return int(response.choices[0].finish_reason in ("stop", "length"))
+
+    with ThreadPoolExecutor(12) as pool:
+        finished = list(pool.map(one, range(N_REQUESTS)))
+    assert finished == [1] * N_REQUESTS
+    assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200

@@ -130,6 +130,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         elif scenario == "internal_error":
             yield service_pb2.ModelStreamInferResponse(error_message="engine thread died")
+        elif scenario == "stub_died":  # what Triton answers once a Python model's stub process crashed
+            yield service_pb2.ModelStreamInferResponse(error_message="Stub process 'vlm_0_0' is not healthy.")
         elif scenario == "close_early":
             yield _response(rid, text="a", ids=[1], completion=1)
         elif scenario == "ends_after_finish":  # no final flag, but the stream ends after the last step
@@ -274,6 +276,14 @@ def test_internal_error_is_not_a_client_error() -> None:
             await _collect(client.stream(MESSAGES, [], {"scenario": "internal_error"}, "r4"))
         assert info.value.client_error is False
         assert "engine thread died" in info.value.message and info.value.param is None
+
+    asyncio.run(_with_server(body))
+
+
+def test_dead_stub_is_unavailable_not_internal() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        with pytest.raises(TritonUnavailableError, match="not healthy"):
+            await _collect(client.stream(MESSAGES, [], {"scenario": "stub_died"}, "r10"))
 
     asyncio.run(_with_server(body))
 

@@ -7,6 +7,7 @@ request, whether it is decoding or still waiting for a slot, and the worker drai
 its end (an abandoned BLS stream blocks model unload).
 """
 
+import collections
 import json
 import logging
 import threading
@@ -59,11 +60,46 @@ class Watched:
             return self.cancelled
 
 
+class StreamGraveyard:
+    """Keeps finished BLS response streams referenced from Python for a few seconds.
+
+    When a decoupled BLS stream ends, the stub (python_backend 2.51) queues a cleanup that, on its own
+    IPC thread and without the GIL, erases the stream from its id map. If Python has already dropped
+    the stream, that erase destroys it there: its responses' tensors, with the numpy arrays Python made
+    of them, are freed without the GIL, which corrupts the heap under load (seen as "double free" and
+    segfaults in ``InferResponse`` disposal after a few hundred concurrent requests). Holding the
+    stream here until the cleanup has surely run makes the last release happen in Python.
+    """
+
+    KEEP_SECONDS = 5.0
+
+    def __init__(self):
+        self._held = collections.deque()  # (monotonic time, stream), oldest first
+        self._lock = threading.Lock()
+
+    def keep(self, stream):
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            self._held.append((now, stream))
+            while self._held and now - self._held[0][0] > self.KEEP_SECONDS:
+                expired.append(self._held.popleft())
+        del expired  # released here, in Python, with the GIL
+
+    def clear(self):
+        with self._lock:
+            self._held.clear()
+
+
+GRAVEYARD = StreamGraveyard()
+
+
 class CancelMonitor:
     """Watches the requests whose llm stream is open and cancels the engine side of those the
     client abandoned. One thread for all requests: no per-token cancellation check on the hot path."""
 
-    def __init__(self):
+    def __init__(self, poll_seconds=CANCEL_POLL_SECONDS):
+        self._poll_seconds = poll_seconds
         self._active = {}  # engine request id -> Watched
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -81,7 +117,7 @@ class CancelMonitor:
             self._active.pop(engine_id, None)
 
     def _run(self):
-        while not self._stop.wait(CANCEL_POLL_SECONDS):
+        while not self._stop.wait(self._poll_seconds):
             with self._lock:
                 items = list(self._active.items())
             for engine_id, watched in items:
@@ -102,8 +138,10 @@ def cancel_llm(engine_id):
     cancel = pb_utils.InferenceRequest(
         model_name=wire.LLM_MODEL, inputs=[params], requested_output_names=list(wire.STREAM_OUTPUTS)
     )
-    for _ in cancel.exec(decoupled=True):
+    stream = cancel.exec(decoupled=True)
+    for _ in stream:
         pass
+    GRAVEYARD.keep(stream)
 
 
 class StageError(Exception):
@@ -122,9 +160,11 @@ def _exec(model_name, inputs, outputs):
 class TritonPythonModel:
     def initialize(self, args):
         setup_stub_process()
-        workers = int(model_parameters(args).get("max_concurrency") or 256)
+        params = model_parameters(args)
+        workers = int(params.get("max_concurrency") or 256)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlm")
-        self.monitor = CancelMonitor()
+        poll_ms = float(params.get("cancel_poll_ms") or CANCEL_POLL_SECONDS * 1000)
+        self.monitor = CancelMonitor(poll_ms / 1000) if poll_ms > 0 else None
 
     def execute(self, requests):
         for request in requests:
@@ -174,14 +214,18 @@ class TritonPythonModel:
         engine_id = f"{request.request_id()}#{uuid.uuid4().hex}"
         params = {**params, wire.ENGINE_REQUEST_ID: engine_id}
         llm_inputs.append(pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps(params)])))
-        watched = self.monitor.watch(engine_id, sender)
+        watched = self.monitor.watch(engine_id, sender) if self.monitor else Watched(sender, engine_id)
         try:
             stream = pb_utils.InferenceRequest(
                 model_name=wire.LLM_MODEL, inputs=llm_inputs, requested_output_names=list(wire.STREAM_OUTPUTS)
             ).exec(decoupled=True)
-            self._forward(stream, watched)
+            try:
+                self._forward(stream, watched)
+            finally:
+                GRAVEYARD.keep(stream)
         finally:
-            self.monitor.forget(engine_id)
+            if self.monitor:
+                self.monitor.forget(engine_id)
 
     @staticmethod
     def _model_inputs(request):
@@ -253,8 +297,10 @@ class TritonPythonModel:
                 log.debug("could not close %s", watched.engine_id, exc_info=True)
 
     def finalize(self):
-        self.monitor.stop()
+        if self.monitor:
+            self.monitor.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        GRAVEYARD.clear()
 
 
 def _numpy(request, name):
