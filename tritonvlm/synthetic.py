@@ -49,6 +49,7 @@ __all__ = [
     "describe_shapes",
     "generate",
     "make_sample",
+    "make_scene",
     "random_scene",
     "to_data_url",
 ]
@@ -251,6 +252,36 @@ def random_scene(rng: random.Random, n_shapes: int | None = None, noise: bool | 
     noisy = rng.random() < 0.5 if noise is None else noise
     noise_seed = rng.getrandbits(32) if noisy else None
     return Scene(width, height, background, noise_seed, tuple(shapes), fills)  # type: ignore[arg-type]
+
+
+def make_scene(
+    items: list[tuple[str, str]],
+    width: int | None = None,
+    height: int = 140,
+    background: str = "white",
+    noise_seed: int | None = None,
+    size: int = 52,
+) -> Scene:
+    """A scene with exactly the given ``(colour, kind)`` shapes, left to right, centred in their columns.
+
+    ``width`` defaults to the smallest multiple of 28 that fits the shapes. For tests and examples:
+    ``make_scene([("red", "circle"), ("blue", "square")])``.
+    """
+    n = len(items)
+    column_min = SHAPE_MAX + 2 * _MARGIN
+    if width is None:
+        width = _GRID * math.ceil(max(_SIDE_MIN, n * column_min) / _GRID)
+    if not 1 <= n <= len(SHAPES) - 1 or len({kind for _, kind in items}) != n:
+        raise ValueError("a scene holds 1 to 3 shapes of different kinds")
+    column = width / n
+    shapes = []
+    for i, (colour, kind) in enumerate(items):
+        if colour not in COLOURS or kind not in SHAPES:
+            raise ValueError(f"unknown colour or shape: {colour!r} {kind!r}")
+        x = int(i * column + (column - size) / 2)
+        shapes.append(ShapeSpec(kind, colour, x, (height - size) // 2, size))
+    fills = tuple(COLOURS[colour] for colour, _ in items)
+    return Scene(width, height, background, noise_seed, tuple(shapes), fills)
 
 
 @dataclass
