@@ -6,6 +6,7 @@ step's result through the request's response sender.
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -57,6 +58,55 @@ def send_output(sender, out: EngineOutput) -> None:
         sender.send(flags=FINAL)
     else:
         sender.send(output_response(out), flags=FINAL if out.finished else 0)
+
+
+class ResponseStreamer:
+    """Sends the engine's outputs from a thread of its own, in the order they were produced.
+
+    Each ``send`` is a round trip to the Triton process; made from the engine thread, a batch of 16
+    sequences would wait for 16 of them after every step. Here the engine goes on with the next step
+    while the previous step's tokens are sent (sends and torch both run without the GIL). A send that
+    fails (the client is gone) cancels its request in the engine.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self._engine = engine
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llm-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, sender, out: EngineOutput) -> None:
+        self._queue.put((sender, out))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            sender, out = item
+            try:
+                send_output(sender, out)
+            except Exception:
+                log.info("could not send to %s (client gone?): cancelling it", out.request_id)
+                if not out.finished:
+                    self._engine.cancel(out.request_id)
+
+    def stop(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+def throttled(check, interval_s: float = 0.02):
+    """``check`` called at most every ``interval_s`` (else answered ``False``): a client's
+    ``is_cancelled()`` is a round trip to the Triton process, too slow for every sequence every step."""
+    last = [0.0]
+
+    def poll() -> bool:
+        now = time.monotonic()
+        if now - last[0] < interval_s:
+            return False
+        last[0] = now
+        return check()
+
+    return poll
 
 
 # family name -> (kind, description, {EngineStats field: extra labels})
@@ -161,6 +211,7 @@ class TritonPythonModel:
         )
         self.metrics = EngineMetrics()
         self.engine.on_step_end = self.metrics.update
+        self.streamer = ResponseStreamer(self.engine)
         self.engine.start()
         self._lock = threading.Lock()
         log.info("llm engine ready: %s on %s", config, self.engine.runner.device)
@@ -194,19 +245,22 @@ class TritonPythonModel:
             raise wire.InvalidRequestError("INPUT_IDS is required", "input_ids")
         embeds = _input(request, wire.IMAGE_EMBEDS)
         grid = _input(request, wire.IMAGE_GRID_THW)
-        # The vlm model names its requests (to cancel them later); others get a unique id here.
+        # The vlm model names its requests and cancels them itself when its client leaves; others get a
+        # unique id here, and their own client's cancellation is polled.
+        managed = bool(params.get(wire.ENGINE_REQUEST_ID))
         request_id = str(params.get(wire.ENGINE_REQUEST_ID) or f"{request.request_id()}#{uuid.uuid4().hex}")
         self.engine.add_request(
             request_id,
             input_ids.reshape(-1).tolist(),
             SamplingParams.from_dict(params),
-            on_output=lambda out, s=sender: send_output(s, out),
+            on_output=lambda out, s=sender: self.streamer.put(s, out),
             image_embeds=None
             if embeds is None
             else torch.from_numpy(embeds.reshape(-1, embeds.shape[-1]).copy()),
             image_grid_thw=None if grid is None else torch.from_numpy(grid.reshape(-1, 3).copy()),
-            is_cancelled=sender.is_cancelled,
+            is_cancelled=None if managed else throttled(sender.is_cancelled),
         )
 
     def finalize(self):
         self.engine.shutdown()
+        self.streamer.stop()
