@@ -48,6 +48,41 @@ _MODEL_UNAVAILABLE_MARKERS = (
 _RECONNECT_BACKOFF_MS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000))
 
 
+# How long a finished stream may take to be closed by Triton before it is cancelled.
+_DRAIN_TIMEOUT_S = 5.0
+_draining: set[asyncio.Task] = set()  # keeps the drain tasks referenced until they are done
+
+
+def _close_after_final(responses: Any) -> None:
+    """Let a stream whose final response arrived end on Triton's side, in the background.
+
+    Cancelling the gRPC call right after the final response races Triton 2.51 closing the stream,
+    and a stream cancelled in that window can leave the ``vlm`` model referenced in Triton: it then
+    never unloads on shutdown. Reading the stream to its end (Triton closes it at once) avoids that;
+    the call is cancelled only if that takes longer than ``_DRAIN_TIMEOUT_S``.
+    """
+
+    async def drain() -> None:
+        try:
+            await asyncio.wait_for(_read_to_end(responses), _DRAIN_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a stream that fails here is over either way
+            pass
+        finally:
+            responses.cancel()
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _draining.add(task)
+    task.add_done_callback(_draining.discard)
+
+
+async def _read_to_end(responses: Any) -> None:
+    while True:
+        try:
+            await responses.__anext__()
+        except StopAsyncIteration:
+            return
+
+
 def channel_options() -> list[tuple[str, int]]:
     """tritonclient's default channel options (message sizes, keepalive) plus a capped reconnect backoff."""
     keepalive = KeepAliveOptions()
@@ -282,6 +317,7 @@ class TritonVLMClient:
 
         responses = self._get_client().stream_infer(inputs_iterator=one_request())
         previous: StreamDelta | None = None
+        final_seen = False
         try:
             while True:
                 try:
@@ -303,10 +339,14 @@ class TritonVLMClient:
                     previous = delta
                     yield delta
                 if is_final_response(result):
+                    final_seen = True
                     return
         finally:
-            # Ends the gRPC call whatever happened: a no-op once Triton has closed the stream, and the
-            # cancellation of the request when the consumer stopped early (GeneratorExit at the
-            # ``yield``, CancelledError at the ``await``). Nothing here awaits, so a cancellation is
-            # never delayed or swallowed.
-            responses.cancel()
+            # Ends the gRPC call whatever happened: after the final response, by letting Triton close
+            # the stream (in the background); otherwise by cancelling it, which cancels the request
+            # when the consumer stopped early (GeneratorExit at the ``yield``, CancelledError at the
+            # ``await``). Nothing here awaits, so a cancellation is never delayed or swallowed.
+            if final_seen:
+                _close_after_final(responses)
+            else:
+                responses.cancel()

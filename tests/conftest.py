@@ -137,9 +137,11 @@ def serving(proc: ServerProcess):
         yield proc
     finally:
         proc.stop()
-    # SIGTERM (what Ctrl-C or a supervisor sends) must stop tritonserver and its stubs too.
+    # SIGTERM (what Ctrl-C or a supervisor sends) must stop tritonserver and its stubs too, and
+    # tritonserver must unload its models by itself (not be killed after serve's grace period).
     assert proc.proc.returncode == 0, proc.log_tail()
     assert proc.leftovers() == [], proc.leftovers()
+    assert "killing it" not in proc.log_path.read_text(errors="replace"), proc.log_tail()
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield _response(rid, text="a", ids=[1], completion=1, logprobs=json.dumps([entry]))
             yield _response(rid, text="", ids=[2], finish="stop", completion=2, logprobs="")
             yield _response(rid, final=True)
+        elif scenario == "final_then_linger":  # Triton ends the stream a moment after the final response
+            yield _response(rid, text="ok", ids=[1], finish="stop", completion=1, final=True)
+            await asyncio.sleep(0.3)
         elif scenario == "final_with_outputs":
             yield _response(rid, text="é", ids=[9], finish="length", completion=1, final=True)
             yield _response(rid, text="never read", ids=[10], completion=2)
@@ -278,6 +281,20 @@ def test_internal_error_is_not_a_client_error() -> None:
         assert "engine thread died" in info.value.message and info.value.param is None
 
     asyncio.run(_with_server(body))
+
+
+def test_a_finished_stream_is_closed_by_triton_not_cancelled() -> None:
+    """Cancelling right after the final response raced Triton closing the stream and kept the vlm
+    model referenced in Triton (it then never unloaded): a finished stream is read to its end."""
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        deltas = await _collect(client.stream(MESSAGES, [], {"scenario": "final_then_linger"}, "r11"))
+        assert [(d.text, d.finish_reason) for d in deltas] == [("ok", "stop")]
+        assert not fake.finished.is_set()  # the consumer got its answer before the stream ended
+        await asyncio.wait_for(fake.finished.wait(), 3)
+
+    fake = asyncio.run(_with_server(body))
+    assert not fake.cancelled.is_set()
 
 
 def test_dead_stub_is_unavailable_not_internal() -> None:
