@@ -207,10 +207,6 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
             return
 
-        if sender.is_cancelled():
-            sender.send(flags=FINAL)
-            return
-
         engine_id = f"{request.request_id()}#{uuid.uuid4().hex}"
         params = {**params, wire.ENGINE_REQUEST_ID: engine_id}
         llm_inputs.append(pb_utils.Tensor(wire.PARAMETERS, bytes_tensor([json.dumps(params)])))
