@@ -114,7 +114,7 @@ def ensure_model(model_dir: Path | None) -> Path:
     target = cache_dir() / "models" / "tritonvlm-medium-random"
     if not (target / "config.json").exists():
         log(f"building the medium test model into {target} (once)")
-        from tritonvlm.modeling.testmodel import build_test_model
+        from tritonvlm.testmodels.qwen2_5_vl import build_test_model
 
         build_test_model(target, size="medium")
     return target
@@ -459,8 +459,8 @@ def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     def delta(prefix: str) -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
-    decode_steps = delta('tritonvlm_engine_steps_total{model="llm",phase="decode"}')
-    decode_tokens = delta('tritonvlm_engine_tokens_total{model="llm",phase="decode"}')
+    decode_steps = delta('tritonvlm_engine_steps_total{model="vlm",phase="decode"}')
+    decode_tokens = delta('tritonvlm_engine_tokens_total{model="vlm",phase="decode"}')
     itl_n = delta("tritonvlm_engine_inter_token_latency_seconds_count")
     ttft_n = delta("tritonvlm_engine_time_to_first_token_seconds_count")
     if not decode_steps:
@@ -468,7 +468,7 @@ def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     itl_sum = delta("tritonvlm_engine_inter_token_latency_seconds_sum")
     ttft_sum = delta("tritonvlm_engine_time_to_first_token_seconds_sum")
     return {
-        "prefill_steps": int(delta('tritonvlm_engine_steps_total{model="llm",phase="prefill"}')),
+        "prefill_steps": int(delta('tritonvlm_engine_steps_total{model="vlm",phase="prefill"}')),
         "decode_steps": int(decode_steps),
         "mean_decode_batch": round(decode_tokens / decode_steps, 2),
         "mean_step_interval_ms": round(1000 * itl_sum / itl_n, 2) if itl_n else None,
@@ -684,37 +684,31 @@ def raw_worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
-    from tritonvlm.modeling.processor import load_model, load_processor
-    from tritonvlm.modeling.vision import encode_images, tokens_per_image
     from tritonvlm.preprocessing import ChatPreprocessor
 
     def emit(**event: Any) -> None:
         print(json.dumps(event), flush=True)
 
     model_dir = str(args.model_dir)
-    processor = load_processor(model_dir)
-    preprocess = ChatPreprocessor(processor)
+    preprocess = ChatPreprocessor.from_pretrained(model_dir)
+    family = preprocess.family
     wire_messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image"}]}]
     png = make_png()
-    model = load_model(model_dir)
-    visual = model.model.visual
-    model.model.visual = None  # the server's llm model drops it too
-    engine = LLMEngine(
-        model, processor.tokenizer, EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=4096)
-    )
+    model = family.load_model(model_dir)
+    encoder = family.load_model(model_dir)  # the server's vision_encoder has its own copy too
+    family.strip_for_vision(encoder)
+    family.strip_for_decoder(model)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=4096)
+    engine = LLMEngine(model, preprocess.processor.tokenizer, config, family)
     seq = [0]
 
-    def encode_round(n: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def encode_round(n: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         """Each request's own image work, as the server does it: decode + processor per request,
-        then one vision-tower forward for the whole round (the server batches its encoder too)."""
+        then one family encode for the whole round (the server batches its encoder too)."""
         inputs = [preprocess(wire_messages, [png]) for _ in range(n)]
-        grids = torch.from_numpy(np.concatenate([x.image_grid_thw for x in inputs]))
-        pixels = torch.from_numpy(np.concatenate([x.pixel_values for x in inputs]))
-        embeds = encode_images(visual, pixels, grids).float()
-        per_image = embeds.split(tokens_per_image(grids, processor.image_processor.merge_size))
+        batch = [{k: torch.from_numpy(np.asarray(v)) for k, v in x.mm.items()} for x in inputs]
         return [
-            (x.input_ids.tolist(), e, grids[i : i + 1])
-            for i, (x, e) in enumerate(zip(inputs, per_image, strict=True))
+            (x.input_ids.tolist(), mm) for x, mm in zip(inputs, family.encode(encoder, batch), strict=True)
         ]
 
     def run_round(n: int, max_tokens: int, records: list[RequestRecord], deadline: float) -> None:
@@ -722,7 +716,7 @@ def raw_worker(args: argparse.Namespace) -> int:
         pending = {}
         new = [RequestRecord(start=time.perf_counter()) for _ in range(n)]
         records.extend(new)
-        for rec, (prompt_ids, embeds, grid) in zip(new, encode_round(n), strict=True):
+        for rec, (prompt_ids, mm) in zip(new, encode_round(n), strict=True):
             seq[0] += 1
             request_id = f"r{seq[0]}"
             pending[request_id] = rec
@@ -737,7 +731,7 @@ def raw_worker(args: argparse.Namespace) -> int:
                     rec.end, rec.tokens = now, out.completion_tokens
                     pending.pop(out.request_id, None)
 
-            engine.add_request(request_id, prompt_ids, params, on_output, embeds, grid)
+            engine.add_request(request_id, prompt_ids, params, on_output, mm)
         while pending:
             if time.perf_counter() > deadline:
                 for request_id in list(pending):
@@ -749,8 +743,8 @@ def raw_worker(args: argparse.Namespace) -> int:
             engine.step()
 
     run_round(2, min(8, args.max_tokens), [], time.perf_counter() + 300)  # warm-up
-    probe_ids, probe_embeds, _ = encode_round(1)[0]
-    emit(event="ready", prompt_tokens=len(probe_ids), image_tokens=int(probe_embeds.shape[0]))
+    probe_ids, probe_mm = encode_round(1)[0]
+    emit(event="ready", prompt_tokens=len(probe_ids), image_tokens=int(probe_mm["image_embeds"].shape[0]))
     for level in args.levels:
         n = args.requests_per_level or max(4, 2 * level)
         emit(event="level_start", level=level)

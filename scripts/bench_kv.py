@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
 from tritonvlm.modeling.processor import load_model, load_processor
-from tritonvlm.modeling.testmodel import build_test_model
+from tritonvlm.testmodels.qwen2_5_vl import build_test_model
 
 
 def prompts(tokenizer, n: int, repeat: int = 1) -> list[list[int]]:

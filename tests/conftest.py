@@ -11,23 +11,54 @@ from PIL import Image, ImageDraw
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tritonvlm.modeling.testmodel import build_test_model
+    """The tiny Qwen2.5-VL test model (the default family)."""
+    from tritonvlm.testmodels.qwen2_5_vl import build_test_model
 
     return build_test_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny")
 
 
 @pytest.fixture(scope="session")
 def hf_model(tiny_model_dir: Path):
-    from tritonvlm.modeling.processor import load_model
+    from tritonvlm.families.qwen2_5_vl import Qwen2_5_VLFamily
 
-    return load_model(str(tiny_model_dir))
+    return Qwen2_5_VLFamily.load_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
 def processor(tiny_model_dir: Path):
-    from tritonvlm.modeling.processor import load_processor
+    from tritonvlm.families.qwen2_5_vl import Qwen2_5_VLFamily
 
-    return load_processor(str(tiny_model_dir))
+    return Qwen2_5_VLFamily.load_processor(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``family_model_dir(name)``: that family's tiny test model, built once per session."""
+    from tritonvlm.families import get_family
+
+    built: dict[str, Path] = {"qwen2_5_vl": tiny_model_dir}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = Path(get_family(name).build_test_model(tmp_path_factory.mktemp("models") / name))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_kit(family_model_dir):
+    """``family_kit(name)``: a :class:`family_harness.FamilyKit` (model, processor, references), cached."""
+    from family_harness import FamilyKit
+
+    kits: dict = {}
+
+    def get(name: str):
+        if name not in kits:
+            kits[name] = FamilyKit(name, family_model_dir(name))
+        return kits[name]
+
+    return get
 
 
 def make_image(width: int, height: int, color: str = "red", shape: str = "circle", fmt: str = "PNG") -> bytes:

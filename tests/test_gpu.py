@@ -1,5 +1,5 @@
-"""The engine on a CUDA GPU (skipped without one): greedy tokens equal transformers' generate() on
-the same device and dtype, with requests joining a running batch."""
+"""The engine on a CUDA GPU (skipped without one), for every model family: greedy tokens equal
+transformers' generate() on the same device and dtype, with requests joining a running batch."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import time
 
 import pytest
 import torch
-from conftest import make_image
+from family_harness import FAMILIES, cases_for
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
-from tritonvlm.modeling.vision import encode_images
-from tritonvlm.preprocessing import ChatPreprocessor
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,31 +19,26 @@ pytestmark = [
 MAX_NEW = 16
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def cuda_setup(request, tiny_model_dir, processor):
-    from tritonvlm.modeling.processor import load_model
-
-    dtype = getattr(torch, request.param)
-    model = load_model(str(tiny_model_dir), device="cuda", dtype=dtype)
-    pre = ChatPreprocessor(processor)
+@pytest.fixture(scope="module", params=[(f, d) for f in FAMILIES for d in ("float32", "bfloat16")])
+def cuda_setup(request, family_kit):
+    name, dtype_name = request.param
+    kit = family_kit(name)
+    dtype = getattr(torch, dtype_name)
+    model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=dtype)
+    family = kit.family_cls(model.config)
     cases = []
-    for i, n_images in enumerate([0, 1, 2, 1]):
-        images = [make_image(64 + 16 * i, 48, "red"), make_image(112, 56, "green", "square")][:n_images]
-        parts = [{"type": "image"}] * n_images + [{"type": "text", "text": f"Case {i}: what is here?"}]
-        inputs = pre([{"role": "user", "content": parts}], images)
-        ids = torch.from_numpy(inputs.input_ids)[None].cuda()
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        embeds = grid = None
-        if images:
-            pixel_values = torch.from_numpy(inputs.pixel_values).cuda()
-            grid = torch.from_numpy(inputs.image_grid_thw).cuda()
-            kwargs.update(pixel_values=pixel_values, image_grid_thw=grid)
-            kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
-            embeds = encode_images(model.model.visual, pixel_values, grid)
+    for case in cases_for(name):
+        processed = kit.preprocessor(case.messages, case.images)
+        mm = {}
+        if processed.mm:
+            mm = family.encode(model, [{k: torch.from_numpy(v) for k, v in processed.mm.items()}])[0]
+        inputs = {k: v.to("cuda") for k, v in kit.reference_inputs(case).items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.inference_mode():
-            ref = model.generate(**kwargs, max_new_tokens=MAX_NEW, do_sample=False)
-        cases.append((inputs.input_ids.tolist(), embeds, grid, ref[0, ids.shape[1] :].tolist()))
-    return model, processor.tokenizer, cases, request.param
+            ref = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+        cases.append((processed.input_ids.tolist(), mm, ref[0, inputs["input_ids"].shape[1] :].tolist()))
+    return model, family, kit.tokenizer, cases, dtype_name
 
 
 def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
@@ -61,10 +54,8 @@ def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
     step = 0
     while pending or len(done) < len(cases):
         if pending and step % 2 == 0:
-            i, (ids, embeds, grid, _) = pending.pop(0)
-            engine.add_request(
-                str(i), ids, SamplingParams(max_tokens=MAX_NEW, temperature=0), sink, embeds, grid
-            )
+            i, (ids, mm, _) = pending.pop(0)
+            engine.add_request(str(i), ids, SamplingParams(max_tokens=MAX_NEW, temperature=0), sink, mm)
         engine.step()
         step += 1
         assert step < 1000
@@ -72,11 +63,11 @@ def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
 
 
 def test_engine_on_cuda_matches_generate(cuda_setup):
-    model, tokenizer, cases, dtype = cuda_setup
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=512, max_num_seqs=8))
+    model, family, tokenizer, cases, dtype = cuda_setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=512, max_num_seqs=8), family)
     assert engine.runner.device.type == "cuda"
     tokens = run_staggered(engine, cases)
-    mismatches = [i for i, case in enumerate(cases) if tokens[str(i)] != case[3]]
+    mismatches = [i for i, case in enumerate(cases) if tokens[str(i)] != case[2]]
     if dtype == "float32":
         assert mismatches == []
     else:
@@ -84,16 +75,14 @@ def test_engine_on_cuda_matches_generate(cuda_setup):
         assert len(mismatches) <= 1, mismatches
 
 
-def test_gpu_decode_throughput_figure(tiny_model_dir, processor, capsys):
+def test_gpu_decode_throughput_figure(family_kit, capsys):
     """Prints batch-1 and batch-16 decode rates on the GPU (a figure, not a target)."""
-    from tritonvlm.modeling.processor import load_model
-
-    model = load_model(str(tiny_model_dir), device="cuda", dtype=torch.bfloat16)
-    ids = ChatPreprocessor(processor)(
-        [{"role": "user", "content": "Tell me a story."}], []
-    ).input_ids.tolist()
+    kit = family_kit("qwen2_5_vl")
+    model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.bfloat16)
+    ids = kit.preprocessor([{"role": "user", "content": "Tell me a story."}], []).input_ids.tolist()
     for batch in (1, 16):
-        engine = LLMEngine(model, processor.tokenizer, EngineConfig(max_model_len=512, max_num_seqs=batch))
+        config = EngineConfig(max_model_len=512, max_num_seqs=batch)
+        engine = LLMEngine(model, kit.tokenizer, config, kit.family_cls(model.config))
         finished: list[str] = []
         params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
         for i in range(batch):

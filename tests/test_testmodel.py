@@ -1,4 +1,4 @@
-"""The offline test model (tritonvlm.modeling.testmodel) and the torchvision-free processor loading."""
+"""The offline Qwen2.5-VL test model (tritonvlm.testmodels.qwen2_5_vl) and the torchvision-free processor."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tritonvlm.modeling.processor import (
     load_processor,
     register,
 )
-from tritonvlm.modeling.testmodel import MAX_PIXELS, MIN_PIXELS, SIZES, build_test_model
+from tritonvlm.testmodels.qwen2_5_vl import MAX_PIXELS, MIN_PIXELS, SIZES, build_test_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -92,9 +92,7 @@ def test_deterministic_across_processes(tiny_model_dir: Path, tmp_path: Path) ->
     out = tmp_path / "again"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    code = (
-        "import sys; from tritonvlm.modeling.testmodel import build_test_model; build_test_model(sys.argv[1])"
-    )
+    code = "import sys; from tritonvlm.testmodels.qwen2_5_vl import build_test_model as b; b(sys.argv[1])"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=300
     )

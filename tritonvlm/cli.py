@@ -259,9 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="let file:// image URLs read files below DIR (symlinks and .. resolved; default: refused)",
     )
 
-    build = sub.add_parser("build-test-model", help="write a random-weight Qwen2.5-VL model (offline)")
+    from tritonvlm.families import family_names
+
+    build = sub.add_parser(
+        "build-test-model",
+        help="write a random-weight test model of a model family (offline)",
+        description="Write a random-weight checkpoint of a model family, laid out like the real one "
+        "(config, safetensors weights, tokenizer with the family's special tokens, chat template, "
+        "processor config), built offline and deterministically.",
+    )
     build.add_argument("out_dir", type=Path)
     build.add_argument("--size", choices=["tiny", "medium"], default="tiny")
+    build.add_argument(
+        "--family",
+        choices=family_names(),
+        default="qwen2_5_vl",
+        help="model family (default: qwen2_5_vl)",
+    )
     return parser
 
 
@@ -357,6 +371,20 @@ async def _triton_ready(grpc_url: str) -> bool:
         await client.close()
 
 
+def model_family(model: str) -> str | None:
+    """The family serving ``model`` (from its ``config.json``), or None after logging why there is none:
+    an unsupported ``model_type`` stops ``serve`` before Triton starts, naming the supported ones."""
+    from tritonvlm.families import UnsupportedModelError, family_for_model
+
+    try:
+        return family_for_model(model).name
+    except UnsupportedModelError as exc:
+        log.error("cannot serve %s: %s", model, exc)
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the model config of %s: %s", model, exc)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Start tritonserver (unless ``--triton-url``), wait until it is ready, then run the frontend until
     Ctrl-C/SIGTERM, then stop tritonserver."""
@@ -395,6 +423,10 @@ def serve(args: argparse.Namespace) -> int:
         model, served_name = str(builtin), args.served_model_name or default_model_name(builtin)
     else:
         model = args.model
+    family = model_family(model)
+    if family is None:
+        return 2
+    log.info("model family: %s", family)
     repository = args.model_repository or DEFAULT_MODEL_REPOSITORY
     state = args.state_dir or cache_dir() / "run" / str(os.getpid())
     state.mkdir(parents=True, exist_ok=True)
@@ -446,9 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=log_format, stream=sys.stderr)
     if args.command == "build-test-model":
-        from tritonvlm.modeling.testmodel import build_test_model
+        from tritonvlm.families import get_family
 
-        print(build_test_model(args.out_dir, size=args.size))
+        print(get_family(args.family).build_test_model(args.out_dir, size=args.size))
         return 0
     return serve(args)
 

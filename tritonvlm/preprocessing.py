@@ -1,27 +1,18 @@
-"""Conversation + image bytes → model inputs (chat template, image decode and resize, tokenization)."""
+"""Conversation + image bytes → model inputs (image decode, then the family's chat template, resize and
+tokenization)."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
+from tritonvlm.families.base import Family, ProcessedPrompt
 from tritonvlm.wire import InvalidRequestError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-
-
-@dataclass
-class ModelInputs:
-    """What the vision encoder and the decoder need for one request."""
-
-    input_ids: np.ndarray  # int64 [prompt_len]
-    pixel_values: np.ndarray  # float32 [num_patches, patch_dim] (0 rows without images)
-    image_grid_thw: np.ndarray  # int64 [num_images, 3]
 
 
 def decode_image(data: bytes, index: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -95,40 +86,39 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], int]:
 
 
 class ChatPreprocessor:
-    """Applies a Qwen2.5-VL processor to one request."""
+    """Turns one request (a conversation and its image files, or a raw prompt) into model inputs with
+    the model family's processor and chat template."""
 
-    def __init__(self, processor: Any, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self, family: Family, processor: Any, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
+        self.family = family
         self.processor = processor
         self.max_image_pixels = max_image_pixels
-        ip = processor.image_processor
-        self.patch_dim = int(getattr(ip, "temporal_patch_size", 2) * getattr(ip, "patch_size", 14) ** 2 * 3)
 
-    def encode_prompt(self, prompt: str) -> ModelInputs:
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> ChatPreprocessor:
+        """The preprocessor of a checkpoint: its family (from ``config.json``) and processor."""
+        from tritonvlm.families import family_for_model
+
+        family = family_for_model(path_or_id)
+        return cls(family, family.load_processor(path_or_id), max_image_pixels)
+
+    def encode_prompt(self, prompt: str) -> ProcessedPrompt:
         """A raw text prompt (``/v1/completions``): tokenized as is, no template, no images."""
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string", "prompt")
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return ModelInputs(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            pixel_values=np.zeros((0, self.patch_dim), dtype=np.float32),
-            image_grid_thw=np.zeros((0, 3), dtype=np.int64),
-        )
+        return self.family.encode_raw_prompt(self.processor, prompt)
 
-    def __call__(self, messages: Any, images: list[bytes]) -> ModelInputs:
+    def __call__(self, messages: Any, images: list[bytes]) -> ProcessedPrompt:
         conversation, num_placeholders = normalize_messages(messages)
         if num_placeholders != len(images):
             raise InvalidRequestError(
                 f"the messages hold {num_placeholders} image parts but {len(images)} images were sent",
                 "images",
             )
+        self.family.check_images(len(images))
         pil_images = [decode_image(data, i, self.max_image_pixels) for i, data in enumerate(images)]
-        prompt = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        encoded = self.processor(text=[prompt], images=pil_images or None, return_tensors="np")
-        input_ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)
-        if pil_images:
-            pixel_values = np.asarray(encoded["pixel_values"], dtype=np.float32)
-            grid = np.asarray(encoded["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
-        else:
-            pixel_values = np.zeros((0, self.patch_dim), dtype=np.float32)
-            grid = np.zeros((0, 3), dtype=np.int64)
-        return ModelInputs(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid)
+        return self.family.process(self.processor, conversation, pil_images)

@@ -62,8 +62,11 @@ def bytes_tensor(values: list[bytes] | list[str]) -> np.ndarray:
 
 
 def first_bytes(array: np.ndarray) -> bytes:
-    """The first element of a BYTES tensor (any shape) as bytes."""
-    value = array.reshape(-1)[0]
+    """The first element of a BYTES tensor (any shape) as bytes (``b""`` for an empty tensor)."""
+    flat = np.asarray(array, dtype=np.object_).reshape(-1)
+    if flat.size == 0:
+        return b""
+    value = flat[0]
     return value if isinstance(value, bytes) else str(value).encode()
 
 

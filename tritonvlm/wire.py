@@ -25,12 +25,19 @@ A gRPC streaming client should send the request parameter ``triton_enable_empty_
 without it Triton drops a final response that carries no outputs (a cancelled or failed stream's
 closing flag), and the client never sees the end of the stream.
 
-`llm` (decoupled, the in-flight batching engine) takes INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW and
-PARAMETERS and answers with the same outputs as `vlm`. A request whose PARAMETERS hold
-``{"cancel": "<engine request id>"}`` (and no INPUT_IDS) drops that running request.
+`vlm` hosts the in-flight batching engine itself and calls the two stateless models below with BLS
+(plain, non-decoupled requests). Their multimodal tensors are the model family's business, so they
+travel as one packed dict per request (:func:`pack_tensors`):
+
+`preprocess`   MESSAGES (+ IMAGES) or PROMPT → INPUT_IDS INT64 [-1], MM_INPUTS BYTES [1] (the
+               processor's image tensors; empty bytes without images)
+`vision_encoder` (dynamic batching) MM_INPUTS BYTES [1] → MM_EMBEDS BYTES [1] (the image embeddings
+               and whatever else the decoder needs, e.g. Qwen's image grids)
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 # vlm inputs
 MESSAGES = "MESSAGES"
@@ -38,13 +45,12 @@ PROMPT = "PROMPT"
 IMAGES = "IMAGES"
 PARAMETERS = "PARAMETERS"
 
-# preprocess outputs / llm + vision_encoder inputs
+# preprocess outputs / vision_encoder inputs and outputs
 INPUT_IDS = "INPUT_IDS"
-PIXEL_VALUES = "PIXEL_VALUES"
-IMAGE_GRID_THW = "IMAGE_GRID_THW"
-IMAGE_EMBEDS = "IMAGE_EMBEDS"
+MM_INPUTS = "MM_INPUTS"
+MM_EMBEDS = "MM_EMBEDS"
 
-# streamed outputs of llm and vlm
+# streamed outputs of vlm
 TEXT_DELTA = "TEXT_DELTA"
 TOKEN_IDS = "TOKEN_IDS"
 FINISH_REASON = "FINISH_REASON"
@@ -53,15 +59,10 @@ COMPLETION_TOKENS = "COMPLETION_TOKENS"
 LOGPROBS = "LOGPROBS"
 STREAM_OUTPUTS = (TEXT_DELTA, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, LOGPROBS)
 
-# keys inside PARAMETERS
-ENGINE_REQUEST_ID = "request_id"
-CANCEL = "cancel"
-
 # Model names in the repository.
 VLM_MODEL = "vlm"
 PREPROCESS_MODEL = "preprocess"
 VISION_ENCODER_MODEL = "vision_encoder"
-LLM_MODEL = "llm"
 
 # Errors: a Triton model that rejects a request because of the client's input prefixes the message
 # with this marker; the frontend maps such errors to HTTP 400, anything else to 500.
@@ -99,3 +100,21 @@ def parse_wire_error(message: str) -> tuple[bool, str, str | None]:
         text, _, tail = text.rpartition(" (param: ")
         param = tail[:-1]
     return True, text, param
+
+
+def pack_tensors(tensors: dict[str, np.ndarray]) -> bytes:
+    """A dict of numpy arrays as bytes (safetensors format); ``b""`` for an empty dict."""
+    if not tensors:
+        return b""
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+
+def unpack_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """The dict :func:`pack_tensors` packed (empty for ``b""``)."""
+    if not data:
+        return {}
+    from safetensors.numpy import load
+
+    return load(bytes(data))

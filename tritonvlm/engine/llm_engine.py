@@ -21,6 +21,7 @@ from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
 from tritonvlm.engine.scheduler import Scheduler
 from tritonvlm.engine.sequence import EngineOutput, OutputCallback, Sequence
+from tritonvlm.families import Family, family_for_config
 from tritonvlm.wire import InvalidRequestError
 
 log = logging.getLogger("tritonvlm.engine")
@@ -52,6 +53,9 @@ class EngineStats:
     requests_finished: int = 0
     requests_cancelled: int = 0
     kv_tokens_used: int = 0
+    kv_bytes_used: int = 0  # keys/values the running sequences hold (sliding layers: their window)
+    kv_bytes_capacity: int = 0  # what the KV cache reserves
+    extra_state_bytes: int = 0  # the family's per-sequence state held (e.g. cross-attention states)
     # Samples since the last read: the reader (metrics) drains them.
     ttft_seconds: list[float] = field(default_factory=list)
     step_intervals: list[float] = field(default_factory=list)
@@ -95,37 +99,48 @@ def free_memory(device: torch.device) -> int:
     return 0
 
 
-def kv_slots(model: torch.nn.Module, config: EngineConfig) -> int:
-    """How many sequences get a KV slot: ``max_num_seqs``, capped by the memory budget."""
+def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> int:
+    """How many sequences get a KV slot: ``max_num_seqs``, capped by the memory budget (which counts a
+    slot's keys/values in every layer, sliding layers holding only their window, plus the family's
+    per-sequence state)."""
     budget = parse_memory(config.kv_cache_memory, free_memory(next(model.parameters()).device))
     if budget is None:
         return config.max_num_seqs
-    text = model.config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_token = SlotKVCache.bytes_per_token(
-        text.num_hidden_layers, kv_heads, head_dim, next(model.parameters()).dtype
-    )
-    slots = min(config.max_num_seqs, budget // (per_token * config.max_model_len))
+    per_seq = sequence_bytes(family, config.max_model_len, next(model.parameters()).dtype)
+    slots = min(config.max_num_seqs, budget // per_seq)
     if slots < 1:
         raise ValueError(
             f"kv_cache_memory={config.kv_cache_memory!r} ({budget} bytes) cannot hold one sequence of "
-            f"max_model_len={config.max_model_len} tokens ({per_token * config.max_model_len} bytes)"
+            f"max_model_len={config.max_model_len} tokens ({per_seq} bytes)"
         )
     return slots
 
 
-class LLMEngine:
-    """Continuous batching over a Qwen2.5-VL language model."""
+def sequence_bytes(family: Family, max_len: int, dtype: torch.dtype) -> int:
+    """Memory one sequence slot reserves: its KV cache across all layers and the family's extra state."""
+    kv_heads, head_dim = family.kv_geometry()
+    kv = SlotKVCache.bytes_per_sequence(family.layer_kinds(), kv_heads, head_dim, max_len, dtype)
+    return kv + family.extra_state_bytes(dtype)
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: EngineConfig | None = None) -> None:
+
+class LLMEngine:
+    """Continuous batching over the language model of a vision-language model of any family."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        family: Family | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        slots = kv_slots(model, self.config)
-        self.runner = ModelRunner(model, slots, self.config.max_model_len)
+        self.family = family or family_for_config(model.config)
+        slots = kv_slots(model, self.family, self.config)
+        self.runner = ModelRunner(model, self.family, slots, self.config.max_model_len)
         log.info(
-            "KV cache: %d slots x %d tokens, %.1f MiB",
+            "%s: KV cache %d slots x %d tokens, %.1f MiB",
+            self.family.name,
             slots,
             self.config.max_model_len,
             self.runner.cache.nbytes / 2**20,
@@ -154,17 +169,18 @@ class LLMEngine:
         dtype: str = "auto",
         keep_vision_tower: bool = False,
     ) -> LLMEngine:
-        """Load the checkpoint with ``from_pretrained`` and build an engine on it."""
+        """Load the checkpoint with its family's ``from_pretrained`` and build an engine on it."""
         from transformers import AutoTokenizer
 
+        from tritonvlm.families import family_for_model
         from tritonvlm.modeling.device import resolve_device
-        from tritonvlm.modeling.processor import load_model
 
+        family = family_for_model(path_or_id)
         dev, dt = resolve_device(device, dtype)
-        model = load_model(path_or_id, device=str(dev), dtype=dt)
+        model = family.load_model(path_or_id, device=str(dev), dtype=dt)
         if not keep_vision_tower:
-            model.model.visual = None  # images arrive as embeddings from the vision encoder
-        return cls(model, AutoTokenizer.from_pretrained(path_or_id), config)
+            family.strip_for_decoder(model)  # images arrive as embeddings from the vision encoder
+        return cls(model, AutoTokenizer.from_pretrained(path_or_id), config, family)
 
     # ---- public API (any thread) -------------------------------------------------------------------
     def add_request(
@@ -173,20 +189,20 @@ class LLMEngine:
         prompt_ids: list[int],
         params: SamplingParams,
         on_output: OutputCallback,
-        image_embeds: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
+        mm: dict[str, torch.Tensor] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> None:
-        """Queue a request. Raises InvalidRequestError if it can never be served."""
-        self.validate(prompt_ids, params, image_embeds)
+        """Queue a request. ``mm``: the family's multimodal tensors from the vision encoder (image
+        embeddings and what else the decoder needs). Raises InvalidRequestError if it can never be served."""
+        mm = mm or {}
+        self.validate(prompt_ids, params, mm)
         seq = Sequence(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
             params=params,
             on_output=on_output,
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
-            image_embeds=image_embeds,
-            image_grid_thw=image_grid_thw,
+            mm=mm,
             is_cancelled=is_cancelled,
             generator=None if params.greedy else make_generator(params.seed, self.runner.device),
         )
@@ -198,9 +214,7 @@ class LLMEngine:
         self._cancels.put(request_id)
         self._wakeup.set()
 
-    def validate(
-        self, prompt_ids: list[int], params: SamplingParams, image_embeds: torch.Tensor | None
-    ) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, mm: dict[str, torch.Tensor]) -> None:
         """Reject what could never run: empty or out-of-vocabulary prompts, too long, bad image data."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", "messages")
@@ -214,14 +228,7 @@ class LLMEngine:
                 "Shorten the prompt or lower max_tokens.",
                 "max_tokens",
             )
-        placeholders = sum(1 for t in prompt_ids if t == self.runner.image_token_id)
-        n_embeds = 0 if image_embeds is None else int(image_embeds.shape[0])
-        if placeholders != n_embeds:
-            raise InvalidRequestError(
-                f"the prompt has {placeholders} image placeholder tokens but {n_embeds} image embeddings "
-                "were given",
-                "messages",
-            )
+        self.family.validate(prompt_ids, mm)
 
     def start(self) -> None:
         """Run the loop in a daemon thread."""
@@ -390,6 +397,10 @@ class LLMEngine:
     def _update_gauges(self) -> None:
         self.stats.num_running = len(self.scheduler.running)
         self.stats.num_waiting = len(self.scheduler.waiting)
-        self.stats.kv_tokens_used = sum(s.num_tokens for s in self.scheduler.running)
+        running = self.scheduler.running
+        self.stats.kv_tokens_used = sum(s.num_tokens for s in running)
+        self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(s.num_tokens) for s in running)
+        self.stats.kv_bytes_capacity = self.runner.cache.nbytes
+        self.stats.extra_state_bytes = sum(self.family.sequence_state_bytes(s) for s in running)
         if self.on_step_end is not None:
             self.on_step_end(self.stats)

@@ -1,4 +1,4 @@
-"""One request's state inside the engine: its prompt, its image embeddings, what it has generated."""
+"""One request's state inside the engine: its prompt, its multimodal tensors, what it has generated."""
 
 from __future__ import annotations
 
@@ -49,13 +49,13 @@ class Sequence:
     params: SamplingParams
     on_output: OutputCallback
     detokenizer: IncrementalDetokenizer
-    image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden]
-    image_grid_thw: torch.Tensor | None = None  # [num_images, 3]
+    # The family's multimodal tensors from the vision encoder ("image_embeds" [tokens, hidden], ...).
+    mm: dict[str, torch.Tensor] = field(default_factory=dict)
     is_cancelled: Callable[[], bool] | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
-    next_position: int = 0  # rope position of the next token (all three mrope axes are equal for text)
+    next_position: int = 0  # rope position of the next token (M-RoPE: the same on every axis)
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

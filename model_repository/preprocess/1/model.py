@@ -1,13 +1,14 @@
-"""Triton adapter: conversation + image bytes -> INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW."""
+"""Triton adapter: conversation + image bytes (or a raw prompt) -> INPUT_IDS, MM_INPUTS (packed)."""
 
 import logging
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonvlm import wire
-from tritonvlm.modeling.processor import load_processor
-from tritonvlm.preprocessing import ChatPreprocessor
+from tritonvlm.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, ChatPreprocessor
 from tritonvlm.triton_utils import (
+    bytes_tensor,
     first_bytes,
     model_parameters,
     parse_json_input,
@@ -22,11 +23,9 @@ class TritonPythonModel:
     def initialize(self, args):
         setup_stub_process()
         params = model_parameters(args)
-        max_pixels = int(params.get("max_image_pixels") or 0) or None
-        processor = load_processor(resolve_model_path(args))
-        self.preprocessor = (
-            ChatPreprocessor(processor, max_pixels) if max_pixels else ChatPreprocessor(processor)
-        )
+        max_pixels = int(params.get("max_image_pixels") or 0) or DEFAULT_MAX_IMAGE_PIXELS
+        self.preprocessor = ChatPreprocessor.from_pretrained(resolve_model_path(args), max_pixels)
+        log.info("preprocess ready (%s)", self.preprocessor.family.name)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -39,9 +38,8 @@ class TritonPythonModel:
             if prompt is not None:
                 if images:
                     raise wire.InvalidRequestError("a raw PROMPT cannot carry images", "images")
-                out = self.preprocessor.encode_prompt(
-                    first_bytes(prompt.as_numpy()).decode("utf-8", "replace")
-                )
+                text = first_bytes(prompt.as_numpy()).decode("utf-8", "replace")
+                out = self.preprocessor.encode_prompt(text)
             else:
                 messages_t = pb_utils.get_input_tensor_by_name(request, wire.MESSAGES)
                 if messages_t is None:
@@ -54,8 +52,7 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess failed: {exc}"))
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor(wire.INPUT_IDS, out.input_ids),
-                pb_utils.Tensor(wire.PIXEL_VALUES, out.pixel_values),
-                pb_utils.Tensor(wire.IMAGE_GRID_THW, out.image_grid_thw),
+                pb_utils.Tensor(wire.INPUT_IDS, np.asarray(out.input_ids, dtype=np.int64)),
+                pb_utils.Tensor(wire.MM_INPUTS, bytes_tensor([wire.pack_tensors(out.mm)])),
             ]
         )

@@ -1,0 +1,66 @@
+"""The slot KV cache on its own: full layers hold every position, sliding-window layers a ring of the
+last ``window`` positions, and attention over the ring (with the runner's masks) equals attention over
+the whole history restricted to the window."""
+
+from __future__ import annotations
+
+import torch
+
+from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.families.base import FULL, LayerKind
+
+HEADS, DIM, WINDOW, MAX_LEN = 2, 8, 4, 32
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [heads, dim], k/v [heads, n, dim], mask [n] bool → [heads, dim]."""
+    scores = (q[:, None, :] * k).sum(-1).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1)[..., None] * v).sum(1)
+
+
+def test_sliding_ring_matches_windowed_attention_over_the_whole_history() -> None:
+    torch.manual_seed(0)
+    kinds = [FULL, LayerKind("sliding", WINDOW)]
+    cache = SlotKVCache(2, HEADS, DIM, 2, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
+    assert cache.keys[0].shape[2] == MAX_LEN and cache.keys[1].shape[2] == WINDOW
+    lengths = [6, 3]
+    history = [torch.randn(HEADS, n, DIM) for n in lengths]  # keys; values = keys * 2
+    padded = torch.zeros(2, HEADS, 6, DIM)
+    for i, h in enumerate(history):
+        padded[i, :, : h.shape[1]] = h
+    cache.prepare_prefill(0, 2, 6, lengths)
+    for layer in range(2):
+        k, _ = cache.update(padded, padded * 2, layer)
+        assert torch.equal(k, padded)  # prefill attends over the prompt's own keys
+    for _ in range(7):
+        new = torch.randn(2, HEADS, 1, DIM)
+        positions = torch.tensor([h.shape[1] for h in history])
+        kv_len = int(positions.max()) + 1
+        cache.prepare_decode(positions, kv_len)
+        full_k, full_v = cache.update(new, new * 2, 0)
+        ring_k, ring_v = cache.update(new, new * 2, 1)
+        assert ring_k.shape[2] == min(WINDOW, kv_len)
+        history = [torch.cat([h, new[i]], dim=1) for i, h in enumerate(history)]
+        for i, h in enumerate(history):
+            n = h.shape[1]
+            q = torch.randn(HEADS, DIM)
+            cols = torch.arange(ring_k.shape[2])
+            got = attend(q, ring_k[i], ring_v[i], cols <= n - 1)  # the runner's decode mask
+            want = attend(q, h[:, -WINDOW:], h[:, -WINDOW:] * 2, torch.ones(min(n, WINDOW), dtype=torch.bool))
+            assert torch.allclose(got, want, atol=1e-5)
+            got_full = attend(q, full_k[i], full_v[i], torch.arange(kv_len) <= n - 1)
+            assert torch.allclose(got_full, attend(q, h, h * 2, torch.ones(n, dtype=torch.bool)), atol=1e-5)
+
+
+def test_move_copies_every_layer_kind_and_sizes_count_the_window() -> None:
+    kinds = [FULL, LayerKind("sliding", WINDOW)]
+    cache = SlotKVCache(2, HEADS, DIM, 3, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
+    for layer in range(2):
+        cache.keys[layer][2].normal_()
+        cache.values[layer][2].normal_()
+    cache.move(2, 0, 10)
+    assert torch.equal(cache.keys[0][0, :, :10], cache.keys[0][2, :, :10])
+    assert torch.equal(cache.keys[1][0], cache.keys[1][2])  # the whole ring
+    per_seq = SlotKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
+    assert per_seq == 2 * HEADS * DIM * 4 * (MAX_LEN + WINDOW)
+    assert cache.nbytes == 3 * per_seq

@@ -1,0 +1,337 @@
+"""The model-family seam: everything the server knows about one family of vision-language models.
+
+The engine, scheduler, KV cache, Triton models, wire format and frontend are family-agnostic; they call
+the hooks of a :class:`Family` and nothing else. One module per family subclasses it and overrides only
+what differs from the defaults here (vLLM's multimodal interface in spirit):
+
+- **loading**: the model class, a torchvision-free processor (:func:`image_only_processor`);
+- **preprocessing** (the ``preprocess`` model, CPU, no weights): conversation + PIL images → prompt ids
+  and a dict of multimodal tensors (:meth:`Family.process`), with the family's chat template;
+- **vision** (the ``vision_encoder`` model): the multimodal tensors of several requests → per request,
+  the image embeddings in prompt order plus anything else the decoder needs (:meth:`Family.encode`);
+- **decoder** (the engine): the prompt's input embeddings with the images merged at the placeholder
+  positions (:meth:`Family.prompt_embeds`), positions (1-D, or 3-D M-RoPE:
+  :meth:`Family.prompt_positions`), the kinds of attention layers (full, sliding window) that decide
+  the KV layout and masks, the mask format the text model accepts (:meth:`Family.attention_mask`),
+  and extra forward arguments (:meth:`Family.prefill_kwargs`, :meth:`Family.decode_kwargs`).
+
+Multimodal tensors travel between the Triton models as one packed dict per request
+(:func:`tritonvlm.wire.pack_tensors`): their keys are the family's business.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from tritonvlm.wire import InvalidRequestError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from tritonvlm.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# Keys of the multimodal dict that the engine itself reads.
+IMAGE_EMBEDS = "image_embeds"  # [num_image_tokens, hidden]: merged at the placeholder positions
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one decoder layer attends: ``full`` (all previous tokens) or ``sliding`` (the last
+    ``window`` tokens, the query included). Sliding layers keep only ``window`` keys per sequence."""
+
+    kind: str = "full"
+    window: int | None = None
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.kind == "sliding"
+
+
+FULL = LayerKind()
+
+
+@dataclass
+class ProcessedPrompt:
+    """What the preprocess model produces for one request."""
+
+    input_ids: np.ndarray  # int64 [prompt_len]
+    mm: dict[str, np.ndarray]  # the family's multimodal tensors (empty without images)
+    num_images: int = 0
+
+
+def has_torchvision() -> bool:
+    """Whether torchvision can be imported (many processors' video halves need it)."""
+    return importlib.util.find_spec("torchvision") is not None
+
+
+@cache
+def image_only_processor(processor_cls: type) -> type:
+    """A subclass of ``processor_cls`` that takes only an image processor and a tokenizer.
+
+    transformers' VLM processors that also handle video want a video processor, and those need
+    torchvision. ``from_pretrained`` loads the components named in ``__init__``'s signature, so a
+    subclass whose ``__init__`` has no ``video_processor`` loads without it; calls, chat templates and
+    outputs are the parent's. Videos are refused.
+    """
+
+    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+        ) -> None:
+            super().__init__(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=chat_template,
+                **kwargs,
+            )
+
+        def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
+            if videos is not None:
+                raise ValueError(f"{type(self).__name__} handles text and images; videos are not supported")
+            return super().__call__(images=images, text=text, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_cls.__name__}"
+    return ImageOnly
+
+
+class Family:
+    """The defaults: a LLaVA-style model (placeholder merge, 1-D positions, full attention)."""
+
+    # ---- identity -----------------------------------------------------------------------------------
+    name: ClassVar[str] = ""  # the --family name, e.g. "qwen2_5_vl"
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values served by this family
+    model_class: ClassVar[Any] = None  # the transformers *ForConditionalGeneration class
+    processor_class: ClassVar[Any] = None  # the transformers processor class (loaded image-only)
+    checkpoints: ClassVar[tuple[str, ...]] = ()  # real checkpoint ids, for the docs and errors
+    max_images_per_prompt: ClassVar[int | None] = None  # None: no limit of the family's own
+    position_dims: ClassVar[int] = 1  # 1: [batch, len] positions; 3: M-RoPE [3, batch, len]
+    mask_as_dict: ClassVar[bool] = True  # text model takes {"full_attention": m, ...}; else a tensor
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.text_config = config.get_text_config()
+        self.image_token_id = self._image_token_id(config)
+
+    @staticmethod
+    def _image_token_id(config: Any) -> int | None:
+        for attr in ("image_token_id", "image_token_index"):
+            value = getattr(config, attr, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    # ---- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def load_processor(cls, path_or_id: str, **kwargs: Any) -> Any:
+        """The processor, torchvision-free: ``AutoProcessor`` where that works, else the image-only
+        subclass of the family's processor class on the same files."""
+        from transformers import AutoProcessor
+
+        if cls.processor_class is None:
+            return AutoProcessor.from_pretrained(path_or_id, **kwargs)
+        if has_torchvision():
+            return cls.processor_class.from_pretrained(path_or_id, **kwargs)
+        return image_only_processor(cls.processor_class).from_pretrained(path_or_id, **kwargs)
+
+    @classmethod
+    def load_model(cls, path_or_id: str, device: str | torch.device = "cpu", dtype: Any = None) -> Any:
+        """``model_class.from_pretrained(path_or_id)`` on ``device`` in eval mode (``dtype=None``: the
+        checkpoint's own)."""
+        model = cls.model_class.from_pretrained(path_or_id, dtype="auto" if dtype is None else dtype)
+        return model.to(device).eval()
+
+    @classmethod
+    def build_test_model(cls, out_dir: str, size: str = "tiny") -> Any:
+        """Write a random-weight checkpoint of this family (``tiny`` or ``medium``); see testmodels."""
+        raise NotImplementedError(f"no test model builder for {cls.name}")
+
+    # ---- preprocessing (no weights) -----------------------------------------------------------------
+    def render_prompt(self, processor: Any, conversation: list[dict[str, Any]]) -> str:
+        """The prompt text of a conversation (images as ``{"type": "image"}`` parts)."""
+        return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def check_images(self, num_images: int) -> None:
+        """Refuse more images than the family handles in one prompt."""
+        limit = self.max_images_per_prompt
+        if limit is not None and num_images > limit:
+            raise InvalidRequestError(
+                f"{self.name} models take at most {limit} image{'s' if limit > 1 else ''} per request; "
+                f"this request has {num_images}",
+                "messages",
+            )
+
+    def process(
+        self, processor: Any, conversation: list[dict[str, Any]], images: list[Image.Image]
+    ) -> ProcessedPrompt:
+        """Chat template + processor: prompt ids and the family's multimodal tensors."""
+        self.check_images(len(images))
+        prompt = self.render_prompt(processor, conversation)
+        return self.process_text(processor, prompt, images)
+
+    def process_text(self, processor: Any, prompt: str, images: list[Image.Image]) -> ProcessedPrompt:
+        """Run the processor on a rendered prompt. A template that already starts with the BOS token
+        must not get a second one from the tokenizer."""
+        bos = getattr(processor.tokenizer, "bos_token", None)
+        add_special = not (bos and prompt.startswith(bos))
+        encoded = processor(
+            text=[prompt], images=images or None, return_tensors="np", add_special_tokens=add_special
+        )
+        ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)
+        mm = self.multimodal_inputs(encoded) if images else {}
+        return ProcessedPrompt(input_ids=ids, mm=mm, num_images=len(images))
+
+    def multimodal_inputs(self, encoded: Any) -> dict[str, np.ndarray]:
+        """The processor outputs the vision encoder and decoder need (default: ``pixel_values``)."""
+        return {"pixel_values": np.asarray(encoded["pixel_values"], dtype=np.float32)}
+
+    def encode_raw_prompt(self, processor: Any, prompt: str) -> ProcessedPrompt:
+        """A raw text prompt (``/v1/completions``): tokenized as is, with the tokenizer's own special
+        tokens (BOS where the model has one), no template, no images."""
+        ids = processor.tokenizer(prompt)["input_ids"]
+        return ProcessedPrompt(input_ids=np.asarray(ids, dtype=np.int64), mm={})
+
+    # ---- vision encoder -----------------------------------------------------------------------------
+    def strip_for_vision(self, model: Any) -> Any:
+        """Drop the language model's weights from a model loaded only to encode images."""
+        inner = model.model
+        for attr in ("language_model", "text_model"):
+            if getattr(inner, attr, None) is not None:
+                setattr(inner, attr, None)
+        model.lm_head = None
+        return model
+
+    @torch.inference_mode()
+    def encode(self, model: Any, batch: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Image embeddings for each request of ``batch`` (its multimodal dict), in prompt order:
+        ``[{IMAGE_EMBEDS: [num_image_tokens, hidden], ...}]``. Default: one tower forward per request."""
+        return [self.encode_one(model, mm) for mm in batch]
+
+    def encode_one(self, model: Any, mm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One request's image embeddings (default: ``model.model.get_image_features(pixel_values)``)."""
+        features = model.model.get_image_features(pixel_values=self.to_model(model, mm["pixel_values"]))
+        return {IMAGE_EMBEDS: self.flatten_features(features)}
+
+    @staticmethod
+    def to_model(model: Any, tensor: torch.Tensor) -> torch.Tensor:
+        """A float input on the model's device and dtype."""
+        param = next(model.parameters())
+        return tensor.to(param.device, param.dtype)
+
+    @staticmethod
+    def flatten_features(features: Any) -> torch.Tensor:
+        """``get_image_features`` output (a tensor, a tuple/list per image, or a model output whose
+        ``pooler_output`` is either) → one ``[tokens, hidden]`` tensor."""
+        features = getattr(features, "pooler_output", features)
+        if isinstance(features, tuple | list):
+            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+        return features.reshape(-1, features.shape[-1])
+
+    # ---- decoder ------------------------------------------------------------------------------------
+    def bind(self, model: Any) -> None:
+        """Called once by the engine with the loaded model: keep whatever the decoder hooks need."""
+
+    def strip_for_decoder(self, model: Any) -> Any:
+        """Drop the vision tower from a model loaded to decode (images arrive as embeddings)."""
+        inner = model.model
+        for attr in ("visual", "vision_tower", "vision_model", "multi_modal_projector"):
+            if getattr(inner, attr, None) is not None:
+                setattr(inner, attr, None)
+        return model
+
+    def language_model(self, model: Any) -> torch.nn.Module:
+        return model.model.language_model
+
+    def embed_tokens(self, model: Any) -> torch.nn.Module:
+        return model.model.get_input_embeddings()
+
+    def lm_head(self, model: Any) -> torch.nn.Module:
+        return model.lm_head
+
+    def layer_kinds(self) -> list[LayerKind]:
+        """The attention kind of each decoder layer (``text_config.layer_types`` where present)."""
+        cfg = self.text_config
+        n = int(cfg.num_hidden_layers)
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+        window = getattr(cfg, "sliding_window", None)
+        kinds = []
+        for layer_type in types:
+            if layer_type == "sliding_attention" and window:
+                kinds.append(LayerKind("sliding", int(window)))
+            else:
+                kinds.append(FULL)
+        return kinds
+
+    def kv_geometry(self) -> tuple[int, int]:
+        """``(num_kv_heads, head_dim)`` of the self-attention layers."""
+        cfg = self.text_config
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        return kv_heads, head_dim
+
+    def extra_state_bytes(self, dtype: torch.dtype) -> int:
+        """Memory one sequence needs besides its self-attention keys/values (counted in the KV budget)."""
+        return 0
+
+    def sequence_state_bytes(self, seq: Sequence) -> int:
+        """Memory of the per-sequence state ``seq`` holds now besides its keys/values (metrics)."""
+        return 0
+
+    def validate(self, prompt_ids: list[int], mm: dict[str, torch.Tensor]) -> None:
+        """Refuse engine inputs whose images do not match the prompt's placeholders."""
+        if self.image_token_id is None:
+            return
+        placeholders = sum(1 for t in prompt_ids if t == self.image_token_id)
+        embeds = mm.get(IMAGE_EMBEDS)
+        n_embeds = 0 if embeds is None else int(embeds.shape[0])
+        if placeholders != n_embeds:
+            raise InvalidRequestError(
+                f"the prompt has {placeholders} image placeholder tokens but {n_embeds} image embeddings "
+                "were given",
+                "messages",
+            )
+
+    def prompt_embeds(self, seq: Sequence, embed: torch.nn.Module, device: torch.device) -> torch.Tensor:
+        """Token embeddings of a prompt with the image embeddings at its placeholder positions."""
+        ids = torch.tensor(seq.prompt_ids, device=device)
+        embeds = embed(ids)
+        image_embeds = seq.mm.get(IMAGE_EMBEDS)
+        if image_embeds is not None and image_embeds.numel():
+            embeds[ids == self.image_token_id] = image_embeds.to(device, embeds.dtype)
+        return embeds
+
+    def prompt_positions(self, seq: Sequence, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Positions of the prompt, ``[position_dims, prompt_len]``, and the next token's position."""
+        n = seq.prompt_len
+        return torch.arange(n, device=device).expand(self.position_dims, n), n
+
+    def attention_mask(self, masks: dict[str, torch.Tensor], seqs: list[Sequence], prefill: bool) -> Any:
+        """What the text model gets as ``attention_mask``. ``masks`` maps ``"full_attention"`` (and
+        ``"sliding_attention"`` when the model has sliding layers) to boolean ``[rows, 1, query, key]``
+        masks in the KV cache's column layout."""
+        return masks if self.mask_as_dict else masks["full_attention"]
+
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own post-processing of the LM head's output (``final_logit_softcapping``)."""
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def prefill_kwargs(self, seqs: list[Sequence], length: int, device: torch.device) -> dict[str, Any]:
+        """Extra keyword arguments of the prefill forward (prompts right-padded to ``length``)."""
+        return {}
+
+    def decode_kwargs(self, seqs: list[Sequence], device: torch.device) -> dict[str, Any]:
+        """Extra keyword arguments of the text model's decode forward."""
+        return {}

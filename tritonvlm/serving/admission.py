@@ -1,0 +1,51 @@
+"""From a `vlm` request's inputs to what the engine takes: the prompt's token ids and the model
+family's multimodal tensors, through the stateless `preprocess` and `vision_encoder` models.
+
+The models are reached through a ``call(model_name, inputs, output_names)`` function (BLS inside
+Triton; anything in a unit test), so this module knows nothing of Triton itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from tritonvlm import wire
+from tritonvlm.triton_utils import first_bytes
+from tritonvlm.wire import InvalidRequestError
+
+ModelCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
+PROMPT_FORMS = (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS)
+
+
+class StageError(Exception):
+    """A model behind `vlm` answered with an error; its message goes to the client unchanged."""
+
+
+def model_inputs(
+    given: dict[str, np.ndarray | None], call: ModelCall
+) -> tuple[list[int], dict[str, np.ndarray]]:
+    """``(prompt token ids, multimodal tensors)`` for one request. ``given`` maps the `vlm` input names
+    (MESSAGES, PROMPT, INPUT_IDS, IMAGES) to their arrays, or None where absent."""
+    forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
+    if len(forms) != 1:
+        raise InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
+    images = given.get(wire.IMAGES)
+    if forms[0] == wire.INPUT_IDS:
+        if images is not None:
+            raise InvalidRequestError("INPUT_IDS cannot carry images", "images")
+        ids = np.asarray(given[wire.INPUT_IDS]).reshape(-1).astype(np.int64)
+        return ids.tolist(), {}
+    pre_inputs = {forms[0]: given[forms[0]]}
+    if images is not None:
+        pre_inputs[wire.IMAGES] = images
+    pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS])
+    ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
+    packed = first_bytes(pre[wire.MM_INPUTS])
+    if not packed:
+        return ids, {}
+    enc = call(
+        wire.VISION_ENCODER_MODEL, {wire.MM_INPUTS: np.array([[packed]], dtype=np.object_)}, [wire.MM_EMBEDS]
+    )
+    return ids, wire.unpack_tensors(first_bytes(enc[wire.MM_EMBEDS]))

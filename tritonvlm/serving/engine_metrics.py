@@ -1,0 +1,105 @@
+"""The engine's state on Triton's metrics port, through ``pb_utils.MetricFamily`` (custom metrics of a
+Python-backend model). The tables name each series once: gauges and counters read fields of
+:class:`~tritonvlm.engine.llm_engine.EngineStats`, histograms drain its sample lists."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tritonvlm.engine.llm_engine import EngineStats
+
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+# family name -> (kind, description, {EngineStats field: extra labels})
+GAUGES = {
+    "tritonvlm_engine_sequences": (
+        "Sequences in the engine by state (running, waiting)",
+        {"num_running": {"state": "running"}, "num_waiting": {"state": "waiting"}},
+    ),
+    "tritonvlm_engine_kv_cache_tokens": ("Tokens held in the KV cache", {"kv_tokens_used": {}}),
+    "tritonvlm_engine_kv_cache_bytes": (
+        "KV cache memory: held by the running sequences (used) and reserved (capacity)",
+        {"kv_bytes_used": {"state": "used"}, "kv_bytes_capacity": {"state": "capacity"}},
+    ),
+    "tritonvlm_engine_extra_state_bytes": (
+        "Per-sequence decoder state besides keys/values held by running sequences (e.g. Mllama's "
+        "cross-attention states)",
+        {"extra_state_bytes": {}},
+    ),
+}
+COUNTERS = {
+    "tritonvlm_engine_tokens_total": (
+        "Tokens processed by the engine, by phase (prefill, decode)",
+        {"prefill_tokens": {"phase": "prefill"}, "decode_tokens": {"phase": "decode"}},
+    ),
+    "tritonvlm_engine_steps_total": (
+        "Forward passes of the engine, by phase (prefill, decode)",
+        {"prefill_steps": {"phase": "prefill"}, "decode_steps": {"phase": "decode"}},
+    ),
+    "tritonvlm_engine_requests_total": (
+        "Requests that left the engine, by outcome (finished, cancelled)",
+        {"requests_finished": {"outcome": "finished"}, "requests_cancelled": {"outcome": "cancelled"}},
+    ),
+}
+HISTOGRAMS = {
+    "tritonvlm_engine_time_to_first_token_seconds": (
+        "From arrival in the engine to the first generated token",
+        "ttft_seconds",
+        TTFT_BUCKETS,
+    ),
+    "tritonvlm_engine_inter_token_latency_seconds": (
+        "Time between decode steps (each running sequence gets one token per step)",
+        "step_intervals",
+        ITL_BUCKETS,
+    ),
+}
+
+
+class EngineMetrics:
+    """Engine state on Triton's metrics port (pb_utils.MetricFamily), refreshed at most every 50 ms."""
+
+    def __init__(self, pb_utils: Any, model: str = "vlm") -> None:
+        labels = {"model": model}
+        self.families = []  # must stay referenced for their metrics to live
+        self.gauges, self.counters, self.histograms = {}, {}, {}
+        for kind, table, target in (
+            (pb_utils.MetricFamily.GAUGE, GAUGES, self.gauges),
+            (pb_utils.MetricFamily.COUNTER, COUNTERS, self.counters),
+        ):
+            for name, (description, fields) in table.items():
+                family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+                self.families.append(family)
+                for field_name, extra in fields.items():
+                    target[field_name] = family.Metric({**labels, **extra})
+        for name, (description, field_name, buckets) in HISTOGRAMS.items():
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=pb_utils.MetricFamily.HISTOGRAM
+            )
+            self.families.append(family)
+            self.histograms[field_name] = family.Metric(labels, buckets=buckets)
+        self._last = dict.fromkeys(self.counters, 0)
+        self._last_running = 0
+        self._last_time = 0.0
+
+    def update(self, stats: EngineStats, force: bool = False) -> None:
+        """Publish the stats (throttled; always when the engine falls idle)."""
+        now = time.monotonic()
+        idle_edge = stats.num_running == 0 and self._last_running != 0
+        self._last_running = stats.num_running
+        if not force and not idle_edge and now - self._last_time < 0.05:
+            return
+        self._last_time = now
+        for field_name, gauge in self.gauges.items():
+            gauge.set(getattr(stats, field_name))
+        for field_name, counter in self.counters.items():
+            value = getattr(stats, field_name)
+            if value != self._last[field_name]:
+                counter.increment(value - self._last[field_name])
+                self._last[field_name] = value
+        for field_name, histogram in self.histograms.items():
+            samples = getattr(stats, field_name)
+            for value in samples:
+                histogram.observe(value)
+            samples.clear()

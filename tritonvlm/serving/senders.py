@@ -1,0 +1,144 @@
+"""Getting the engine's outputs to the clients, and noticing clients that left.
+
+A Triton response sender must not be touched after its final response (python_backend 2.51 races an
+``is_cancelled()`` poll against the release of a finished request), so every request's sender is
+wrapped in a :class:`TrackedSender` whose final send and cancellation polls take the same lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("tritonvlm.vlm")
+
+
+class TrackedSender:
+    """One request's response sender, with the state the streamer and the cancel monitor share."""
+
+    def __init__(self, sender: Any, engine_id: str, final_flag: int) -> None:
+        self.sender = sender
+        self.engine_id = engine_id
+        self.final_flag = final_flag
+        self.cancelled = False  # the client left and the engine was told to drop the request
+        self.closed = False  # the final response went out: the sender must not be touched again
+        self.lock = threading.Lock()
+
+    def send(self, response: Any = None, final: bool = False) -> None:
+        """Send a response (``None``: only the final flag); the final one under the lock."""
+        if not final:
+            self.sender.send(response, flags=0)
+            return
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            if response is None:
+                self.sender.send(flags=self.final_flag)
+            else:
+                self.sender.send(response, flags=self.final_flag)
+
+    def poll_cancelled(self) -> bool:
+        """True the first time the client is seen gone (the caller then cancels the engine side)."""
+        with self.lock:
+            if self.closed or self.cancelled:
+                return False
+            try:
+                self.cancelled = bool(self.sender.is_cancelled())
+            except Exception:
+                self.cancelled = True
+            return self.cancelled
+
+
+class ResponseStreamer:
+    """Sends outputs from a thread of its own, in the order they were produced.
+
+    Each send is a round trip to the Triton process; made from the engine thread, a batch of 16
+    sequences would wait for 16 of them after every step. Here the engine goes on with the next step
+    while the previous step's tokens are sent (sends and torch both run without the GIL).
+    ``deliver(tracked, item)`` does the sending; if it raises (the client is gone), ``on_failure(tracked)``
+    is called.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[TrackedSender, Any], None],
+        on_failure: Callable[[TrackedSender], None],
+    ) -> None:
+        self._deliver = deliver
+        self._on_failure = on_failure
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vlm-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, tracked: TrackedSender, item: Any) -> None:
+        self._queue.put((tracked, item))
+
+    def _run(self) -> None:
+        while (entry := self._queue.get()) is not None:
+            tracked, item = entry
+            try:
+                self._deliver(tracked, item)
+            except Exception:
+                log.info("could not send to %s (client gone?)", tracked.engine_id)
+                try:
+                    self._on_failure(tracked)
+                except Exception:
+                    log.exception("failure handler of %s failed", tracked.engine_id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=timeout)
+
+
+class CancelMonitor:
+    """Polls the senders of the requests in flight and reports those whose client left.
+
+    One thread for all requests, so no cancellation check (an IPC round trip each) sits on the
+    engine's hot path; a cancelled request is dropped within a poll interval plus a decode step.
+    """
+
+    def __init__(self, poll_seconds: float, on_cancel: Callable[[TrackedSender], None]) -> None:
+        self._poll_seconds = poll_seconds
+        self._on_cancel = on_cancel
+        self._active: dict[str, TrackedSender] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlm-cancel-monitor", daemon=True)
+        self._thread.start()
+
+    def watch(self, tracked: TrackedSender) -> None:
+        with self._lock:
+            self._active[tracked.engine_id] = tracked
+
+    def forget(self, engine_id: str) -> None:
+        with self._lock:
+            self._active.pop(engine_id, None)
+
+    @property
+    def watched(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def poll_once(self) -> None:
+        """Check every watched request once."""
+        with self._lock:
+            items = list(self._active.values())
+        for tracked in items:
+            if tracked.poll_cancelled():
+                try:
+                    self._on_cancel(tracked)
+                except Exception:
+                    log.exception("could not cancel %s", tracked.engine_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            self.poll_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
