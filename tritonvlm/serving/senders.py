@@ -7,11 +7,14 @@ wrapped in a :class:`TrackedSender` whose final send and cancellation polls take
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from tritonvlm.engine.sequence import EngineOutput
 
 log = logging.getLogger("tritonvlm.vlm")
 
@@ -53,41 +56,93 @@ class TrackedSender:
             return self.cancelled
 
 
+def merge_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput:
+    """Two consecutive outputs of one sequence as one: text and tokens joined, the later state."""
+    logprobs = None
+    if first.logprobs is not None or second.logprobs is not None:
+        logprobs = (first.logprobs or []) + (second.logprobs or [])
+    return dataclasses.replace(
+        second,
+        text=first.text + second.text,
+        token_ids=first.token_ids + second.token_ids,
+        logprobs=logprobs,
+    )
+
+
+def coalesce(entries: list[tuple[TrackedSender, EngineOutput]]) -> list[tuple[TrackedSender, EngineOutput]]:
+    """Merge each sequence's queued outputs into one, in the order the sequences first appear. An
+    output with an error is never merged with what follows it."""
+    merged: dict[int, list] = {}
+    order: list[list] = []
+    for tracked, out in entries:
+        slot = merged.get(id(tracked))
+        if slot is None or slot[1].error is not None or slot[1].finished:
+            slot = [tracked, out]
+            merged[id(tracked)] = slot
+            order.append(slot)
+        else:
+            slot[1] = merge_outputs(slot[1], out)
+    return [(tracked, out) for tracked, out in order]
+
+
 class ResponseStreamer:
     """Sends outputs from a thread of its own, in the order they were produced.
 
     Each send is a round trip to the Triton process; made from the engine thread, a batch of 16
     sequences would wait for 16 of them after every step. Here the engine goes on with the next step
-    while the previous step's tokens are sent (sends and torch both run without the GIL).
-    ``deliver(tracked, item)`` does the sending; if it raises (the client is gone), ``on_failure(tracked)``
-    is called.
+    while the previous step's tokens are sent (sends and torch both run without the GIL). When sending
+    falls behind the engine (many streams, fast steps), each sequence's queued outputs go out as one
+    response (:func:`coalesce`): the client gets the same text and tokens in fewer chunks.
+    ``deliver(tracked, output)`` does the sending; if it raises (the client is gone),
+    ``on_failure(tracked)`` is called.
     """
 
     def __init__(
         self,
-        deliver: Callable[[TrackedSender, Any], None],
+        deliver: Callable[[TrackedSender, EngineOutput], None],
         on_failure: Callable[[TrackedSender], None],
     ) -> None:
         self._deliver = deliver
         self._on_failure = on_failure
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.outputs = 0  # engine outputs taken from the queue
+        self.responses = 0  # responses sent for them
         self._thread = threading.Thread(target=self._run, name="vlm-sender", daemon=True)
         self._thread.start()
 
-    def put(self, tracked: TrackedSender, item: Any) -> None:
-        self._queue.put((tracked, item))
+    def put(self, tracked: TrackedSender, output: EngineOutput) -> None:
+        self._queue.put((tracked, output))
+
+    def _drain(self) -> tuple[list[tuple[TrackedSender, EngineOutput]], bool]:
+        """Everything queued now (blocking for the first); True once the stop marker was seen."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        entries = [first]
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                return entries, False
+            if entry is None:
+                return entries, True
+            entries.append(entry)
 
     def _run(self) -> None:
-        while (entry := self._queue.get()) is not None:
-            tracked, item = entry
-            try:
-                self._deliver(tracked, item)
-            except Exception:
-                log.info("could not send to %s (client gone?)", tracked.engine_id)
+        stopping = False
+        while not stopping:
+            entries, stopping = self._drain()
+            self.outputs += len(entries)
+            for tracked, output in coalesce(entries):
+                self.responses += 1
                 try:
-                    self._on_failure(tracked)
+                    self._deliver(tracked, output)
                 except Exception:
-                    log.exception("failure handler of %s failed", tracked.engine_id)
+                    log.info("could not send to %s (client gone?)", tracked.engine_id)
+                    try:
+                        self._on_failure(tracked)
+                    except Exception:
+                        log.exception("failure handler of %s failed", tracked.engine_id)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Send what is queued, then stop."""
