@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Benchmark the decoder engine alone (no server) against transformers' ``generate()``.
+
+The model is a synthetic model of a named real shape with random weights built directly on the device
+(no download; on a GPU a 7B shape builds in about a second), or the ``medium`` test model on CPU. For
+each batch size, every request is started at once (text prompts of ``--prompt-tokens`` tokens, exactly
+``--output-tokens`` tokens each, greedy) and the script prints one table:
+
+    batch | engine out tok/s | engine ms/step (decode) | TTFT mean ms | generate() tok/s | ratio | floor tok/s
+
+The floor is the memory-bandwidth bound of a decode step: the bytes of weights one step reads (every
+parameter but the input embedding table) over the device's copy bandwidth, measured here with a large
+``copy_``; one step cannot be faster than that, so ``floor tok/s = batch / floor step time``.
+
+    python scripts/bench_engine.py                                   # CPU: medium test model, batch 1,4,8,16
+    python scripts/bench_engine.py --shape qwen2.5-vl-7b --batches 1,16,64,128,256   # on a GPU
+    python scripts/bench_engine.py --skip-generate --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+# Real shapes (the language model; the vision tower is kept minimal since the engine never runs it).
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl-7b": {
+        "family": "qwen2_5_vl",
+        "text": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
+    },
+    "qwen2.5-vl-3b": {
+        "family": "qwen2_5_vl",
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench-engine {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def tokenizer_dir(workdir: Path) -> Path:
+    """The medium Qwen2.5-VL test model (vocabulary 32,768): its tokenizer serves every shape."""
+    from tritonvlm.testmodels.qwen2_5_vl import build_test_model
+
+    target = workdir / "medium"
+    if not (target / "config.json").exists():
+        build_test_model(target, size="medium")
+    return target
+
+
+def build_model(shape: str, medium_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """The model to benchmark: the medium test model from disk, or a named shape built on the device."""
+    from transformers import AutoConfig
+
+    from tritonvlm.families import family_for_config
+
+    if shape == "medium":
+        family = family_for_config(AutoConfig.from_pretrained(medium_dir))
+        return family.load_model(str(medium_dir), device=device, dtype=dtype)
+    spec = SHAPES[shape]
+    config = AutoConfig.from_pretrained(medium_dir)  # vocabulary and special token ids of the tokenizer
+    text = config.text_config
+    for key, value in spec["text"].items():
+        setattr(text, key, value)
+    text.head_dim = text.hidden_size // text.num_attention_heads
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    text.max_window_layers = text.num_hidden_layers
+    config.vision_config.depth = 1
+    config.vision_config.out_hidden_size = text.hidden_size
+    family = family_for_config(config)
+    with torch.device(device):
+        model = family.model_class._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second a large device-to-device copy moves (read + write)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_weight_bytes(model: Any, family: Any) -> int:
+    """Bytes of weights one decode step reads: the language model and LM head (the input embedding
+    table is only gathered from, one row per sequence)."""
+    lm = family.language_model(model)
+    embed = family.embed_tokens(model)
+    head = family.lm_head(model)
+    params = {id(p): p for p in list(lm.parameters()) + list(head.parameters())}
+    for p in embed.parameters():
+        if p is not head.weight:
+            params.pop(id(p), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def bench_engine(model: Any, family: Any, tokenizer: Any, prompt: list[int], batch: int, args: Any) -> dict:
+    from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+
+    max_len = len(prompt) + args.output_tokens + 8
+    config = EngineConfig(
+        max_num_seqs=batch, max_model_len=max_len, max_prefill_tokens=args.max_prefill_tokens
+    )
+    engine = LLMEngine(model, tokenizer, config, family)
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    first: dict[str, float] = {}
+    done: set[str] = set()
+
+    def sink(out: Any) -> None:
+        first.setdefault(out.request_id, time.perf_counter())
+        if out.finished:
+            done.add(out.request_id)
+
+    # warm-up (kernel selection, allocator)
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), sink)
+    while "warm" not in done:
+        engine.step()
+    sync(engine.runner.device)
+    first.clear()
+    start = time.perf_counter()
+    for i in range(batch):
+        engine.add_request(str(i), prompt, params, sink)
+    decode_start = None
+    steps_before = engine.stats.decode_steps
+    while len(done) < batch + 1:
+        engine.step()
+        if decode_start is None and len(first) == batch:
+            sync(engine.runner.device)
+            decode_start, steps_before = time.perf_counter(), engine.stats.decode_steps
+    sync(engine.runner.device)
+    end = time.perf_counter()
+    steps = engine.stats.decode_steps - steps_before
+    return {
+        "tok_s": batch * args.output_tokens / (end - start),
+        "ms_per_step": 1000 * (end - decode_start) / max(steps, 1) if decode_start else None,
+        "ttft_ms": 1000 * sum(t - start for t in first.values()) / len(first),
+    }
+
+
+@torch.inference_mode()
+def bench_generate(model: Any, prompt: list[int], batch: int, args: Any) -> float:
+    """Output tokens/s of ``model.generate`` on the same batch (identical prompts: no padding)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt] * batch, device=device)
+    kwargs = {"max_new_tokens": args.output_tokens, "min_new_tokens": args.output_tokens, "do_sample": False}
+    model.generate(
+        input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=2, do_sample=False
+    )
+    sync(device)
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    sync(device)
+    return batch * args.output_tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default=None, help=f"medium (CPU default) or one of {sorted(SHAPES)}")
+    parser.add_argument(
+        "--batches", default=None, help="batch sizes (CPU default 1,4,8,16; GPU 1,16,64,128,256)"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (CPU 64, GPU 256)")
+    parser.add_argument(
+        "--output-tokens", type=int, default=None, help="tokens per request (CPU 32, GPU 256)"
+    )
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=65536, help="prompt tokens per prefill step"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
+    parser.add_argument("--skip-generate", action="store_true", help="do not run transformers generate()")
+    parser.add_argument(
+        "--workdir", type=Path, help="where the medium test model is built (default: temporary)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    from tritonvlm.families import family_for_config
+    from tritonvlm.modeling.device import resolve_device
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    gpu = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    args.shape = args.shape or ("qwen2.5-vl-7b" if gpu else "medium")
+    batches = [int(b) for b in (args.batches or ("1,16,64,128,256" if gpu else "1,4,8,16")).split(",")]
+    args.prompt_tokens = args.prompt_tokens or (256 if gpu else 64)
+    args.output_tokens = args.output_tokens or (256 if gpu else 32)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        medium = tokenizer_dir(workdir)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(medium)
+        log(f"building {args.shape} on {device} ({dtype})")
+        model = build_model(args.shape, medium, device, dtype)
+        family = family_for_config(model.config)
+        family.strip_for_decoder(model)
+        vocab = int(model.config.get_text_config().vocab_size)
+        prompt = [(7 + 31 * i) % (vocab - 512) + 256 for i in range(args.prompt_tokens)]
+        weight_bytes = step_weight_bytes(model, family)
+        bandwidth = copy_bandwidth(device)
+        floor_s = weight_bytes / bandwidth
+        log(
+            f"weights read per step {weight_bytes / 1e9:.2f} GB; copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+            f"floor {1000 * floor_s:.2f} ms/step"
+        )
+        rows = []
+        for batch in batches:
+            log(f"batch {batch}: engine")
+            row: dict[str, Any] = {
+                "batch": batch,
+                **bench_engine(model, family, tokenizer, prompt, batch, args),
+            }
+            if not args.skip_generate:
+                log(f"batch {batch}: generate()")
+                row["generate_tok_s"] = bench_generate(model, prompt, batch, args)
+            row["floor_tok_s"] = batch / floor_s
+            rows.append(row)
+            shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+            log(f"batch {batch}: {json.dumps(shown)}")
+
+    print(
+        f"\nengine alone: {args.shape} on {device} ({dtype}), prompt {args.prompt_tokens} tokens, "
+        f"{args.output_tokens} output tokens, all requests started at once"
+    )
+    columns = ["batch", "engine tok/s", "ms/step", "TTFT ms", "generate() tok/s", "engine/generate"]
+    print("| " + " | ".join([*columns, "floor tok/s", "step/floor"]) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        gen = row.get("generate_tok_s")
+        ratio = f"{row['tok_s'] / gen:.2f}x" if gen else "-"
+        step = row["ms_per_step"]
+        print(
+            f"| {row['batch']} | {row['tok_s']:,.1f} | {step:.2f} | {row['ttft_ms']:.1f} | "
+            f"{f'{gen:,.1f}' if gen else '-'} | {ratio} | {row['floor_tok_s']:,.0f} | "
+            f"{step / (1000 * floor_s):.1f}x |"
+        )
+    if args.json:
+        info = {"shape": args.shape, "device": str(device), "dtype": str(dtype), "floor_ms": 1000 * floor_s}
+        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
