@@ -16,7 +16,8 @@ Systems (``--systems``):
 
 Clients are closed-loop: ``level`` workers each send their next request as soon as the previous one
 ends, until ``--requests-per-level`` requests are done. Every server this script starts is stopped
-at the end, on errors and on Ctrl-C too. Needs ``transformers[serving]`` for system b.
+at the end, on errors and on Ctrl-C too. System b needs ``transformers[serving]``: the script installs
+it into its venv (pinned to the installed transformers) the first time.
 
     python scripts/bench.py                            # all systems, levels 1,2,4,8,16
     python scripts/bench.py --systems a,c --levels 1,8 --max-tokens 32 --json out.json
@@ -510,13 +511,24 @@ app(args=sys.argv[2:], prog_name="transformers")
 """
 
 
-def start_transformers(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Managed, str]:
+def ensure_transformers_serving() -> None:
+    """Install ``transformers[serving]`` (the peer's extras: accelerate, rich) into this venv, pinned to
+    the transformers already installed, so the comparison runs on a fresh setup too."""
     import importlib.util
 
-    if importlib.util.find_spec("accelerate") is None:
-        raise RuntimeError(
-            "transformers serve needs transformers[serving]: pip install 'transformers[serving]'"
-        )
+    if importlib.util.find_spec("accelerate") is not None and importlib.util.find_spec("rich") is not None:
+        return
+    import transformers
+
+    spec = f"transformers[serving]=={transformers.__version__}"
+    log(f"installing the peer's extras into {sys.prefix}: {spec} (once)")
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", spec]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"could not install {spec}: transformers serve cannot run")
+
+
+def start_transformers(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Managed, str]:
+    ensure_transformers_serving()
     port = free_port()
     cmd = [
         sys.executable, "-c", TRANSFORMERS_SERVE, str(args.threads),
