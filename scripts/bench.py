@@ -356,6 +356,7 @@ class Managed:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, **kw: Any) -> None:
         self.name, self.log_path = name, log_path
         self.metrics_url: str | None = None
+        self.triton_url: str | None = None
         self._log = open(log_path, "wb")  # noqa: SIM115 (open for the process's life)
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=kw.pop("stdout", self._log), stderr=self._log, start_new_session=True, **kw
@@ -440,7 +441,7 @@ def wait_healthy(server: Managed, url: str, timeout: float) -> None:
 
 
 def engine_metrics(url: str | None) -> dict[str, float]:
-    """The ``tritonvlm_engine_*`` series of Triton's metrics endpoint (name{labels} -> value)."""
+    """The ``tritonvlm_*`` series of Triton's metrics endpoint (name{labels} -> value)."""
     if not url:
         return {}
     import httpx
@@ -448,10 +449,71 @@ def engine_metrics(url: str | None) -> dict[str, float]:
     out: dict[str, float] = {}
     with contextlib.suppress(httpx.HTTPError, ValueError):
         for line in httpx.get(url, timeout=5).text.splitlines():
-            if line.startswith("tritonvlm_engine_"):
+            if line.startswith("tritonvlm_"):
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
     return out
+
+
+def triton_stats(url: str | None) -> dict[str, dict[str, float]]:
+    """Triton's per-model statistics (``/v2/models/stats``): counts and cumulative ns per model."""
+    if not url:
+        return {}
+    import httpx
+
+    out: dict[str, dict[str, float]] = {}
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+        for model in httpx.get(url + "/v2/models/stats", timeout=5).json()["model_stats"]:
+            inf = model["inference_stats"]
+            out[model["name"]] = {
+                "requests": float(inf["success"]["count"]),
+                "executions": float(model.get("execution_count", 0)),
+                "queue_ns": float(inf["queue"]["ns"]),
+                "compute_ns": sum(
+                    float(inf[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output")
+                ),
+            }
+    return out
+
+
+def stage_view(
+    before: dict[str, float],
+    after: dict[str, float],
+    stats_before: dict[str, dict[str, float]],
+    stats_after: dict[str, dict[str, float]],
+    requests: int,
+) -> dict[str, Any]:
+    """Where a request's time goes, in mean ms per request (or per step): Triton's own per-model
+    statistics for the stateless models, the vlm model's and the engine's histograms for the rest."""
+
+    def delta(prefix: str) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
+
+    def mean_ms(histogram: str) -> float | None:
+        n = delta(histogram + "_count")
+        return round(1000 * delta(histogram + "_sum") / n, 2) if n else None
+
+    view: dict[str, Any] = {}
+    for model in ("preprocess", "vision_encoder"):
+        a, b = stats_after.get(model), stats_before.get(model, {})
+        if not a:
+            continue
+        n = a["requests"] - b.get("requests", 0.0)
+        execs = a["executions"] - b.get("executions", 0.0)
+        if n:
+            view[f"{model}_queue_ms"] = round((a["queue_ns"] - b.get("queue_ns", 0.0)) / n / 1e6, 2)
+            view[f"{model}_compute_ms"] = round((a["compute_ns"] - b.get("compute_ns", 0.0)) / n / 1e6, 2)
+            if execs:
+                view[f"{model}_mean_batch"] = round(n / execs, 2)
+    view["vlm_admission_ms"] = mean_ms("tritonvlm_vlm_admission_seconds")
+    view["engine_queue_ms"] = mean_ms("tritonvlm_engine_queue_seconds")
+    view["prefill_step_ms"] = mean_ms("tritonvlm_engine_prefill_step_seconds")
+    view["decode_step_ms"] = mean_ms("tritonvlm_engine_decode_step_seconds")
+    view["send_ms"] = mean_ms("tritonvlm_vlm_response_send_seconds")
+    sends = delta("tritonvlm_vlm_response_send_seconds_count")
+    view["responses_per_request"] = round(sends / requests, 1) if requests else None
+    view["send_ms_per_request"] = round(1000 * delta("tritonvlm_vlm_response_send_seconds_sum") / requests, 2)
+    return {k: v for k, v in view.items() if v is not None}
 
 
 def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -480,6 +542,7 @@ def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 def start_tritonvlm(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Managed, str]:
     port = free_port()
     metrics_port = free_port()
+    http_port = free_port()
     state = logs / "tritonvlm-state"
     state.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -491,12 +554,14 @@ def start_tritonvlm(model_dir: Path, args: argparse.Namespace, logs: Path) -> tu
         "--max-num-seqs", str(args.max_num_seqs),
         "--state-dir", str(state),
         "--triton-metrics-port", str(metrics_port),
+        "--triton-http-port", str(http_port),
         "--startup-timeout", str(args.startup_timeout),
     ]  # fmt: skip
     server = Managed(
         "tritonvlm serve", cmd, child_env(args.threads), logs / "tritonvlm-serve.log", cwd=REPO_ROOT
     )
     server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    server.triton_url = f"http://127.0.0.1:{http_port}"
     base = f"http://127.0.0.1:{port}"
     wait_healthy(server, base + "/health", args.startup_timeout + 30)
     return server, base
@@ -648,6 +713,7 @@ def bench_server(system: str, model_dir: Path, messages: list, args: argparse.Na
             server.sampler.reset()
             server.sampler.sample()
             before = engine_metrics(server.metrics_url)
+            stats_before = triton_stats(getattr(server, "triton_url", None))
             cpu_before, client_before = cpu_seconds(server.sampler.last_pids), own_cpu()
             records, wall, timed_out = asyncio.run(
                 run_level_http(label, url, body, level, n, args.level_timeout)
@@ -656,10 +722,16 @@ def bench_server(system: str, model_dir: Path, messages: list, args: argparse.Na
             summary = summarize(records, wall)
             summary["cpu_s"] = cpu_delta(cpu_before, cpu_seconds(server.sampler.last_pids))
             summary["client_cpu_s"] = round(own_cpu() - client_before, 2)
-            view = engine_view(before, engine_metrics(server.metrics_url))
+            after = engine_metrics(server.metrics_url)
+            view = engine_view(before, after)
             if view:
                 summary["engine"] = view
                 log(f"{label}: engine view {view}")
+                stages = stage_view(
+                    before, after, stats_before, triton_stats(server.triton_url), summary["requests"]
+                )
+                summary["stages"] = stages
+                log(f"{label}: stages (mean ms per request) {stages}")
             summary["peak_rss_mib"], summary["peak_pss_mib"] = server.sampler.peaks_mib()
             summary["timed_out"] = timed_out
             summary["loadavg_1m"] = round(os.getloadavg()[0], 2)

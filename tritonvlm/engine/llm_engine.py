@@ -59,6 +59,9 @@ class EngineStats:
     # Samples since the last read: the reader (metrics) drains them.
     ttft_seconds: list[float] = field(default_factory=list)
     step_intervals: list[float] = field(default_factory=list)
+    queue_seconds: list[float] = field(default_factory=list)  # arrival in the engine -> prefill start
+    prefill_step_seconds: list[float] = field(default_factory=list)  # one prefill forward + sampling
+    decode_step_seconds: list[float] = field(default_factory=list)  # one decode forward + sampling
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -270,9 +273,11 @@ class LLMEngine:
             self._prefill(new)
         running = self.scheduler.running
         if running:
+            started = time.monotonic()
             logits = self.runner.decode(running)
             tokens = sample(logits, running)
             now = time.monotonic()
+            self.stats.decode_step_seconds.append(now - started)
             if self._last_decode_end is not None:
                 self.stats.step_intervals.append(now - self._last_decode_end)
             self._last_decode_end = now
@@ -314,6 +319,8 @@ class LLMEngine:
                 self._finish(seq, "cancelled")
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        started = time.monotonic()
+        self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs)
         try:
             logits = self.runner.prefill(seqs, seqs[0].slot)
         except Exception as exc:
@@ -325,11 +332,13 @@ class LLMEngine:
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(s.prompt_len for s in seqs)
         self.scheduler.admit(seqs)
+        tokens = sample(logits, seqs)
         now = time.monotonic()
+        self.stats.prefill_step_seconds.append(now - started)
         for seq in seqs:
             seq.first_token_time = now
             self.stats.ttft_seconds.append(now - seq.arrival_time)
-        self._append(seqs, sample(logits, seqs), logits)
+        self._append(seqs, tokens, logits)
 
     def _append(self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor) -> None:
         """Record one new token per sequence, stream it, and retire those that are done."""

@@ -54,6 +54,35 @@ HISTOGRAMS = {
         "step_intervals",
         ITL_BUCKETS,
     ),
+    "tritonvlm_engine_queue_seconds": (
+        "From arrival in the engine to the start of the request's prefill (waiting for a slot)",
+        "queue_seconds",
+        TTFT_BUCKETS,
+    ),
+    "tritonvlm_engine_prefill_step_seconds": (
+        "One prefill step (the forward over the new prompts and their first tokens)",
+        "prefill_step_seconds",
+        TTFT_BUCKETS,
+    ),
+    "tritonvlm_engine_decode_step_seconds": (
+        "One decode step (the forward over every running sequence and sampling)",
+        "decode_step_seconds",
+        ITL_BUCKETS,
+    ),
+}
+
+
+# Samples the vlm model records itself (from its worker and sender threads): name -> (description, buckets)
+PIPELINE_HISTOGRAMS = {
+    "tritonvlm_vlm_admission_seconds": (
+        "From a request's arrival in vlm to its engine queue: preprocess and vision_encoder (BLS calls, "
+        "their queueing included)",
+        TTFT_BUCKETS,
+    ),
+    "tritonvlm_vlm_response_send_seconds": (
+        "Sending one response to the client (an IPC round trip to the Triton process)",
+        ITL_BUCKETS,
+    ),
 }
 
 
@@ -79,9 +108,21 @@ class EngineMetrics:
             )
             self.families.append(family)
             self.histograms[field_name] = family.Metric(labels, buckets=buckets)
+        self.pipeline_histograms = {}
+        for name, (description, buckets) in PIPELINE_HISTOGRAMS.items():
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=pb_utils.MetricFamily.HISTOGRAM
+            )
+            self.families.append(family)
+            self.pipeline_histograms[name] = family.Metric(labels, buckets=buckets)
+        self._pipeline_samples: dict[str, list[float]] = {name: [] for name in PIPELINE_HISTOGRAMS}
         self._last = dict.fromkeys(self.counters, 0)
         self._last_running = 0
         self._last_time = 0.0
+
+    def record(self, name: str, value: float) -> None:
+        """A sample of one of the pipeline histograms (any thread; published by the next update)."""
+        self._pipeline_samples[name].append(value)
 
     def update(self, stats: EngineStats, force: bool = False) -> None:
         """Publish the stats (throttled; always when the engine falls idle)."""
@@ -103,3 +144,7 @@ class EngineMetrics:
             for value in samples:
                 histogram.observe(value)
             samples.clear()
+        for name, histogram in self.pipeline_histograms.items():
+            samples, self._pipeline_samples[name] = self._pipeline_samples[name], []
+            for value in samples:
+                histogram.observe(value)

@@ -126,6 +126,9 @@ class TritonPythonModel:
                 self._close(tracked, "cancelled before decoding")
                 return
             self.monitor.watch(tracked)
+            self.metrics.record(
+                "tritonvlm_vlm_admission_seconds", time.monotonic() - self._started[engine_id][1]
+            )
             self.engine.add_request(
                 engine_id,
                 ids,
@@ -143,8 +146,10 @@ class TritonPythonModel:
 
     def _deliver(self, tracked, out: EngineOutput):
         """Send one engine output (the sender thread); the final one closes the request."""
+        started = time.monotonic()
         if not out.finished:
             tracked.send(output_response(out))
+            self.metrics.record("tritonvlm_vlm_response_send_seconds", time.monotonic() - started)
             return
         self.monitor.forget(tracked.engine_id)
         if out.finish_reason == "cancelled":
