@@ -928,6 +928,12 @@ def report(results: dict[str, dict], levels: list[int]) -> str:
                 f"{_f(s['itl_p99_ms']):>8} {_f(s['peak_rss_mib'], 0):>8} {_f(s['peak_pss_mib'], 0):>8} "
                 f"{s['errors']:>4}"
             )
+    stage_rows = [(lvl, results.get("a", {}).get("levels", {}).get(lvl, {}).get("stages")) for lvl in levels]
+    if any(stages for _, stages in stage_rows):
+        lines += ["", "tritonvlm: where a request's time goes (mean ms; per request unless marked per step)"]
+        for level, stages in stage_rows:
+            if stages:
+                lines.append(f"  conc {level:>3}: " + ", ".join(f"{k}={v}" for k, v in stages.items()))
     if "a" in results and ("b" in results or "c" in results):
         lines += [
             "",
