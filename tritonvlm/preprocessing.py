@@ -4,8 +4,10 @@ tokenization)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import Any
 
+from jinja2 import TemplateError
 from PIL import Image
 
 from tritonvlm.families.base import Family, ProcessedPrompt
@@ -13,6 +15,9 @@ from tritonvlm.wire import InvalidRequestError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# Text is refused above this many characters before any tokenization (a token is rarely more than a
+# few characters: a million characters is far beyond any context length served here).
+DEFAULT_MAX_PROMPT_CHARS = 1 << 20
 
 
 def decode_image(data: bytes, index: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -85,31 +90,63 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], int]:
     return out, num_images
 
 
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """The tokenizer's special (control) tokens as text, longest first."""
+    tokens = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            tokens.add(str(added.content))
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def message_texts(conversation: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    """``(param, text)`` for every piece of text in a normalized conversation."""
+    for i, msg in enumerate(conversation):
+        content = msg["content"]
+        if isinstance(content, str):
+            yield f"messages[{i}].content", content
+            continue
+        for j, part in enumerate(content):
+            if part.get("type") == "text":
+                yield f"messages[{i}].content[{j}].text", part["text"]
+
+
 class ChatPreprocessor:
     """Turns one request (a conversation and its image files, or a raw prompt) into model inputs with
-    the model family's processor and chat template."""
+    the model family's processor and chat template.
+
+    The model's special tokens (``<|im_start|>``, ``<|image_pad|>``, ``<start_of_turn>``, ...) typed into
+    the text of a message are refused with a 400: the chat template would turn them into real control
+    tokens (a fake role marker, an image placeholder without an image). Raw prompts
+    (``/v1/completions``) are the caller's own token stream and may hold them.
+    """
 
     def __init__(
-        self, family: Family, processor: Any, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        family: Family,
+        processor: Any,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
     ) -> None:
         self.family = family
         self.processor = processor
         self.max_image_pixels = max_image_pixels
+        self.max_prompt_chars = max_prompt_chars
+        self.special_tokens = special_token_strings(processor.tokenizer)
 
     @classmethod
-    def from_pretrained(
-        cls, path_or_id: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    ) -> ChatPreprocessor:
+    def from_pretrained(cls, path_or_id: str, **limits: int) -> ChatPreprocessor:
         """The preprocessor of a checkpoint: its family (from ``config.json``) and processor."""
         from tritonvlm.families import family_for_model
 
         family = family_for_model(path_or_id)
-        return cls(family, family.load_processor(path_or_id), max_image_pixels)
+        return cls(family, family.load_processor(path_or_id), **limits)
 
     def encode_prompt(self, prompt: str) -> ProcessedPrompt:
         """A raw text prompt (``/v1/completions``): tokenized as is, no template, no images."""
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string", "prompt")
+        self._check_length(len(prompt), "prompt")
         return self.family.encode_raw_prompt(self.processor, prompt)
 
     def __call__(self, messages: Any, images: list[bytes]) -> ProcessedPrompt:
@@ -119,6 +156,38 @@ class ChatPreprocessor:
                 f"the messages hold {num_placeholders} image parts but {len(images)} images were sent",
                 "images",
             )
+        self.check_text(conversation)
         self.family.check_images(len(images))
         pil_images = [decode_image(data, i, self.max_image_pixels) for i, data in enumerate(images)]
-        return self.family.process(self.processor, conversation, pil_images)
+        try:
+            return self.family.process(self.processor, conversation, pil_images)
+        except InvalidRequestError:
+            raise
+        except TemplateError as exc:
+            raise InvalidRequestError(
+                f"the model's chat template refused the conversation: {exc}", "messages"
+            ) from exc
+        except ValueError as exc:
+            # The processor's own limits (e.g. an aspect ratio over 200:1) are the client's to fix.
+            what = "the images" if pil_images else "the conversation"
+            param = "messages" if not pil_images else "images"
+            raise InvalidRequestError(f"the model's processor cannot take {what}: {exc}", param) from exc
+
+    def check_text(self, conversation: list[dict[str, Any]]) -> None:
+        """Refuse over-long text before any tokenization, and special tokens typed as text."""
+        texts = list(message_texts(conversation))
+        self._check_length(sum(len(text) for _, text in texts), "messages")
+        for param, text in texts:
+            for token in self.special_tokens:
+                if token in text:
+                    raise InvalidRequestError(
+                        f"{param} contains {token!r}, one of the model's special tokens; they cannot be sent "
+                        "as text (use image_url parts for images, and roles for turns)",
+                        param,
+                    )
+
+    def _check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"the text is {chars} characters long, over the limit of {self.max_prompt_chars}", param
+            )

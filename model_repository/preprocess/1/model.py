@@ -6,7 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonvlm import wire
-from tritonvlm.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, ChatPreprocessor
+from tritonvlm.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, ChatPreprocessor
 from tritonvlm.triton_utils import (
     bytes_tensor,
     first_bytes,
@@ -23,8 +23,11 @@ class TritonPythonModel:
     def initialize(self, args):
         setup_stub_process()
         params = model_parameters(args)
-        max_pixels = int(params.get("max_image_pixels") or 0) or DEFAULT_MAX_IMAGE_PIXELS
-        self.preprocessor = ChatPreprocessor.from_pretrained(resolve_model_path(args), max_pixels)
+        self.preprocessor = ChatPreprocessor.from_pretrained(
+            resolve_model_path(args),
+            max_image_pixels=int(params.get("max_image_pixels") or 0) or DEFAULT_MAX_IMAGE_PIXELS,
+            max_prompt_chars=int(params.get("max_prompt_chars") or 0) or DEFAULT_MAX_PROMPT_CHARS,
+        )
         log.info("preprocess ready (%s)", self.preprocessor.family.name)
 
     def execute(self, requests):
