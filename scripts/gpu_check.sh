@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a machine with a CUDA GPU and no network (the lent H200: torch and an
+# older transformers preinstalled). Installs the project's pinned Python packages from wheels carried
+# in .wheels/ (fill it here first with `scripts/gpu_check.sh --download`), then runs the GPU tests and
+# the engine benchmark, writing everything under $OUT (default ./gpu-out).
+#   scripts/gpu_check.sh --download        # on a machine with the package registry: fill .wheels/
+#   OUT=/some/dir scripts/gpu_check.sh      # on the GPU machine
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+WHEELS="$ROOT/.wheels"
+# The project's pinned transformers; its dependencies come along (numpy and torch are the GPU image's).
+PINNED=transformers==5.23.0
+
+if [ "${1:-}" = "--download" ]; then
+  mkdir -p "$WHEELS"
+  "${PYTHON:-python3}" -m pip download -q --only-binary=:all: --python-version 3.11 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform any -d "$WHEELS" "$PINNED"
+  rm -f "$WHEELS"/numpy-*.whl
+  du -sh "$WHEELS"
+  exit 0
+fi
+
+OUT=${OUT:-$ROOT/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
+log "python $($PY --version 2>&1); torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu_check.log" || true
+if [ -d "$WHEELS" ]; then
+  log "installing $PINNED from the carried wheels (no index; what is installed and fits stays)"
+  $PY -m pip install -q --no-index --find-links "$WHEELS" "$PINNED" 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
+fi
+$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log" || true
+log "transformers $($PY -c 'import transformers; print(transformers.__version__)')"
+
+log "GPU tests (every family, fp32 and bf16)"
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+  --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
+
+log "engine benchmark: qwen2.5-vl-7b shape, bf16"
+timeout "${BENCH_TIMEOUT:-420}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b \
+  --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.txt" | tail -12 \
+  || log "engine benchmark failed or timed out"
+log "done; outputs in $OUT"
