@@ -57,10 +57,12 @@ from tritonvlm.frontend.protocol import (
     UNSUPPORTED_COMPLETION_FIELDS,
     UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     ModelCard,
     ModelList,
     SamplingFields,
+    TextContentPart,
     find_unsupported_fields,
 )
 from tritonvlm.frontend.security import APIKeyMiddleware, BodyLimitMiddleware
@@ -68,6 +70,9 @@ from tritonvlm.frontend.triton_client import TritonVLMClient
 
 logger = logging.getLogger("tritonvlm.frontend.app")
 
+# A prompt that fits a 4096-token context holds far fewer characters than this (text averages about 4
+# characters per token): longer text is refused before it reaches a tokenizer.
+DEFAULT_MAX_PROMPT_CHARS = 32 * 4096
 # Status logged (not sent: nobody is listening) for a request whose client went away (nginx's 499).
 _CLIENT_CLOSED = 499
 _IMAGE_PARAM = re.compile(r"images\[(\d+)\]")
@@ -99,6 +104,7 @@ class FrontendSettings:
     allowed_local_media_path: str | None = None  # None: file:// URLs are refused
     max_concurrent_media_fetches: int = 16
     max_request_body_bytes: int = 50 * MiB
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # text of one request, counted before tokenizing
     api_key: str | None = None  # None or "": no authentication
     system_fingerprint: str = f"tritonvlm-{__version__}"
 
@@ -148,6 +154,33 @@ def _check_completion(body: CompletionRequest) -> list[str | list[int]]:
             code="invalid_value",
         )
     return prompts
+
+
+def message_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in a conversation (string contents and text parts; images not counted)."""
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        else:
+            total += sum(len(part.text) for part in message.content if isinstance(part, TextContentPart))
+    return total
+
+
+def check_prompt_chars(chars: int, limit: int, param: str) -> None:
+    """A 400 (``context_length_exceeded``) when a request's text is longer than ``limit`` characters.
+
+    Counting characters costs nothing next to tokenizing them: this bound stops a huge text before it
+    reaches the tokenizer (which would hold a preprocess instance for seconds only to refuse it).
+    """
+    if chars > limit:
+        raise APIError(
+            400,
+            f"The prompt holds {chars} characters of text, over this server's limit of {limit} "
+            "(far more than the model's context can take). Shorten it.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _choice_ids(request_id: str, count: int) -> list[str]:
@@ -285,6 +318,7 @@ def create_app(
         """Create a chat completion, whole or streamed as server-sent events."""
         request_id = getattr(request.state, "request_id", None) or new_request_id()
         _check_request(body, settings)
+        check_prompt_chars(message_chars(body.messages), settings.max_prompt_chars, "messages")
         n = body.num_choices
         image_refs: list[ImageRef] = []
 
@@ -353,6 +387,9 @@ def create_app(
         request_id = getattr(request.state, "request_id", None) or new_request_id("cmpl")
         _check_request(body, settings, UNSUPPORTED_COMPLETION_FIELDS)
         prompts = _check_completion(body)
+        check_prompt_chars(
+            sum(len(p) for p in prompts if isinstance(p, str)), settings.max_prompt_chars, "prompt"
+        )
         parameters = build_completion_parameters(body)
         n = body.num_choices
         prompt_of_choice = [p for p in range(len(prompts)) for _ in range(n)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tritonvlm.engine.sampling_params import SamplingParams
+from tritonvlm.engine.sampling_params import SamplingParams, wrap_seed
 from tritonvlm.frontend.errors import APIError
 from tritonvlm.frontend.media import ImageRef
 from tritonvlm.frontend.protocol import (
@@ -122,7 +122,8 @@ def build_completion_parameters(request: CompletionRequest) -> dict[str, Any]:
 
 
 def choice_parameters(parameters: dict[str, Any], index: int) -> dict[str, Any]:
-    """The PARAMETERS of choice ``index`` of ``n``: with a seed, choice ``i`` samples with ``seed + i``."""
+    """The PARAMETERS of choice ``index`` of ``n``: with a seed, choice ``i`` samples with ``seed + i``
+    (wrapped around within 64 bits)."""
     if index and parameters.get("seed") is not None:
-        return {**parameters, "seed": parameters["seed"] + index}
+        return {**parameters, "seed": wrap_seed(parameters["seed"] + index)}
     return parameters

@@ -3,11 +3,14 @@
 :class:`APIError` is what the rest of the frontend raises; :func:`install_exception_handlers` makes
 FastAPI answer malformed JSON, validation errors, HTTP exceptions (unknown route, wrong method) and
 unexpected exceptions in that same shape. An unexpected exception is logged with its traceback and
-answered with a 500 whose body carries no trace of it.
+answered with a 500 whose body carries no trace of it. Error bodies are written as ASCII JSON
+(:class:`ErrorJSONResponse`): a message that quotes the client's input stays writable even when that
+input holds text UTF-8 cannot encode.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +24,47 @@ logger = logging.getLogger("tritonvlm.frontend.errors")
 
 # Tags of pydantic union members that may appear in an error location but are not field names.
 _UNION_MEMBER_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict"})
+# pydantic error types for a value of the wrong JSON type, and what OpenAI says it expected.
+_EXPECTED_TYPES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "a boolean",
+    "bool_parsing": "a boolean",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def json_type_name(value: Any) -> str:
+    """How OpenAI names the JSON type of ``value`` in its errors ("a string", "an integer"...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+class ErrorJSONResponse(JSONResponse):
+    """A JSON response written as ASCII (``\\uXXXX`` escapes), so that any text, lone surrogates
+    included, can be sent back."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def default_error_type(status_code: int) -> str:
@@ -64,9 +108,9 @@ class APIError(Exception):
         """The JSON body of the error response."""
         return error_body(self.message, self.type, self.param, self.code)
 
-    def to_response(self) -> JSONResponse:
+    def to_response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
         """The error as a FastAPI response."""
-        return JSONResponse(self.to_body(), status_code=self.status_code)
+        return ErrorJSONResponse(self.to_body(), status_code=self.status_code, headers=headers)
 
     def __repr__(self) -> str:
         return f"APIError({self.status_code}, {self.message!r}, param={self.param!r}, code={self.code!r})"
@@ -110,13 +154,20 @@ def _describe_validation_error(error: Mapping[str, Any]) -> APIError:
         return APIError(400, "The request body must be a JSON object.")
     msg = str(error.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    code: str | None = "invalid_value"
     if kind == "missing":
-        message = f"Missing required parameter: '{param}'."
+        message, code = f"Missing required parameter: '{param}'.", None
     elif kind == "extra_forbidden":
         message = f"Unrecognized parameter: '{param}' is not supported."
+    elif kind in _EXPECTED_TYPES and "input" in error:
+        message = (
+            f"Invalid type for '{param}': expected {_EXPECTED_TYPES[kind]}, "
+            f"but got {json_type_name(error['input'])} instead."
+        )
+        code = "invalid_type"
     else:
         message = f"Invalid value for '{param}': {msg}"
-    return APIError(400, message, param=param, code="invalid_value" if kind != "missing" else None)
+    return APIError(400, message, param=param, code=code)
 
 
 def validation_error_to_api_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
@@ -141,7 +192,7 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     error = APIError(exc.status_code, message, code=code)
-    return JSONResponse(error.to_body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return error.to_response(headers=getattr(exc, "headers", None))
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:

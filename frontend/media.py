@@ -444,13 +444,35 @@ class MediaFetcher:
             response_or_location = await self._get(url, addresses, current, param)
             if isinstance(response_or_location, bytes):
                 return response_or_location
-            current = str(url.join(response_or_location))
+            current = self._redirect_target(url, response_or_location, original, param)
             logger.debug("image URL %s redirects to %s", describe_url(original), describe_url(current))
         raise _bad(
             f"Too many redirects (more than {self.max_redirects}) "
             f"fetching the image at {describe_url(original)}.",
             param,
         )
+
+    @staticmethod
+    def _redirect_target(url: httpx.URL, location: str, original: str, param: str | None) -> str:
+        """The absolute URL a redirect points to, checked before anything is requested: it must parse and
+        be ``http(s)://`` with a host (``javascript:``, ``data:``, ``file:`` and malformed targets are a
+        400). Its host and address are checked again by the next hop, like the first URL's."""
+        try:
+            target = url.join(location)
+            scheme, host = target.scheme, target.host
+        except (httpx.InvalidURL, ValueError, UnicodeError) as exc:  # IDNA errors are UnicodeErrors
+            raise _bad(
+                f"The image URL {describe_url(original)} redirects to an invalid URL "
+                f"{describe_url(location)!r}: {exc}",
+                param,
+            ) from None
+        if scheme not in ("http", "https") or not host:
+            raise _bad(
+                f"The image URL {describe_url(original)} redirects to {describe_url(location)!r}, "
+                "which is not an http(s):// URL.",
+                param,
+            )
+        return str(target)
 
     async def _get(self, url: httpx.URL, addresses: list[str], shown: str, param: str | None) -> bytes | str:
         """GET ``url``: the body, or the ``Location`` of a redirect.
@@ -476,7 +498,7 @@ class MediaFetcher:
                 raise _bad(
                     f"Timed out fetching the image at {describe_url(shown)}.", param, "image_fetch_timeout"
                 ) from None
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError, UnicodeError) as exc:
                 raise _bad(f"Could not fetch the image at {describe_url(shown)}: {exc}", param) from None
         raise _bad(f"Could not connect to fetch the image at {describe_url(shown)}: {last_error}", param)
 

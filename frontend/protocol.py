@@ -8,6 +8,12 @@ field in the error; the PARAMETERS built from a request are then checked once mo
 ``SamplingParams.from_dict`` (see :func:`tritonvlm.frontend.conversion.check_parameters`), so a value
 the engine would refuse never reaches Triton.
 
+Types are strict, as OpenAI's API is: an integer field takes an integer (not ``"10"``, not ``10.0``), a
+number field an integer or a finite float (not a string), a boolean field ``true``/``false``. Every
+string must be encodable text (:data:`Text`: a lone UTF-16 surrogate such as ``"\\ud800"`` is refused
+with a 400 naming the field, before it can reach a tokenizer). ``seed`` takes any signed or unsigned
+64-bit integer, as OpenAI does.
+
 Union members carry tags that are not Python identifiers (``"text-part"``, ``"content-parts"``...):
 :func:`tritonvlm.frontend.errors.loc_to_param` drops them from error locations, so a validation error
 names the field path the client wrote, e.g. ``messages[0].content[1].image_url``.
@@ -19,6 +25,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -29,6 +36,52 @@ from pydantic import (
     model_serializer,
 )
 from pydantic_core import PydanticCustomError
+
+from tritonvlm.engine.sampling_params import (
+    MAX_ABS_PENALTY,
+    MAX_INT32,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_LOGPROBS,
+    MIN_REPETITION_PENALTY,
+    MIN_SEED,
+    MIN_TEMPERATURE,
+)
+
+# --------------------------------------------------------------------------- strict field types
+
+
+def _encodable(value: str) -> str:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates, which JSON escapes can carry)."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError(
+                "invalid_text",
+                "the text is not valid Unicode: it holds a lone surrogate ({char}) at character {pos}",
+                {"char": f"U+{ord(value[exc.start]):04X}", "pos": exc.start},
+            ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A string that is valid Unicode (encodable as UTF-8)."""
+StrictInteger = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A JSON number (an integer or a float), finite; strings and booleans are refused."""
+Boolean = Annotated[bool, Field(strict=True)]
+
+
+def _check_temperature(value: float | None) -> float | None:
+    if value is not None and value != 0.0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise PydanticCustomError(
+            "invalid_temperature",
+            f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}",
+        )
+    return value
+
 
 # --------------------------------------------------------------------------- request: messages
 
@@ -42,7 +95,7 @@ class ImageURL(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1)
+    url: Text = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = "auto"
 
 
@@ -52,7 +105,7 @@ class TextContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageContentPart(BaseModel):
@@ -91,7 +144,7 @@ def _content_tag(value: Any) -> str | None:
 
 
 MessageContent = Annotated[
-    Annotated[str, Tag("content-string")] | Annotated[list[ContentPart], Tag("content-parts")],
+    Annotated[Text, Tag("content-string")] | Annotated[list[ContentPart], Tag("content-parts")],
     Discriminator(
         _content_tag,
         custom_error_type="invalid_content",
@@ -109,7 +162,7 @@ class ChatMessage(BaseModel):
 
     role: Role
     content: MessageContent
-    name: str | None = None
+    name: Text | None = None
 
 
 # --------------------------------------------------------------------------- request: the body
@@ -120,8 +173,8 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool | None = False
-    include_obfuscation: bool | None = None  # accepted, no effect (we add no obfuscation field)
+    include_usage: Boolean | None = False
+    include_obfuscation: Boolean | None = None  # accepted, no effect (we add no obfuscation field)
 
 
 # Fields OpenAI defines for chat completions that this server does not implement. A request that sets
@@ -163,20 +216,22 @@ _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
 class SamplingFields(BaseModel):
     """The sampling fields chat and text completions share (ranges as the engine's SamplingParams)."""
 
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # extension; 0 or -1: disabled
-    seed: int | None = None
+    temperature: Annotated[Number | None, AfterValidator(_check_temperature)] = None
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: StrictInteger | None = Field(default=None, ge=-1, le=MAX_INT32)  # extension; 0 or -1: disabled
+    seed: StrictInteger | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)  # extension
-    ignore_eos: bool | None = None  # extension (benchmarks)
+    presence_penalty: Number | None = Field(default=None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: Number | None = Field(default=None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    repetition_penalty: Number | None = Field(  # extension
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
+    ignore_eos: Boolean | None = None  # extension (benchmarks)
 
-    stream: bool | None = False
+    stream: Boolean | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
-    user: str | None = None
+    n: StrictInteger | None = Field(default=1, ge=1, le=MAX_CHOICES)
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -184,6 +239,8 @@ class SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise PydanticCustomError("invalid_stop", "stop must be up to 4 non-empty strings")
+        for stop in stops:
+            _encodable(stop)
         return value
 
     @property
@@ -206,20 +263,20 @@ class ChatCompletionRequest(SamplingFields):
     # "allow" keeps unknown keys in ``model_extra`` so find_unsupported_fields() can name them.
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     messages: list[ChatMessage] = Field(min_length=1)
 
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: StrictInteger | None = Field(default=None, ge=1, le=MAX_INT32)
+    max_completion_tokens: StrictInteger | None = Field(default=None, ge=1, le=MAX_INT32)
+    logprobs: Boolean | None = None
+    top_logprobs: StrictInteger | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    metadata: dict[str, str] | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
+    metadata: dict[Text, Text] | None = None
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]], Field(min_length=1)]
 
 
 def _prompt_tag(value: Any) -> str | None:
@@ -238,8 +295,8 @@ def _prompt_tag(value: Any) -> str | None:
 
 
 PromptField = Annotated[
-    Annotated[str, Tag("text")]
-    | Annotated[list[str], Tag("texts")]
+    Annotated[Text, Tag("text")]
+    | Annotated[list[Text], Tag("texts")]
     | Annotated[TokenIds, Tag("token-ids")]
     | Annotated[list[TokenIds], Tag("token-id-lists")],
     Discriminator(
@@ -262,13 +319,13 @@ class CompletionRequest(SamplingFields):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     prompt: PromptField
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInteger | None = Field(default=16, ge=1, le=MAX_INT32)
+    logprobs: StrictInteger | None = Field(default=None, ge=0, le=5)
+    echo: Boolean | None = False
+    suffix: Text | None = None
+    best_of: StrictInteger | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
     @property
     def prompts(self) -> list[str | list[int]]:

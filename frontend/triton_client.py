@@ -8,6 +8,14 @@ explicitly: tritonclient's ``stream_infer`` returns a plain iterator object (not
 generator) whose only way to stop the call is its ``cancel()`` method, so the ``finally`` block
 of :meth:`TritonVLMClient.stream` calls it. Triton then flags the request cancelled and the ``vlm``
 model tells the engine to drop it.
+
+A stream whose Python stub died never gets another response from Triton 2.51 (its python backend
+neither restarts a dead stub nor fails the requests it held). So a :class:`StallMonitor` looks at the
+open streams once a second: when some stream has had no response for that long, it checks that
+Triton and every model of the repository are ready, and fails (with :class:`TritonUnavailableError`,
+a 503) each idle stream that began before the pipeline was last seen not ready. ``serve`` brings a
+model whose stub died back by unloading and loading it (:class:`tritonvlm.launcher.StubWatchdog`),
+so such a model is seen not ready for the seconds that takes.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +56,15 @@ _MODEL_UNAVAILABLE_MARKERS = (
 # Kubernetes Service's new pod) is used, and /health turns 200, within about a second.
 _RECONNECT_BACKOFF_MS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000))
 
+
+# How long a stream may go without a response before the monitor checks that the pipeline is alive,
+# and how long a readiness answer is reused (many idle streams, one check).
+STALL_CHECK_S = 1.0
+_READY_CACHE_S = 0.5
+_STALLED_MESSAGE = (
+    "The inference pipeline stopped answering this request (a model process of the server failed and "
+    "is being restarted). Retry the request."
+)
 
 # How long a finished stream may take to be closed by Triton before it is cancelled.
 _DRAIN_TIMEOUT_S = 5.0
@@ -81,6 +99,71 @@ async def _read_to_end(responses: Any) -> None:
             await responses.__anext__()
         except StopAsyncIteration:
             return
+
+
+@dataclass(eq=False)  # hashed by identity: kept in a set
+class _OpenStream:
+    responses: Any
+    started: float
+    last_activity: float
+    failure: str | None = None
+
+
+class StallMonitor:
+    """Fails the streams a dead model process left waiting (see the module docstring).
+
+    One task per event loop, running only while streams are open. ``check`` says whether the pipeline is
+    ready; ``last_unhealthy`` when it was last seen not ready (``-inf``: never).
+    """
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[bool]],
+        last_unhealthy: Callable[[], float],
+        interval_s: float = STALL_CHECK_S,
+    ) -> None:
+        self._check = check
+        self._last_unhealthy = last_unhealthy
+        self.interval_s = interval_s
+        self._open: set[_OpenStream] = set()
+        self._task: asyncio.Task | None = None
+
+    def register(self, responses: Any) -> _OpenStream:
+        """Watch a stream from now on; :meth:`touch` it on each response, :meth:`unregister` it at its end."""
+        now = time.monotonic()
+        stream = _OpenStream(responses, now, now)
+        self._open.add(stream)
+        if self.interval_s > 0 and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return stream
+
+    @staticmethod
+    def touch(stream: _OpenStream) -> None:
+        stream.last_activity = time.monotonic()
+
+    def unregister(self, stream: _OpenStream) -> None:
+        self._open.discard(stream)
+
+    async def _run(self) -> None:
+        while self._open:
+            await asyncio.sleep(self.interval_s)
+            now = time.monotonic()
+            idle = [s for s in self._open if now - s.last_activity >= self.interval_s and s.failure is None]
+            if not idle:
+                continue
+            try:
+                ready = await self._check()
+            except Exception:  # noqa: BLE001 - the check itself failing is "not ready"
+                ready = False
+            last_unhealthy = now if not ready else self._last_unhealthy()
+            for stream in idle:
+                if stream.started <= last_unhealthy:
+                    logger.warning(
+                        "failing a stream left waiting by the pipeline (no response for %.1fs)",
+                        now - stream.last_activity,
+                    )
+                    stream.failure = _STALLED_MESSAGE
+                    stream.responses.cancel()
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -252,13 +335,24 @@ def _error_from_rpc(error: grpc.RpcError) -> Exception:
 class TritonVLMClient:
     """Streams chat completions from the ``vlm`` model of a Triton server over gRPC."""
 
-    def __init__(self, grpc_url: str, model_name: str = wire.VLM_MODEL, ready_timeout_s: float = 2.0) -> None:
-        """``grpc_url`` is ``host:port`` (a ``grpc://`` prefix is accepted)."""
+    def __init__(
+        self,
+        grpc_url: str,
+        model_name: str = wire.VLM_MODEL,
+        ready_timeout_s: float = 2.0,
+        stall_check_s: float = STALL_CHECK_S,
+    ) -> None:
+        """``grpc_url`` is ``host:port`` (a ``grpc://`` prefix is accepted). ``stall_check_s``: how long a
+        stream may wait for a response before the pipeline's readiness is checked (0: never)."""
         self.grpc_url = _grpc_target(grpc_url)
         self.model_name = model_name
         self.ready_timeout_s = ready_timeout_s
+        self.stall_check_s = stall_check_s
         self._client: grpcclient.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: StallMonitor | None = None
+        self._ready_cache: tuple[float, bool] | None = None
+        self._last_unhealthy = float("-inf")  # monotonic time the pipeline was last seen not ready
 
     def _get_client(self) -> grpcclient.InferenceServerClient:
         # A grpc.aio channel belongs to the event loop it was made in: make it lazily, in that loop.
@@ -266,6 +360,7 @@ class TritonVLMClient:
         if self._client is None or self._loop is not loop:
             self._client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=channel_options())
             self._loop = loop
+            self._monitor = StallMonitor(self._ready_cached, lambda: self._last_unhealthy, self.stall_check_s)
         return self._client
 
     async def close(self) -> None:
@@ -275,17 +370,44 @@ class TritonVLMClient:
             await client.close()
 
     async def is_ready(self) -> bool:
-        """Whether the server is ready and the ``vlm`` model is loaded and ready (never raises)."""
+        """Whether the server is ready, the ``vlm`` model is ready, and so is every other model of the
+        repository that has been loaded (a pipeline stage being reloaded is not ready). Never raises."""
         try:
             client = self._get_client()
             timeout = self.ready_timeout_s
-            return bool(
+            ready = bool(
                 await client.is_server_ready(client_timeout=timeout)
                 and await client.is_model_ready(self.model_name, client_timeout=timeout)
+                and await self._all_models_ready(client)
             )
         except (InferenceServerException, grpc.RpcError, OSError) as exc:
             logger.debug("Triton readiness check failed: %s", exc)
-            return False
+            ready = False
+        now = time.monotonic()
+        self._ready_cache = (now, ready)
+        if not ready:
+            self._last_unhealthy = now
+        return ready
+
+    async def _all_models_ready(self, client: grpcclient.InferenceServerClient) -> bool:
+        try:
+            index = await client.get_model_repository_index(as_json=True, client_timeout=self.ready_timeout_s)
+        except InferenceServerException as exc:
+            if exc.status() == "StatusCode.UNIMPLEMENTED":  # a Triton-like server without the API
+                return True
+            raise
+        for model in index.get("models", []):
+            state = model.get("state", "")
+            if state and state != "READY":  # "": never loaded (explicit model control), not ours
+                logger.debug("model %s is %s: %s", model.get("name"), state, model.get("reason", ""))
+                return False
+        return True
+
+    async def _ready_cached(self) -> bool:
+        cached = self._ready_cache
+        if cached is not None and time.monotonic() - cached[0] < _READY_CACHE_S:
+            return cached[1]
+        return await self.is_ready()
 
     async def stream(
         self,
@@ -316,6 +438,9 @@ class TritonVLMClient:
             yield request
 
         responses = self._get_client().stream_infer(inputs_iterator=one_request())
+        monitor = self._monitor
+        assert monitor is not None
+        watched = monitor.register(responses)
         previous: StreamDelta | None = None
         final_seen = False
         try:
@@ -328,11 +453,20 @@ class TritonVLMClient:
                     raise TritonRequestError(
                         False, "Triton closed the stream before the final response"
                     ) from None
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if watched.failure is None or (task is not None and task.cancelling()):
+                        raise  # our consumer was cancelled (e.g. its HTTP client left)
+                    raise TritonUnavailableError(watched.failure) from None
                 except grpc.RpcError as exc:
+                    if watched.failure is not None:
+                        raise TritonUnavailableError(watched.failure) from None
                     raise _error_from_rpc(exc) from None
                 except InferenceServerException as exc:
                     raise _error_from_message(exc.message()) from None
+                monitor.touch(watched)
                 if error is not None:
+                    final_seen = True  # an error ends the request: Triton closes the stream itself
                     raise _error_from_message(error.message())
                 delta = parse_response(result, previous)
                 if delta is not None:
@@ -342,11 +476,13 @@ class TritonVLMClient:
                     final_seen = True
                     return
         finally:
-            # Ends the gRPC call whatever happened: after the final response, by letting Triton close
-            # the stream (in the background); otherwise by cancelling it, which cancels the request
-            # when the consumer stopped early (GeneratorExit at the ``yield``, CancelledError at the
-            # ``await``). Nothing here awaits, so a cancellation is never delayed or swallowed.
-            if final_seen:
+            monitor.unregister(watched)
+            # Ends the gRPC call whatever happened: after the final response (or an error, which is
+            # final too), by letting Triton close the stream (in the background); otherwise by
+            # cancelling it, which cancels the request when the consumer stopped early (GeneratorExit
+            # at the ``yield``, CancelledError at the ``await``). Nothing here awaits, so a cancellation
+            # is never delayed or swallowed.
+            if final_seen and watched.failure is None:
                 _close_after_final(responses)
             else:
                 responses.cancel()

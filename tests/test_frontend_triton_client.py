@@ -78,6 +78,11 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.cancelled = asyncio.Event()
         self.finished = asyncio.Event()
         self.model_ready = True
+        self.index: list[tuple[str, str]] = [(wire.VLM_MODEL, "READY"), (wire.PREPROCESS_MODEL, "READY")]
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
+        models = [service_pb2.RepositoryIndexResponse.ModelIndex(name=n, state=st) for n, st in self.index]
+        return service_pb2.RepositoryIndexResponse(models=models)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
         return service_pb2.ServerReadyResponse(ready=True)
@@ -139,6 +144,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield _response(rid, text="a", ids=[1], completion=1)
         elif scenario == "ends_after_finish":  # no final flag, but the stream ends after the last step
             yield _response(rid, text="a", ids=[1], finish="stop", completion=1)
+        elif scenario == "stall":  # one response, then nothing: what a request gets once its stub died
+            yield _response(rid, text="a", ids=[1], completion=1)
+            await asyncio.sleep(3600)
         elif scenario == "forever":
             step = 0
             while True:
@@ -149,13 +157,15 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise AssertionError(scenario)
 
 
-async def _with_server(body: Callable[[FakeTriton, TritonVLMClient], Awaitable[None]]) -> FakeTriton:
+async def _with_server(
+    body: Callable[[FakeTriton, TritonVLMClient], Awaitable[None]], **client_kwargs: Any
+) -> FakeTriton:
     fake = FakeTriton()
     server = grpc.aio.server()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = TritonVLMClient(f"127.0.0.1:{port}")
+    client = TritonVLMClient(f"127.0.0.1:{port}", **client_kwargs)
     try:
         await asyncio.wait_for(body(fake, client), 10)
     finally:
@@ -394,3 +404,68 @@ def test_cancelling_the_consumer_task_cancels_the_grpc_call() -> None:
 
     fake = asyncio.run(_with_server(body))
     assert fake.cancelled.is_set()
+
+
+def test_an_error_response_ends_the_stream_without_a_cancel() -> None:
+    """An error is vlm's final response: the stream is left for Triton to close, like a finished one
+    (a cancel right after it can keep vlm referenced in Triton 2.51, which then never unloads)."""
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        with pytest.raises(TritonRequestError):
+            await _collect(client.stream(MESSAGES, [], {"scenario": "client_error"}, "r12"))
+        await asyncio.wait_for(fake.finished.wait(), 3)
+
+    fake = asyncio.run(_with_server(body))
+    assert not fake.cancelled.is_set()
+
+
+def test_a_model_of_the_repository_not_ready_makes_the_pipeline_not_ready() -> None:
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        assert await client.is_ready()
+        fake.index = [(wire.VLM_MODEL, "READY"), (wire.PREPROCESS_MODEL, "UNAVAILABLE")]
+        assert not await client.is_ready()
+        fake.index = [(wire.VLM_MODEL, "READY"), ("never_loaded", "")]  # explicit mode, not loaded: ignored
+        assert await client.is_ready()
+
+    asyncio.run(_with_server(body))
+
+
+def test_a_stream_left_waiting_by_a_dead_pipeline_fails_with_unavailable() -> None:
+    """A stub killed mid-request never answers again: once the pipeline is seen not ready, the idle
+    stream fails (503) and its gRPC call is cancelled, instead of hanging its client."""
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        got: list[str] = []
+
+        async def consume() -> None:
+            async for delta in client.stream(MESSAGES, [], {"scenario": "stall"}, "r13"):
+                got.append(delta.text)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.6)  # idle, but the pipeline is ready: a queued request, left alone
+        assert not task.done() and got == ["a"]
+        fake.index = [(wire.VLM_MODEL, "UNAVAILABLE")]
+        with pytest.raises(TritonUnavailableError, match="stopped answering"):
+            await asyncio.wait_for(task, 3)
+        await asyncio.wait_for(fake.cancelled.wait(), 3)
+
+    asyncio.run(_with_server(body, stall_check_s=0.2))
+
+
+def test_a_stream_that_lived_through_an_outage_fails_even_after_recovery() -> None:
+    """The model came back (reloaded) between two looks at an idle stream: the stream still waits on the
+    dead process, so having seen the outage is enough."""
+
+    async def body(fake: FakeTriton, client: TritonVLMClient) -> None:
+        stream = client.stream(MESSAGES, [], {"scenario": "stall"}, "r14")
+        assert (await stream.__anext__()).text == "a"
+        fake.model_ready = False
+        assert not await client.is_ready()  # e.g. a /health probe saw the reload
+        fake.model_ready = True
+        with pytest.raises(TritonUnavailableError):
+            await asyncio.wait_for(stream.__anext__(), 3)
+        # a stream that began after the outage is not affected
+        late = client.stream(MESSAGES, [], {"scenario": "normal"}, "r15")
+        assert [d.text for d in await _collect(late)] == ["Hel", "lo", ""]
+
+    asyncio.run(_with_server(body, stall_check_s=0.2))

@@ -7,6 +7,7 @@ import os
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -268,4 +269,48 @@ def test_startup_timeout_stops_everything(triton_available: None, tmp_path: Path
     with pytest.raises(TritonStartError, match="not ready after 4 s"):
         server.wait_ready()
     assert time.monotonic() - t0 < 25
+    _assert_all_gone(server, sid)
+
+
+def _infer_identity(server: TritonServer) -> tuple[int, str]:
+    body = {"inputs": [{"name": "INPUT0", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}
+    request = urllib.request.Request(
+        f"{server.http_url}/v2/models/identity/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.e2e
+def test_a_killed_stub_is_brought_back(triton_available: None, tmp_path: Path) -> None:
+    """Triton 2.51 does not restart a dead stub (requests to it fail, the model stays "ready"): the
+    watchdog reloads the model, and it answers again."""
+    import signal
+
+    repo = tmp_path / "repo"
+    _write_model(repo, "identity", IDENTITY_MODEL)
+    server = TritonServer(repo, state_dir=tmp_path / "state", startup_timeout=60, restart_dead_stubs=True)
+    with server:
+        assert server.watchdog is not None
+        (pid,) = launcher.find_stubs(server.shm_prefix)
+        assert launcher.find_stubs(server.shm_prefix) == {pid: "identity"}
+        assert _infer_identity(server)[0] == 200
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not server.watchdog.recoveries and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (recovery,) = server.watchdog.recoveries
+        assert (recovery.model, recovery.pid, recovery.error) == ("identity", pid, None)
+        assert recovery.ready_after_s is not None
+        status, body = _infer_identity(server)
+        assert status == 200, body
+        (new_pid,) = launcher.find_stubs(server.shm_prefix)
+        assert new_pid != pid
+        sid = server.pid
+    assert sid is not None
     _assert_all_gone(server, sid)

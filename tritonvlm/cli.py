@@ -52,6 +52,9 @@ def default_model_name(model_dir: Path) -> str:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_TRITON_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT = 300.0
+# --max-prompt-chars defaults to this many characters per token of --max-model-len: ordinary text runs
+# about 4 characters per token, so any prompt that fits the context fits this bound.
+PROMPT_CHARS_PER_TOKEN = 32
 # serve flags that only configure the tritonserver `serve` starts (and its models): unused with
 # --triton-url. All default to None, so that a given one can be reported as ignored.
 TRITON_LAUNCH_FLAGS = (
@@ -218,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP request body size, else 413 (default 52428800, 50 MiB)",
     )
     media.add_argument(
+        "--max-prompt-chars",
+        metavar="CHARS",
+        type=int,
+        help="characters of text in one request, checked before tokenizing, else 400 "
+        "(default 32 x --max-model-len: 131072)",
+    )
+    media.add_argument(
         "--max-images-per-request", metavar="N", type=int, default=8, help="images in one request (default 8)"
     )
     media.add_argument(
@@ -313,6 +323,7 @@ def _frontend_settings(args: argparse.Namespace, grpc_url: str, served_name: str
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         max_request_body_bytes=args.max_request_body_bytes,
+        max_prompt_chars=args.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * (args.max_model_len or 4096),
         media_fetch_timeout_s=args.media_fetch_timeout,
         api_key=args.api_key,
     )
@@ -443,6 +454,7 @@ def serve(args: argparse.Namespace) -> int:
         state_dir=state,
         env=triton_env(args, model),
         startup_timeout=args.startup_timeout or DEFAULT_STARTUP_TIMEOUT,
+        restart_dead_stubs=True,
     )
     started = time.monotonic()
     log.info("starting tritonserver on %s (model %s; log: %s)", repository, model, triton.log_file)

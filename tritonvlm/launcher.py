@@ -13,6 +13,10 @@ Typical use::
 
     with TritonServer("models/", state_dir=".state/triton") as server:
         client = InferenceServerClient(server.grpc_url)
+
+With ``restart_dead_stubs=True`` the server runs with explicit model control and a
+:class:`StubWatchdog` brings back any model whose Python-backend stub process dies (kill -9, the OOM
+killer, a segfault): Triton 2.51's python backend no longer restarts stubs itself.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -233,6 +238,136 @@ def _session_processes(sid: int) -> list[int]:
     return pids
 
 
+def _process_state(pid: int) -> str | None:
+    """The state letter of a process (``R``, ``S``, ``Z``...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[0] if fields else None
+
+
+def find_stubs(shm_prefix: str) -> dict[int, str]:
+    """``pid -> model name`` of the live Python-backend stubs whose shared-memory region starts with
+    ``shm_prefix`` (the stubs of one :class:`TritonServer`). A stub's command line is ``stub
+    <repository>/<model>/<version>/model.py <shm region> ...``."""
+    stubs: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) < 3 or not argv[0].endswith(_STUB_NAME.encode()):
+            continue
+        if not argv[2].decode(errors="replace").startswith(shm_prefix):
+            continue
+        if _process_state(int(entry)) in (None, "Z", "X"):
+            continue
+        parts = Path(argv[1].decode(errors="replace")).parts
+        stubs[int(entry)] = parts[-3] if len(parts) >= 3 else parts[-1]
+    return stubs
+
+
+@dataclass
+class StubRecovery:
+    """One dead stub and how its model was brought back (times in seconds from its death being seen)."""
+
+    model: str
+    pid: int
+    unloaded_after_s: float | None = None
+    ready_after_s: float | None = None
+    error: str | None = None
+
+
+class StubWatchdog:
+    """Brings back the model of a Python-backend stub process that died.
+
+    python_backend 2.51 does not restart a dead stub (the restart was removed in 24.08): every later
+    request to that model instance fails after about a second with "Stub process ... is not healthy",
+    requests that were inside a decoupled model never get a final response, and Triton keeps reporting
+    the model ready. This thread polls the server's stubs every ``poll_s`` seconds; when one is gone (or a
+    zombie) it unloads its model and loads it again through Triton's model repository API, which starts
+    fresh stubs. The model is not ready in between, which is what the frontend's ``/health`` and its
+    stall check see. The server must run with ``--model-control-mode=explicit``.
+    """
+
+    def __init__(
+        self,
+        server: TritonServer,
+        poll_s: float = 0.5,
+        load_timeout_s: float = 600.0,
+        on_recovery: Callable[[StubRecovery], None] | None = None,
+    ) -> None:
+        self.server = server
+        self.poll_s = poll_s
+        self.load_timeout_s = load_timeout_s
+        self.on_recovery = on_recovery
+        self.recoveries: list[StubRecovery] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._known: dict[int, str] = {}
+
+    def start(self) -> StubWatchdog:
+        """Start watching the stubs running now."""
+        if self._thread is None:
+            self._known = find_stubs(self.server.shm_prefix)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
+            self._thread.start()
+            models = sorted(self._known.values())
+            logger.debug("watching %d Python-backend stubs: %s", len(models), models)
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (a recovery under way finishes its current HTTP call first)."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._check()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one failure
+                logger.exception("stub watchdog check failed")
+
+    def _check(self) -> None:
+        alive = find_stubs(self.server.shm_prefix)
+        dead = {pid: model for pid, model in self._known.items() if pid not in alive}
+        if not dead or not self.server.is_running():
+            self._known = alive
+            return
+        for model in sorted(set(dead.values())):
+            if self._stop.is_set():
+                return
+            pid = min(p for p, m in dead.items() if m == model)
+            self._recover(model, pid)
+        self._known = find_stubs(self.server.shm_prefix)
+
+    def _recover(self, model: str, pid: int) -> None:
+        record = StubRecovery(model, pid)
+        started = time.monotonic()
+        logger.error("the Python-backend stub of model %r (pid %d) died: reloading the model", model, pid)
+        try:
+            self.server.unload_model(model, timeout=60.0)
+            record.unloaded_after_s = time.monotonic() - started
+            self.server.load_model(model, timeout=self.load_timeout_s)
+            record.ready_after_s = time.monotonic() - started
+            logger.warning("model %r is back %.1fs after its stub died", model, record.ready_after_s)
+        except Exception as exc:  # noqa: BLE001 - reported; the next death is watched all the same
+            record.error = str(exc)
+            logger.error("could not bring model %r back: %s", model, exc)
+        self.recoveries.append(record)
+        if self.on_recovery is not None:
+            self.on_recovery(record)
+
+
 def _connect_host(host: str) -> str:
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"
@@ -265,10 +400,13 @@ class TritonServer:
         startup_timeout: float = 120.0,
         log_verbose: int = 0,
         install: TritonInstall | None = None,
+        restart_dead_stubs: bool = False,
     ) -> None:
         """Configure (but do not start) a server; ``None`` ports are picked free automatically.
 
         ``install`` defaults to :func:`find_tritonserver` (resolved at ``start()``).
+        ``restart_dead_stubs``: run with explicit model control (every model loaded at start) and a
+        :class:`StubWatchdog` from the moment the server is ready until it is stopped.
         """
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -279,6 +417,8 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.install = install
+        self.restart_dead_stubs = restart_dead_stubs
+        self.watchdog: StubWatchdog | None = None
         auto = iter(free_ports(3, "127.0.0.1" if host in ("", "0.0.0.0") else host))
         self.http_port: int = http_port or next(auto)
         self.grpc_port: int = grpc_port or next(auto)
@@ -331,6 +471,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
+            *(("--model-control-mode=explicit", "--load-model=*") if self.restart_dead_stubs else ()),
             *self.extra_args,
         ]
 
@@ -404,6 +545,8 @@ class TritonServer:
                 logger.info(
                     "tritonserver ready in %.1f s at %s", time.monotonic() - self._started_at, self.http_url
                 )
+                if self.restart_dead_stubs and self.watchdog is None:
+                    self.watchdog = StubWatchdog(self).start()
                 return self
             if time.monotonic() >= next_log_check:
                 next_log_check = time.monotonic() + 1.0
@@ -421,6 +564,26 @@ class TritonServer:
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    def _repository_call(self, model: str, action: str, timeout: float) -> None:
+        request = urllib.request.Request(
+            f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}", method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeError(f"{action} of model {model!r} failed: HTTP {exc.code} {detail}") from None
+
+    def unload_model(self, model: str, timeout: float = 60.0) -> None:
+        """Unload ``model`` (explicit model control); returns once Triton has unloaded it."""
+        self._repository_call(model, "unload", timeout)
+
+    def load_model(self, model: str, timeout: float = 600.0) -> None:
+        """Load ``model`` (explicit model control); returns once it is ready. A model already loaded with
+        the same configuration is left as it is (unload it first to restart its stubs)."""
+        self._repository_call(model, "load", timeout)
 
     def _log_text(self) -> str:
         try:
@@ -455,6 +618,9 @@ class TritonServer:
         group (and any straggler of its session). Idempotent. Returns the server's exit code (None if it
         was never started).
         """
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         proc = self._proc
         if proc is None:
             self._remove_shm()
