@@ -148,6 +148,11 @@ def _describe_validation_error(error: Mapping[str, Any]) -> APIError:
     if kind == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "invalid JSON")
         return APIError(400, f"We could not parse the JSON body of your request: {detail}.")
+    if kind == "string_unicode":  # a key or text with a lone surrogate, refused by pydantic itself
+        where = f" in '{param}'" if param else ""
+        return APIError(
+            400, f"The request holds text that is not valid Unicode (a lone surrogate){where}.", param=param
+        )
     if param is None:
         if kind == "missing":
             return APIError(400, "The request body is missing: a JSON object is expected.")

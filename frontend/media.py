@@ -511,7 +511,16 @@ class MediaFetcher:
         param: str | None,
     ) -> bytes | str:
         request = self._client.build_request("GET", target, headers=headers, extensions=extensions)
-        response = await self._client.send(request, stream=True)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.InvalidURL as exc:
+            # httpx builds the next request of a redirect even when it does not follow it; a Location
+            # such as "javascript:alert(1)" fails there, before this code can check it.
+            raise _bad(
+                f"The image URL {describe_url(shown)} redirects to a URL that is not a valid http(s):// "
+                f"URL ({exc}).",
+                param,
+            ) from None
         try:
             if response.status_code in _REDIRECT_STATUSES:
                 location = response.headers.get("location")
