@@ -1,0 +1,111 @@
+"""Process faults end to end: kill -9 of a Triton model's stub process while requests run.
+
+Triton 2.51's python backend does not restart a dead stub; ``serve``'s watchdog reloads the model.
+For each model of the repository: a stream in flight ends (completes, or gets an error event: never a
+hang), ``/health`` turns 503 while the model is reloaded and 200 once it is back, and then a request
+that goes through every stage (an image) succeeds, all without restarting ``serve``. The recovery
+times are printed (``-s``); ``scripts/soak.py --kill`` measures them under load.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ServerProcess, make_image, serving
+
+from tritonvlm.launcher import find_stubs
+
+pytestmark = pytest.mark.e2e
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+MODELS = [m for m in ("preprocess", "vision_encoder", "vlm", "llm") if (REPOSITORY / m).is_dir()]
+RECOVERY_TIMEOUT_S = 300.0
+PNG_URL = "data:image/png;base64," + base64.b64encode(make_image(64, 64, "green")).decode()
+
+
+@pytest.fixture(scope="module")
+def fault_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # A killed decoupled stub leaves requests Triton never releases: no clean-unload check.
+    yield from serving(ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("faults")), clean_unload=False)
+
+
+def _stream(server: Any, outcome: dict[str, Any], started: threading.Event) -> None:
+    body = {
+        "model": "tiny",
+        "stream": True,
+        "max_tokens": 3000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "A very long story, please."}],
+    }
+    try:
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
+            outcome["status"] = r.status_code
+            for line in r.iter_lines():
+                started.set()
+                if line.startswith("data: {") and '"error"' in line:
+                    outcome["error"] = json.loads(line[6:])["error"]
+                if line == "data: [DONE]":
+                    outcome["done"] = True
+    except httpx.HTTPError as exc:
+        outcome["exception"] = repr(exc)
+    finally:
+        started.set()
+        outcome["ended_at"] = time.monotonic()
+
+
+def _health(server: Any) -> int:
+    try:
+        return httpx.get(server.base_url + "/health", timeout=5).status_code
+    except httpx.HTTPError:
+        return -1
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_kill_9_of_a_stub_is_survived(model: str, fault_server: Any) -> None:
+    server = fault_server
+    stubs = find_stubs(f"tritonvlm_{server.proc.pid}_")
+    victim = min(pid for pid, name in stubs.items() if name == model)
+    outcome: dict[str, Any] = {}
+    started = threading.Event()
+    thread = threading.Thread(target=_stream, args=(server, outcome, started), daemon=True)
+    thread.start()
+    assert started.wait(60)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    seen_503 = False
+    recovered_at = None
+    while time.monotonic() - killed_at < RECOVERY_TIMEOUT_S:
+        status = _health(server)
+        seen_503 = seen_503 or status == 503
+        if seen_503 and status == 200:
+            recovered_at = time.monotonic()
+            break
+        time.sleep(0.2)
+    assert seen_503, "/health never turned 503 after the stub died"
+    assert recovered_at is not None, server.log_tail()
+    thread.join(60)
+    assert not thread.is_alive(), "the stream in flight hung"
+    assert outcome.get("status") == 200 and outcome.get("done"), outcome
+    content = [{"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "What is it?"}]
+    after = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": content}]},
+        timeout=60,
+    )
+    assert after.status_code == 200, after.text
+    ended = "failed: " + outcome["error"]["message"] if "error" in outcome else "ok"
+    print(
+        f"\n{model}: stream in flight {ended} ({outcome['ended_at'] - killed_at:+.1f}s), "
+        f"/health back after {recovered_at - killed_at:.1f}s"
+    )
