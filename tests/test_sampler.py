@@ -1,0 +1,126 @@
+"""The sampler keeps rows apart, and SamplingParams keeps numbers where sampling stays finite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tritonvlm.engine import sampler
+from tritonvlm.engine.sampling_params import MAX_SEED, MIN_SEED, SamplingParams, wrap_seed
+from tritonvlm.engine.sequence import Sequence
+from tritonvlm.wire import InvalidRequestError
+
+VOCAB = 50
+
+
+def seq(request_id: str, outputs: int = 0, **params: Any) -> Sequence:
+    p = SamplingParams(**params)
+    s = Sequence(request_id, [1, 2, 3], p, on_output=lambda out: None, detokenizer=None)  # type: ignore[arg-type]
+    s.output_ids = list(range(outputs))
+    s.generator = None if p.greedy else sampler.make_generator(p.seed, torch.device("cpu"))
+    return s
+
+
+def batch(rows: int = 4) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(0))
+
+
+MIXED = [
+    {"temperature": 0.0},
+    {"temperature": 0.7, "seed": 3},
+    {"temperature": 0.0, "repetition_penalty": 1.3},
+    {"temperature": 1.0, "top_p": 0.5, "top_k": 5, "seed": 9},
+]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("row", range(4))
+def test_a_non_finite_row_fails_alone(bad: float, row: int) -> None:
+    logits = batch()
+    clean = sampler.sample(logits.clone(), [seq(f"r{i}", **MIXED[i]) for i in range(4)])
+    poisoned = logits.clone()
+    poisoned[row, 7] = bad
+    failures: dict[int, str] = {}
+    tokens = sampler.sample(poisoned, [seq(f"r{i}", **MIXED[i]) for i in range(4)], failures)
+    assert list(failures) == [row] and "NaN or inf" in failures[row]
+    assert [t for i, t in enumerate(tokens) if i != row] == [t for i, t in enumerate(clean) if i != row]
+    assert 0 <= tokens[row] < VOCAB
+
+
+def test_sample_never_raises_for_a_bad_row_without_a_failures_dict() -> None:
+    logits = batch()
+    logits[2] = float("nan")
+    tokens = sampler.sample(logits, [seq(f"r{i}", **MIXED[i]) for i in range(4)])
+    assert len(tokens) == 4
+
+
+def test_the_fault_hook_poisons_matching_requests_after_two_tokens() -> None:
+    sampler.set_fault_pattern("poison-me")
+    try:
+        rows = [seq("a"), seq("x-poison-me-1", outputs=1), seq("x-poison-me-2", outputs=2), seq("b")]
+        failures: dict[int, str] = {}
+        sampler.sample(batch(), rows, failures)
+        assert list(failures) == [2]
+    finally:
+        sampler.set_fault_pattern(None)
+    failures = {}
+    sampler.sample(batch(), rows, failures)
+    assert failures == {}
+
+
+# --------------------------------------------------------------------------- SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": 1e-300}, "temperature"),
+        ({"temperature": 0.009}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"repetition_penalty": 1e-45}, "repetition_penalty"),
+        ({"repetition_penalty": 101.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": 10.0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"logprobs": "false"}, "logprobs"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"stop": [1]}, "stop"),
+        ({"max_tokens": 2**31}, "max_tokens"),
+    ],
+)
+def test_from_dict_refuses_unsafe_or_mistyped_values(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams.from_dict(fields)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 0},
+        {"temperature": 0.01},
+        {"temperature": 2},
+        {"seed": MIN_SEED},
+        {"seed": MAX_SEED},
+        {"repetition_penalty": 0.01},
+        {"repetition_penalty": 100},
+        {"stop": "x"},
+        {"request_id": "kept out"},
+    ],
+)
+def test_from_dict_accepts_the_edges(fields: dict[str, Any]) -> None:
+    params = SamplingParams.from_dict(fields)
+    assert isinstance(params.temperature, float) and isinstance(params.repetition_penalty, float)
+
+
+def test_edge_seeds_seed_a_generator() -> None:
+    for value in (MIN_SEED, MAX_SEED, wrap_seed(MAX_SEED + 3)):
+        sampler.make_generator(value, torch.device("cpu"))
+    assert wrap_seed(MAX_SEED + 1) == 0 and wrap_seed(5) == 5
