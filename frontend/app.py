@@ -348,10 +348,13 @@ def create_app(
             )
 
         def fix_param(param: str | None) -> str | None:
-            """Triton names images by position (``images[k]``): name the content part instead."""
+            """Triton names images by position (``images[k]``, or ``images`` for all of them): name the
+            content part instead (the message list when several images are meant)."""
             match = _IMAGE_PARAM.fullmatch(param or "")
             if match and int(match.group(1)) < len(image_refs):
                 return image_refs[int(match.group(1))].param
+            if param == "images":
+                return image_refs[0].param if len(image_refs) == 1 else "messages"
             return param
 
         logprobs = bool(body.logprobs)

@@ -87,8 +87,7 @@ def normal_body(model: str, rng: random.Random, i: int, with_image: bool) -> dic
 
 
 def poison_bodies(model: str, big_text: int) -> dict[str, tuple[dict, set[int]]]:
-    """kind -> (body, acceptable statuses). 400 for what is refused; model-side cases also accept 500
-    until the preprocess side lands (counted apart, reported)."""
+    """kind -> (body, acceptable statuses): all of them are refused with a 400."""
 
     def chat(content: object, **fields: object) -> dict:
         return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **fields}
@@ -101,7 +100,7 @@ def poison_bodies(model: str, big_text: int) -> dict[str, tuple[dict, set[int]]]
         "lone-surrogate": (chat([{"type": "text", "text": "a\ud800b"}]), {400}),
         "max-tokens-string": (chat("hi", max_tokens="10"), {400}),
         "huge-text": (chat("x" * big_text), {400}),
-        "special-tokens": (chat("<|vision_start|><|image_pad|><|vision_end|>"), {200, 400}),
+        "special-tokens": (chat("<|vision_start|><|image_pad|><|vision_end|>"), {400}),
         "aspect-ratio-250": (
             chat([{"type": "image_url", "image_url": {"url": wide}}, {"type": "text", "text": "?"}]),
             {400},
