@@ -27,7 +27,9 @@ from tritonvlm.launcher import find_stubs
 pytestmark = pytest.mark.e2e
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-MODELS = [m for m in ("preprocess", "vision_encoder", "vlm", "llm") if (REPOSITORY / m).is_dir()]
+MODELS = [
+    m for m in ("preprocess", "vision_encoder", "vlm", "llm") if (REPOSITORY / m / "config.pbtxt").exists()
+]
 RECOVERY_TIMEOUT_S = 300.0
 PNG_URL = "data:image/png;base64," + base64.b64encode(make_image(64, 64, "green")).decode()
 
