@@ -12,8 +12,10 @@ model tells the engine to drop it.
 A stream whose Python stub died never gets another response from Triton 2.51 (its python backend
 neither restarts a dead stub nor fails the requests it held). So a :class:`StallMonitor` looks at the
 open streams once a second: when some stream has had no response for that long, it checks that
-Triton and every model of the repository are ready, and fails (with :class:`TritonUnavailableError`,
-a 503) each idle stream that began before the pipeline was last seen not ready. ``serve`` brings a
+Triton and the ``vlm`` model (which holds the streams) are ready, and fails (with
+:class:`TritonUnavailableError`, a 503) each idle stream that began before ``vlm`` was last seen not
+ready. A dead stage behind ``vlm`` (preprocess, vision_encoder) needs no such help: ``vlm``'s call to
+it fails after about a second, and that error reaches the client. ``serve`` brings a
 model whose stub died back by unloading and loading it (:class:`tritonvlm.launcher.StubWatchdog`),
 so such a model is seen not ready for the seconds that takes.
 """
@@ -360,7 +362,9 @@ class TritonVLMClient:
         if self._client is None or self._loop is not loop:
             self._client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=channel_options())
             self._loop = loop
-            self._monitor = StallMonitor(self._ready_cached, lambda: self._last_unhealthy, self.stall_check_s)
+            self._monitor = StallMonitor(
+                self._entry_ready_cached, lambda: self._last_unhealthy, self.stall_check_s
+            )
         return self._client
 
     async def close(self) -> None:
@@ -371,21 +375,24 @@ class TritonVLMClient:
 
     async def is_ready(self) -> bool:
         """Whether the server is ready, the ``vlm`` model is ready, and so is every other model of the
-        repository that has been loaded (a pipeline stage being reloaded is not ready). Never raises."""
+        repository that has been loaded (a pipeline stage being reloaded is not ready). Never raises.
+
+        The stall check looks at ``vlm`` alone: only a dead ``vlm`` leaves streams waiting (a dead stage
+        behind it answers ``vlm``'s calls with an error, which reaches the client)."""
+        entry_ready = ready = False
         try:
             client = self._get_client()
             timeout = self.ready_timeout_s
-            ready = bool(
+            entry_ready = bool(
                 await client.is_server_ready(client_timeout=timeout)
                 and await client.is_model_ready(self.model_name, client_timeout=timeout)
-                and await self._all_models_ready(client)
             )
+            ready = entry_ready and await self._all_models_ready(client)
         except (InferenceServerException, grpc.RpcError, OSError) as exc:
             logger.debug("Triton readiness check failed: %s", exc)
-            ready = False
         now = time.monotonic()
-        self._ready_cache = (now, ready)
-        if not ready:
+        self._ready_cache = (now, entry_ready)
+        if not entry_ready:
             self._last_unhealthy = now
         return ready
 
@@ -403,11 +410,14 @@ class TritonVLMClient:
                 return False
         return True
 
-    async def _ready_cached(self) -> bool:
+    async def _entry_ready_cached(self) -> bool:
+        """Whether ``vlm`` (the model that holds the streams) is ready, answered at most every 0.5 s."""
         cached = self._ready_cache
-        if cached is not None and time.monotonic() - cached[0] < _READY_CACHE_S:
-            return cached[1]
-        return await self.is_ready()
+        if cached is None or time.monotonic() - cached[0] >= _READY_CACHE_S:
+            await self.is_ready()
+            cached = self._ready_cache
+        assert cached is not None
+        return cached[1]
 
     async def stream(
         self,

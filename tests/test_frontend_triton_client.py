@@ -444,7 +444,10 @@ def test_a_stream_left_waiting_by_a_dead_pipeline_fails_with_unavailable() -> No
         task = asyncio.ensure_future(consume())
         await asyncio.sleep(0.6)  # idle, but the pipeline is ready: a queued request, left alone
         assert not task.done() and got == ["a"]
-        fake.index = [(wire.VLM_MODEL, "UNAVAILABLE")]
+        fake.index = [(wire.VLM_MODEL, "READY"), (wire.PREPROCESS_MODEL, "UNAVAILABLE")]
+        await asyncio.sleep(0.6)  # a stage behind vlm being reloaded does not strand vlm's streams
+        assert not task.done()
+        fake.model_ready = False  # vlm itself is down: its streams will never be answered
         with pytest.raises(TritonUnavailableError, match="stopped answering"):
             await asyncio.wait_for(task, 3)
         await asyncio.wait_for(fake.cancelled.wait(), 3)
