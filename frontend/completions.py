@@ -41,7 +41,12 @@ from tritonvlm.frontend.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from tritonvlm.frontend.triton_client import StreamDelta, TritonRequestError, TritonUnavailableError
+from tritonvlm.frontend.triton_client import (
+    StreamDelta,
+    TritonRequestError,
+    TritonStalledError,
+    TritonUnavailableError,
+)
 
 logger = logging.getLogger("tritonvlm.frontend.completions")
 
@@ -76,6 +81,8 @@ def to_api_error(exc: BaseException) -> APIError:
         if exc.client_error:
             return APIError(400, exc.message, param=exc.param, code="invalid_value")
         return APIError(500, exc.message, code="inference_error")
+    if isinstance(exc, TritonStalledError):
+        return APIError(503, str(exc), code="service_unavailable")
     if isinstance(exc, TritonUnavailableError):
         return APIError(503, "The inference server is unavailable.", code="service_unavailable")
     return internal_error()

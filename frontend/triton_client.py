@@ -214,6 +214,10 @@ class TritonUnavailableError(Exception):
     """Triton cannot be reached, or the ``vlm`` model is not loaded."""
 
 
+class TritonStalledError(TritonUnavailableError):
+    """A stream was left waiting by a ``vlm`` that died (its message says so to the client)."""
+
+
 def _grpc_target(url: str) -> str:
     for prefix in ("grpc://", "http://"):
         if url.startswith(prefix):
@@ -467,10 +471,10 @@ class TritonVLMClient:
                     task = asyncio.current_task()
                     if watched.failure is None or (task is not None and task.cancelling()):
                         raise  # our consumer was cancelled (e.g. its HTTP client left)
-                    raise TritonUnavailableError(watched.failure) from None
+                    raise TritonStalledError(watched.failure) from None
                 except grpc.RpcError as exc:
                     if watched.failure is not None:
-                        raise TritonUnavailableError(watched.failure) from None
+                        raise TritonStalledError(watched.failure) from None
                     raise _error_from_rpc(exc) from None
                 except InferenceServerException as exc:
                     raise _error_from_message(exc.message()) from None
