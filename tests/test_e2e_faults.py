@@ -30,7 +30,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODELS = [
     m for m in ("preprocess", "vision_encoder", "vlm", "llm") if (REPOSITORY / m / "config.pbtxt").exists()
 ]
-RECOVERY_TIMEOUT_S = 300.0
+RECOVERY_TIMEOUT_S = 600.0  # a reload is a model load: minutes on a loaded 2-core machine
 PNG_URL = "data:image/png;base64," + base64.b64encode(make_image(64, 64, "green")).decode()
 
 

@@ -324,11 +324,12 @@ class StubWatchdog:
         return self
 
     def stop(self) -> None:
-        """Stop watching (a recovery under way finishes its current HTTP call first)."""
+        """Stop watching. A recovery under way is abandoned: its HTTP call to Triton ends when the server
+        stops (the thread is a daemon), so stopping never waits for a model load."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
+            thread.join(timeout=1.0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
