@@ -206,7 +206,17 @@ def free_port() -> int:
 
 
 def session_processes(sid: int) -> dict[int, str]:
-    """pid -> short name of every live process of session ``sid`` (serve runs in its own session)."""
+    """pid -> short name of every live process of serve's session ``sid`` and of the session of the
+    tritonserver it started (which runs in a session of its own, with its stubs)."""
+    sessions = {sid}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace") if entry.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split() if stat else []
+        if len(fields) > 3 and int(fields[1]) == sid and int(fields[3]) == int(entry):
+            sessions.add(int(entry))  # a child of serve leading its own session: tritonserver
     out: dict[int, str] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -217,7 +227,7 @@ def session_processes(sid: int) -> dict[int, str]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] in "ZX" or int(fields[3]) != sid:
+        if fields[0] in "ZX" or int(fields[3]) not in sessions:
             continue
         if argv[0].endswith(b"triton_python_backend_stub"):
             name = "stub " + Path(argv[1].decode(errors="replace")).parts[-3]
