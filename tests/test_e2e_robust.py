@@ -5,8 +5,7 @@ beside it, and that stream's text is the one it gets alone. A request whose logi
 (the sampler's fault hook, enabled on the shared server for ids holding ``FAULT_TAG``) leaves the other
 rows of its batch untouched.
 
-The test marked ``xfail`` describes behaviour of the engine loop (ending a row whose sampling failed
-with an error), which the sampler prepares but the loop does not yet use.
+A row whose sampling fails ends with an error event; the others go on in the same step.
 """
 
 from __future__ import annotations
@@ -214,11 +213,6 @@ def test_a_poisoned_row_leaves_the_rest_of_its_batch_unchanged(client: Any) -> N
     assert together == solo
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="engine side (lead): the engine loop must pass a failures dict to sampler.sample() and end "
-    "the failed rows with an error (today the poisoned row goes on with stand-in tokens)",
-)
 def test_a_poisoned_row_ends_with_an_error_event(client: Any) -> None:
     bad, solo, together = _poisoned_and_bystanders(client)
     assert together == solo

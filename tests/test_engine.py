@@ -232,3 +232,30 @@ def test_bucketed_lengths_keep_tokens_exact(kit, prepared):
         engine.step()
     for name, _, _, ref in prepared:
         assert sink.tokens(name) == ref, name
+
+
+def test_a_row_that_fails_to_sample_ends_alone_with_an_error(kit, prepared):
+    """The sampler's fault hook poisons one running row mid-stream: that request ends with an error,
+    every other row of the same steps keeps generate()'s tokens."""
+    from tritonvlm.engine import sampler
+
+    engine = make_engine(kit)
+    sink = Collector()
+    sampler.set_fault_pattern("poisoned")
+    try:
+        for name, ids, mm, _ in prepared:
+            engine.add_request(name, ids, greedy(), sink, mm)
+        engine.add_request("poisoned", prepared[0][1], SamplingParams(max_tokens=40, temperature=0.0), sink)
+        steps = 0
+        while not all(sink.finished(name) for name, *_ in prepared) or not sink.finished("poisoned"):
+            engine.step()
+            steps += 1
+            assert steps < 200
+    finally:
+        sampler.set_fault_pattern(None)
+    last = sink.outputs["poisoned"][-1]
+    assert last.finish_reason == "error" and "sampling failed" in last.error
+    assert len(sink.tokens("poisoned")) == sampler.FAULT_AFTER_TOKENS
+    for name, _, _, ref in prepared:
+        assert sink.tokens(name) == ref, name
+    assert engine.stats.requests_failed == 1 and engine.scheduler.running == []

@@ -52,6 +52,7 @@ class EngineStats:
     max_decode_batch: int = 0
     requests_finished: int = 0
     requests_cancelled: int = 0
+    requests_failed: int = 0
     kv_tokens_used: int = 0
     kv_bytes_used: int = 0  # keys/values the running sequences hold (sliding layers: their window)
     kv_bytes_capacity: int = 0  # what the KV cache reserves
@@ -275,7 +276,8 @@ class LLMEngine:
         if running:
             started = time.monotonic()
             logits = self.runner.decode(running)
-            tokens = sample(logits, running)
+            failures: dict[int, str] = {}
+            tokens = sample(logits, running, failures)
             now = time.monotonic()
             self.stats.decode_step_seconds.append(now - started)
             if self._last_decode_end is not None:
@@ -284,7 +286,7 @@ class LLMEngine:
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(running)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(running))
-            self._append(list(running), tokens, logits)
+            self._append(list(running), tokens, logits, failures)
         else:
             self._last_decode_end = None
         self._update_gauges()
@@ -332,42 +334,67 @@ class LLMEngine:
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(s.prompt_len for s in seqs)
         self.scheduler.admit(seqs)
-        tokens = sample(logits, seqs)
+        failures: dict[int, str] = {}
+        tokens = sample(logits, seqs, failures)
         now = time.monotonic()
         self.stats.prefill_step_seconds.append(now - started)
         for seq in seqs:
             seq.first_token_time = now
             self.stats.ttft_seconds.append(now - seq.arrival_time)
-        self._append(seqs, tokens, logits)
+        self._append(seqs, tokens, logits, failures)
 
-    def _append(self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor) -> None:
-        """Record one new token per sequence, stream it, and retire those that are done."""
-        done: list[tuple[Sequence, str]] = []
+    def _append(
+        self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor, failures: dict[int, str]
+    ) -> None:
+        """Record one new token per sequence, stream it, and retire those that are done. A row whose
+        sampling failed (``failures``), or whose token cannot be turned into output, ends that sequence
+        alone with an error: the other rows of the step go on."""
+        done: list[Sequence] = []
+        failed: list[tuple[Sequence, str]] = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.output_ids.append(token)
-            finish = None
-            if token in self.stop_ids and not seq.params.ignore_eos:
-                finish = "stop"
-                text = seq.detokenizer.finish()
-            else:
-                text = seq.detokenizer.add_token(token)
-                if seq.detokenizer.stopped:
-                    finish = "stop"
-                elif len(seq.output_ids) >= seq.params.max_tokens:
-                    finish = "length"
-                if finish:
-                    text += seq.detokenizer.finish()
+            if row in failures:
+                failed.append((seq, f"sampling failed for this request: {failures[row]}"))
+                continue
+            try:
+                text, finish, logprobs = self._advance(seq, token, logits[row])
+            except Exception as exc:
+                log.exception("could not append a token to %s", seq.request_id)
+                failed.append((seq, f"internal error while decoding this request: {exc}"))
+                continue
             if finish:
-                done.append((seq, finish))
-            logprobs = None
-            if seq.params.logprobs:
-                logprobs = [token_logprobs(logits[row], token, seq.params.top_logprobs, self.token_texts)]
+                done.append(seq)
             self._emit(seq, text, [token], finish, logprobs=logprobs)
-        if done:
-            self.scheduler.retire([s for s, _ in done])
-            for seq, _ in done:
-                self._forget(seq)
-                self.stats.requests_finished += 1
+        leaving = done + [seq for seq, _ in failed]
+        if leaving:
+            self.scheduler.retire(leaving)
+        for seq in done:
+            self._forget(seq)
+            self.stats.requests_finished += 1
+        for seq, message in failed:
+            log.warning("request %s ends with an error: %s", seq.request_id, message)
+            self._finish(seq, "error", error=message)
+
+    def _advance(
+        self, seq: Sequence, token: int, logits: torch.Tensor
+    ) -> tuple[str, str | None, list | None]:
+        """Append ``token`` to ``seq``: the text now safe to send, the finish reason, the logprobs entry."""
+        seq.output_ids.append(token)
+        finish = None
+        if token in self.stop_ids and not seq.params.ignore_eos:
+            finish = "stop"
+            text = seq.detokenizer.finish()
+        else:
+            text = seq.detokenizer.add_token(token)
+            if seq.detokenizer.stopped:
+                finish = "stop"
+            elif len(seq.output_ids) >= seq.params.max_tokens:
+                finish = "length"
+            if finish:
+                text += seq.detokenizer.finish()
+        logprobs = None
+        if seq.params.logprobs:
+            logprobs = [token_logprobs(logits, token, seq.params.top_logprobs, self.token_texts)]
+        return text, finish, logprobs
 
     def _emit(
         self,
@@ -397,6 +424,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if reason == "cancelled":
             self.stats.requests_cancelled += 1
+        elif reason == "error":
+            self.stats.requests_failed += 1
         self._forget(seq)
         self._emit(seq, "", [], reason, error)
 

@@ -39,8 +39,12 @@ COUNTERS = {
         {"prefill_steps": {"phase": "prefill"}, "decode_steps": {"phase": "decode"}},
     ),
     "tritonvlm_engine_requests_total": (
-        "Requests that left the engine, by outcome (finished, cancelled)",
-        {"requests_finished": {"outcome": "finished"}, "requests_cancelled": {"outcome": "cancelled"}},
+        "Requests that left the engine, by outcome (finished, cancelled, error)",
+        {
+            "requests_finished": {"outcome": "finished"},
+            "requests_cancelled": {"outcome": "cancelled"},
+            "requests_failed": {"outcome": "error"},
+        },
     ),
 }
 HISTOGRAMS = {
