@@ -93,6 +93,10 @@ class FamilyKit:
         conv = []
         for msg in case.messages:
             content = msg["content"]
+            if isinstance(content, str):
+                # An OpenAI string content is one text part (templates that render only parts, like
+                # LLaVA-OneVision's, would drop a string; for the others the two render alike).
+                content = [{"type": "text", "text": content}]
             if isinstance(content, list):
                 content = [
                     {"type": "image", "image": next(images)} if p["type"] == "image" else p for p in content

@@ -22,6 +22,7 @@ Multimodal tensors travel between the Triton models as one packed dict per reque
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from dataclasses import dataclass
 from functools import cache
@@ -82,6 +83,8 @@ def image_only_processor(processor_cls: type) -> type:
     subclass whose ``__init__`` has no ``video_processor`` loads without it; calls, chat templates and
     outputs are the parent's. Videos are refused.
     """
+    skip = {"self", "video_processor", "args", "kwargs"}
+    init_params = [p for p in inspect.signature(processor_cls.__init__).parameters if p not in skip]
 
     class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
         def __init__(
@@ -94,6 +97,13 @@ def image_only_processor(processor_cls: type) -> type:
                 chat_template=chat_template,
                 **kwargs,
             )
+
+        @classmethod
+        def validate_init_kwargs(cls, processor_config: dict, valid_kwargs: Any) -> Any:
+            # from_pretrained passes on only the processor_config.json keys that __init__ names
+            # positionally; this __init__ names three, so also accept the parent's own (LLaVA-OneVision's
+            # num_image_tokens, vision_feature_select_strategy, ...), which reach it through **kwargs.
+            return super().validate_init_kwargs(processor_config, [*valid_kwargs, *init_params])
 
         def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
             if videos is not None:
