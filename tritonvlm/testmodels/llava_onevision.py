@@ -28,10 +28,12 @@ images in the prompt; the limit is scaled so that both the plain and the interpo
 Sizes (parameters counted on the built model; float32 on disk):
 
 - ``tiny`` (tests): text hidden 128, 2 layers, 4 heads (2 kv, head_dim 32), MLP 256; SigLIP hidden
-  64, 2 layers, 4 heads, MLP 128, tile 32 px, patch 8 px (16 features per tile); vocab 2,048.
+  64, 2 layers, 4 heads, MLP 128, tile 32 px, patch 8 px (16 features per tile, so 16 to ~100 image
+  tokens for an image alone in its prompt, 17 for each of several); vocab 2,048; 0.93M parameters,
+  ~3.8 MB, builds in well under a second.
 - ``medium`` (CPU benchmarks): text hidden 512, 8 layers, 8 heads (2 kv, head_dim 64), MLP 1536;
   SigLIP hidden 256, 4 layers, 4 heads, MLP 1024, tile 112 px, patch 14 px (64 features per tile);
-  vocab 32,768.
+  vocab 32,768; 61.4M parameters (vision 3.3M), ~248 MB, builds in about a minute.
 """
 
 from __future__ import annotations
