@@ -63,8 +63,8 @@ CHAT_TEMPLATE = """{%- if tools %}
         {%- endif %}
         {{- '\\n\\n' }}
     {%- endif %}
-    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided \
-with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are \
+provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
     {%- for tool in tools %}
         {{- "\\n" }}
         {{- tool | tojson }}
