@@ -9,7 +9,8 @@ import json
 
 import pytest
 import torch
-from family_harness import cases_for
+from conftest import make_image
+from family_harness import Case, cases_for
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
 from tritonvlm.engine.sequence import Sequence
@@ -67,6 +68,23 @@ def test_prompts_with_and_without_images_prefilled_together_match_generate(famil
     expected = {case.name: kit.reference_tokens(case, MAX_NEW) for case in cases}
     got = run_engine(kit, requests)
     assert got == [expected[case.name] for case in order]
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_images_in_several_turns(family_kit, name):
+    """Images in the first and the third turn of a conversation: the prompt equals the processor's and
+    the greedy answer generate()'s (M-RoPE positions continue across both images)."""
+    kit = family_kit(name)
+    images = [make_image(64, 96, "red"), make_image(96, 64, "blue", "square")]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
+    ]
+    case = Case("two turns", messages, images)
+    ids, mm = kit.engine_inputs(case)
+    assert ids == kit.reference_inputs(case)["input_ids"][0].tolist()
+    assert run_engine(kit, [(ids, mm)]) == [kit.reference_tokens(case, MAX_NEW)]
 
 
 # ---- Qwen3-VL DeepStack ------------------------------------------------------------------------------

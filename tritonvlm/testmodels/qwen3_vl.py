@@ -20,10 +20,11 @@ Sizes (the embeddings and LM head are most of the parameters):
 
 - ``tiny`` (tests): text hidden 128, 3 layers, 4 heads (2 kv, head_dim 32, mrope_section [6, 5, 5]),
   MLP 256; vision hidden 64, depth 3, 4 heads, MLP 128, DeepStack from blocks 0 and 1 into decoder
-  layers 0 and 1; 64 learned position embeddings; vocab 2,048; about 1M parameters.
+  layers 0 and 1; 64 learned position embeddings; vocab 2,048; 1.47M parameters, ~6 MB, builds in about
+  a second.
 - ``medium`` (CPU benchmarks): text hidden 512, 8 layers, 8 heads (2 kv, head_dim 64, mrope_section
   [12, 10, 10]), MLP 1536; vision hidden 256, depth 4, 4 heads, MLP 1024, DeepStack from blocks 0, 1, 2;
-  vocab 32,768.
+  vocab 32,768; 67.6M parameters (vision 9.9M), ~273 MB.
 """
 
 from __future__ import annotations
