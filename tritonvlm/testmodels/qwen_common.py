@@ -97,12 +97,10 @@ def build_qwen_into(
     image_processor: Any,
     make_config: Callable[[dict[str, int]], Any],
     model_class: Any,
-    init: Callable[[Any], None] | None = None,
 ) -> int:
     """Write every file of a Qwen-VL test model into ``tmp``; returns the parameter count.
 
-    ``make_config(ids)`` gets the added tokens' ids; ``init(model)`` may adjust the seeded random
-    weights (under the same seed)."""
+    ``make_config(ids)`` gets the added tokens' ids and returns the model's config."""
     t0 = time.perf_counter()
     tok = train_bpe(vocab_size, texts, special_tokens)
     tok.save(str(tmp / "tokenizer.json"))
@@ -117,8 +115,6 @@ def build_qwen_into(
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(SEED)
         model = model_class(config).to(torch.float32).eval()
-        if init is not None:
-            init(model)
     eos = config.text_config.eos_token_id
     pad = config.text_config.pad_token_id
     model.generation_config = GenerationConfig(
