@@ -55,20 +55,25 @@ class Qwen2_5_VLFamily(Family):
         """All images of all requests in one tower forward (the tower keeps them apart by their grids)."""
         grids = [mm[GRID].long().reshape(-1, 3) for mm in batch]
         pixels = torch.cat([mm["pixel_values"] for mm in batch])
-        grid_all = torch.cat(grids)
-        embeds = self.tower_forward(model, pixels, grid_all)
+        features = self.tower_forward(model, pixels, torch.cat(grids))
         counts = [int(g.prod(-1).sum()) // self.merge_size() ** 2 for g in grids]
-        return [
-            {IMAGE_EMBEDS: part, GRID: grid} for part, grid in zip(embeds.split(counts), grids, strict=True)
-        ]
+        out: list[dict[str, torch.Tensor]] = [{GRID: grid} for grid in grids]
+        for key, rows in features.items():
+            for result, part in zip(out, rows.split(counts), strict=True):
+                result[key] = part
+        return out
 
-    def tower_forward(self, model: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """``[sum of image tokens, hidden]`` for the concatenated patches of several images."""
+    def tower_forward(self, model: Any, pixels: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The concatenated patches of several images → per key, ``[sum of image tokens, hidden]``
+        (here only ``IMAGE_EMBEDS``; the rows of each image follow each other in grid order)."""
+        return {IMAGE_EMBEDS: self.flatten_features(self.image_features(model, pixels, grid))}
+
+    def image_features(self, model: Any, pixels: torch.Tensor, grid: torch.Tensor) -> Any:
+        """``model.model.get_image_features`` for the concatenated patches of several images."""
         device = next(model.parameters()).device
-        features = model.model.get_image_features(
+        return model.model.get_image_features(
             pixel_values=self.to_model(model, pixels), image_grid_thw=grid.to(device)
         )
-        return self.flatten_features(features)
 
     def prompt_positions(self, seq: Sequence, device: torch.device) -> tuple[torch.Tensor, int]:
         grid = seq.mm.get(GRID)

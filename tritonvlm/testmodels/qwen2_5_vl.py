@@ -32,26 +32,20 @@ Sizes (parameters counted on the built model; float32 on disk):
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tokenizers import Tokenizer
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from tritonvlm.testmodels.common import (
-    CORPUS,
-    SEED,
-    added_tokens_decoder,
-    log,
-    save_model,
-    train_bpe,
-    training_texts,
-    write_json,
-    write_model_dir,
+from tritonvlm.testmodels.common import CORPUS, save_model, train_bpe, training_texts, write_model_dir
+from tritonvlm.testmodels.qwen_common import (
+    QWEN2_5_VL_SPECIAL_TOKENS,
+    build_qwen_into,
+    token_ids,
+    tokenizer_config,
 )
 
 __all__ = [
@@ -70,35 +64,12 @@ __all__ = [
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
+MODEL_MAX_LENGTH = 32768
 MIN_PIXELS = 56 * 56  # 3136: at least 4x4 patches = 4 merged image tokens
 MAX_PIXELS = 448 * 448  # 200704: at most 32x32 patches = 256 merged image tokens
 
 # Qwen2.5-VL's added tokens, in Qwen's id order (151643 ... 151664 there; right after the BPE vocab here).
-# (token, special)
-SPECIAL_TOKENS: list[tuple[str, bool]] = [
-    ("<|endoftext|>", True),
-    ("<|im_start|>", True),
-    ("<|im_end|>", True),
-    ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True),
-    ("<|box_start|>", True),
-    ("<|box_end|>", True),
-    ("<|quad_start|>", True),
-    ("<|quad_end|>", True),
-    ("<|vision_start|>", True),
-    ("<|vision_end|>", True),
-    ("<|vision_pad|>", True),
-    ("<|image_pad|>", True),
-    ("<|video_pad|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
-]
+SPECIAL_TOKENS: list[tuple[str, bool]] = QWEN2_5_VL_SPECIAL_TOKENS
 
 # Qwen2.5-VL-*-Instruct's chat template, verbatim.
 CHAT_TEMPLATE = (
@@ -195,26 +166,11 @@ def build_tokenizer(vocab_size: int, texts: list[str]) -> Tokenizer:
 
 def _tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
     """``tokenizer_config.json`` as Qwen2.5-VL-Instruct has it: eos ``<|im_end|>``, pad ``<|endoftext|>``."""
-    added = added_tokens_decoder(tok, SPECIAL_TOKENS)
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "extra_special_tokens": [token for token, special in SPECIAL_TOKENS if special][1:],
-        "model_max_length": 32768,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
+    return tokenizer_config(tok, SPECIAL_TOKENS, MODEL_MAX_LENGTH)
 
 
-def _model_config(size: ModelSize, tok: Tokenizer) -> Qwen2_5_VLConfig:
-    ids = {token: tok.token_to_id(token) for token, _ in SPECIAL_TOKENS}
+def _model_config(size: ModelSize, tok_or_ids: Tokenizer | dict[str, int]) -> Qwen2_5_VLConfig:
+    ids = tok_or_ids if isinstance(tok_or_ids, dict) else token_ids(tok_or_ids, SPECIAL_TOKENS)
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     text_config = {
         "vocab_size": size.vocab_size,
@@ -267,40 +223,23 @@ def _model_config(size: ModelSize, tok: Tokenizer) -> Qwen2_5_VLConfig:
 
 def _build_into(tmp: Path, size: ModelSize) -> int:
     """Write every file of the model into ``tmp``; returns the parameter count."""
-    t0 = time.perf_counter()
-    tok = build_tokenizer(size.vocab_size, _training_texts(size))
-    tok.save(str(tmp / "tokenizer.json"))
-    write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok))
-    (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    log(f"tokenizer: {tok.get_vocab_size()} tokens ({time.perf_counter() - t0:.1f}s)")
-
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        patch_size=PATCH_SIZE,
-        merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    return build_qwen_into(
+        tmp,
+        vocab_size=size.vocab_size,
+        texts=_training_texts(size),
+        special_tokens=SPECIAL_TOKENS,
+        model_max_length=MODEL_MAX_LENGTH,
+        chat_template=CHAT_TEMPLATE,
+        image_processor=Qwen2VLImageProcessorPil(
+            min_pixels=MIN_PIXELS,
+            max_pixels=MAX_PIXELS,
+            patch_size=PATCH_SIZE,
+            merge_size=MERGE_SIZE,
+            temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        ),
+        make_config=lambda ids: _model_config(size, ids),
+        model_class=Qwen2_5_VLForConditionalGeneration,
     )
-    write_json(tmp / "preprocessor_config.json", image_processor.to_dict())
-
-    t1 = time.perf_counter()
-    config = _model_config(size, tok)
-    # Seeded random init on CPU, without disturbing the caller's RNG state.
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.manual_seed(SEED)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    eos = config.text_config.eos_token_id
-    pad = config.text_config.pad_token_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[eos, pad],
-        pad_token_id=pad,
-        do_sample=False,
-    )
-    num_params = sum(p.numel() for p in model.parameters())
-    save_model(model, tmp)
-    log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - t1:.1f}s)")
-    return num_params
 
 
 def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Path:
