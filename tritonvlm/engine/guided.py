@@ -21,7 +21,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from tritonvlm.engine.grammar import PARAM, check_grammar, grammar_for
@@ -108,8 +107,12 @@ class GuidedDecoding:
         if not rows:
             return logits
         bitmask = torch.empty((len(rows), self._stop_mask.shape[0]), dtype=torch.int32)
-        llguidance.torch.fill_next_token_bitmask_par(
-            self.executor, [(guides[r].matcher, k) for k, r in enumerate(rows)], bitmask
+        # (not llguidance.torch: importing it runs torch.compile, which pulls in inductor)
+        self.executor.unsafe_compute_mask_ptr(
+            [(guides[r].matcher, k) for k, r in enumerate(rows)],
+            bitmask.data_ptr(),
+            bitmask.shape[1] * 4,
+            bitmask.shape[0],
         )
         for k, r in enumerate(rows):
             if guides[r].matcher.is_error() or not bool(bitmask[k].any()):
