@@ -1104,17 +1104,15 @@ def bench_guided(model_dir: Path, args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
     from tritonvlm.engine import guided as guided_module
-    from tritonvlm.modeling.processor import load_model, load_processor
     from tritonvlm.preprocessing import ChatPreprocessor
 
-    processor = load_processor(str(model_dir))
-    model = load_model(str(model_dir))
-    model.model.visual = None
-    engine = LLMEngine(
-        model, processor.tokenizer, EngineConfig(max_num_seqs=max(args.levels), max_model_len=1024)
-    )
-    prompt = ChatPreprocessor(processor)([{"role": "user", "content": PROMPT + " Answer in JSON."}], [])
-    ids = prompt.input_ids.tolist()
+    preprocess = ChatPreprocessor.from_pretrained(str(model_dir))
+    model = preprocess.family.load_model(str(model_dir))
+    preprocess.family.strip_for_decoder(model)
+    config = EngineConfig(max_num_seqs=max(args.levels), max_model_len=1024)
+    engine = LLMEngine(model, preprocess.processor.tokenizer, config, preprocess.family)
+    prompt = preprocess([{"role": "user", "content": PROMPT + " Answer in JSON."}], [])
+    ids = [int(t) for t in prompt.input_ids]
     mask_time = [0.0]
     original = guided_module.GuidedDecoding.apply_masks
 

@@ -163,10 +163,11 @@ def test_template_with_tool_support_renders_them_itself() -> None:
     assert prepare_tools(CONVERSATION[:2], None, "{{ x }}") == (CONVERSATION[:2], {})
 
 
-def test_preprocess_renders_tools_into_the_prompt(processor) -> None:
+def test_preprocess_renders_tools_into_the_prompt(hf_model, processor) -> None:
+    from tritonvlm.families.qwen2_5_vl import Qwen2_5_VLFamily
     from tritonvlm.preprocessing import ChatPreprocessor
 
-    pre = ChatPreprocessor(processor)
+    pre = ChatPreprocessor(Qwen2_5_VLFamily(hf_model.config), processor)
     plain = pre([{"role": "user", "content": "hi"}], [])
     with_tools = pre([{"role": "user", "content": "hi"}], [], tools=TOOLS)
     text = processor.tokenizer.decode(with_tools.input_ids)

@@ -15,6 +15,7 @@ import torch
 from tritonvlm.engine import EngineConfig, EngineOutput, LLMEngine, SamplingParams
 from tritonvlm.engine.grammar import check_constraint, grammar_for
 from tritonvlm.engine.guided import GuidedDecoding
+from tritonvlm.families.qwen2_5_vl import Qwen2_5_VLFamily
 from tritonvlm.preprocessing import ChatPreprocessor
 from tritonvlm.tool_format import QWEN_TOOL_CALLS
 from tritonvlm.wire import InvalidRequestError
@@ -122,13 +123,14 @@ class Collector:
 
 @pytest.fixture(scope="module")
 def engine(hf_model, processor) -> LLMEngine:
-    return LLMEngine(hf_model, processor.tokenizer, EngineConfig(max_model_len=512, max_num_seqs=32))
+    config = EngineConfig(max_model_len=512, max_num_seqs=32)
+    return LLMEngine(hf_model, processor.tokenizer, config, Qwen2_5_VLFamily(hf_model.config))
 
 
 @pytest.fixture(scope="module")
-def prompt(processor) -> list[int]:
+def prompt(hf_model, processor) -> list[int]:
     messages = [{"role": "user", "content": "Describe the weather as JSON."}]
-    return ChatPreprocessor(processor)(messages, []).input_ids.tolist()
+    return ChatPreprocessor(Qwen2_5_VLFamily(hf_model.config), processor)(messages, []).input_ids.tolist()
 
 
 def run(engine: LLMEngine, requests: list[tuple[str, list[int], SamplingParams]]) -> Collector:
