@@ -1149,11 +1149,15 @@ def bench_guided(model_dir: Path, args: argparse.Namespace) -> int:
 
     engine.guided.start(constraints["schema"])  # the tokenizer's one-off set-up, outside the timings
     run(2, [None, constraints["schema"]])  # warm-up
-    lines = [f"constrained decoding, {model_dir.name}, vocab {engine.vocab_size}, threads {args.threads}"]
-    lines.append(f"{'level':>5} {'requests':<24} {'steps':>5} {'ms/step':>8} {'overhead':>9} {'mask ms':>8}")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    say(f"constrained decoding, {model_dir.name}, vocab {engine.vocab_size}, threads {args.threads}")
+    say(f"{'level':>5} {'requests':<24} {'steps':>5} {'ms/step':>8} {'overhead':>9} {'mask ms':>8}")
     for level in args.levels:
         base, _, steps = run(level, [None] * level)
-        lines.append(f"{level:>5} {'free':<24} {steps:>5} {base * 1e3:8.2f} {'':>9} {'':>8}")
+        say(f"{level:>5} {'free':<24} {steps:>5} {base * 1e3:8.2f} {'':>9} {'':>8}")
         cases = [(name, [spec] * level) for name, spec in constraints.items()]
         cases.append(
             ("half schema, half free", [constraints["schema"], None] * (level // 2) + [None] * (level % 2))
@@ -1161,8 +1165,7 @@ def bench_guided(model_dir: Path, args: argparse.Namespace) -> int:
         for name, guided in cases:
             step, mask, steps = run(level, guided)
             over = f"{(step - base) * 1e3:+.2f} ms"
-            lines.append(f"{level:>5} {name:<24} {steps:>5} {step * 1e3:8.2f} {over:>9} {mask * 1e3:8.2f}")
-    print("\n".join(lines), flush=True)
+            say(f"{level:>5} {name:<24} {steps:>5} {step * 1e3:8.2f} {over:>9} {mask * 1e3:8.2f}")
     return 0
 
 
