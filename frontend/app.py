@@ -164,7 +164,7 @@ def message_chars(messages: list[ChatMessage]) -> int:
     for message in messages:
         if isinstance(message.content, str):
             total += len(message.content)
-        else:
+        elif message.content is not None:  # None: an assistant message with only tool_calls
             total += sum(len(part.text) for part in message.content if isinstance(part, TextContentPart))
     return total
 
