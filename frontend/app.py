@@ -66,6 +66,8 @@ from tritonvlm.frontend.protocol import (
     find_unsupported_fields,
 )
 from tritonvlm.frontend.security import APIKeyMiddleware, BodyLimitMiddleware
+from tritonvlm.frontend.structured import response_format_constraint
+from tritonvlm.frontend.tools import plan_tools
 from tritonvlm.frontend.triton_client import TritonVLMClient
 
 logger = logging.getLogger("tritonvlm.frontend.app")
@@ -162,7 +164,7 @@ def message_chars(messages: list[ChatMessage]) -> int:
     for message in messages:
         if isinstance(message.content, str):
             total += len(message.content)
-        else:
+        elif message.content is not None:  # None: an assistant message with only tool_calls
             total += sum(len(part.text) for part in message.content if isinstance(part, TextContentPart))
     return total
 
@@ -321,6 +323,9 @@ def create_app(
         check_prompt_chars(message_chars(body.messages), settings.max_prompt_chars, "messages")
         n = body.num_choices
         image_refs: list[ImageRef] = []
+        tool_plan = plan_tools(body)
+        constraint = tool_plan.constraint or response_format_constraint(body.response_format)
+        template_tools = {"tools": tool_plan.tools} if tool_plan.tools else {}
 
         async def start() -> AsyncIterator[IndexedDelta]:
             messages, refs = to_wire_messages(body.messages)
@@ -333,6 +338,8 @@ def create_app(
                     code="too_many_images",
                 )
             parameters = build_parameters(body)
+            if constraint is not None:
+                parameters["guided"] = constraint
             images = await fetcher.fetch_all(refs)
             logger.debug(
                 "request %s: %d messages, %d images, n=%d, parameters %s",
@@ -344,7 +351,12 @@ def create_app(
             )
             ids = _choice_ids(request_id, n)
             return merge_streams(
-                [backend.stream(messages, images, choice_parameters(parameters, i), ids[i]) for i in range(n)]
+                [
+                    backend.stream(
+                        messages, images, choice_parameters(parameters, i), ids[i], **template_tools
+                    )
+                    for i in range(n)
+                ]
             )
 
         def fix_param(param: str | None) -> str | None:
@@ -370,6 +382,7 @@ def create_app(
                 num_choices=n,
                 logprobs=logprobs,
                 system_fingerprint=fingerprint,
+                tools=tool_plan,
             ),
             events=lambda first, merged: chat_stream_events(
                 first,
@@ -380,6 +393,7 @@ def create_app(
                 num_choices=n,
                 system_fingerprint=fingerprint,
                 state=request.scope.setdefault("state", {}),
+                tools=tool_plan,
             ),
             fix_param=fix_param,
         )

@@ -41,6 +41,7 @@ from tritonvlm.frontend.protocol import (
     DeltaMessage,
     UsageInfo,
 )
+from tritonvlm.frontend.tools import ToolCallStreamParser, ToolPlan, to_message
 from tritonvlm.frontend.triton_client import (
     StreamDelta,
     TritonRequestError,
@@ -202,21 +203,28 @@ async def collect_chat_completion(
     num_choices: int = 1,
     logprobs: bool = False,
     system_fingerprint: str | None = None,
+    tools: ToolPlan | None = None,
 ) -> ChatCompletion:
-    """Aggregate whole Triton streams into one ``ChatCompletion`` (usage from the last deltas)."""
+    """Aggregate whole Triton streams into one ``ChatCompletion`` (usage from the last deltas); with
+    ``tools``, tool calls in the output become ``message.tool_calls``."""
     states = await _drain(merged, num_choices)
+    choices = []
+    for i, state in enumerate(states):
+        content, tool_calls, finish = to_message(
+            state.text, _finish_reason(state.finish_reason, request_id), tools or ToolPlan()
+        )
+        choices.append(
+            ChatCompletionChoice(
+                index=i,
+                message=ChatCompletionMessage(content=content, tool_calls=tool_calls),
+                finish_reason=finish,  # type: ignore[arg-type]
+                logprobs=ChoiceLogprobs(content=state.logprobs) if logprobs else None,
+            )
+        )
     return ChatCompletion(
         id=request_id,
         model=model,
-        choices=[
-            ChatCompletionChoice(
-                index=i,
-                message=ChatCompletionMessage(content=state.text),
-                finish_reason=_finish_reason(state.finish_reason, request_id),  # type: ignore[arg-type]
-                logprobs=ChoiceLogprobs(content=state.logprobs) if logprobs else None,
-            )
-            for i, state in enumerate(states)
-        ],
+        choices=choices,
         usage=usage_of(states),
         system_fingerprint=system_fingerprint,
     )
@@ -283,12 +291,14 @@ def chat_stream_events(
     num_choices: int = 1,
     system_fingerprint: str | None = None,
     state: MutableMapping[str, Any] | None = None,
+    tools: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE body of a streamed chat completion; ``first`` is the item already taken from ``merged``.
 
     Each choice gets a role chunk, then its content chunks (a token whose text is held back, an
     incomplete character, still sends its ``logprobs`` with empty content), then a chunk with its
-    finish reason as soon as it finishes.
+    finish reason as soon as it finishes. With ``tools``, tool calls go out as ``delta.tool_calls``
+    (:class:`ToolCallStreamParser`).
     """
     created = int(time.time())
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
@@ -312,22 +322,39 @@ def chat_stream_events(
         )
         return sse(body.model_dump_json())
 
+    def finish_chunks(index: int, parser: ToolCallStreamParser, reason: str | None) -> list[bytes]:
+        rest, calls = parser.finish()
+        out = [chunk(index, DeltaMessage(content=rest))] if rest else []
+        if calls:
+            out.append(chunk(index, DeltaMessage(tool_calls=calls)))
+        reason = _finish_reason(reason, request_id)
+        out.append(
+            chunk(index, DeltaMessage(), "tool_calls" if parser.called and reason == "stop" else reason)
+        )
+        return out
+
     async def produce() -> AsyncIterator[bytes]:
         states = [ChoiceState() for _ in range(num_choices)]
+        parsers = [ToolCallStreamParser(tools or ToolPlan()) for _ in range(num_choices)]
         for i in range(num_choices):
             yield chunk(i, DeltaMessage(role="assistant", content=""))
         async with contextlib.aclosing(_deltas(first, merged)) as items:
             async for index, delta in items:
                 choice = states[index]
                 choice.add(delta)
-                if delta.text or delta.logprobs:
-                    yield chunk(index, DeltaMessage(content=delta.text), logprobs=delta.logprobs)
+                text, calls = parsers[index].feed(delta.text)
+                if text or delta.logprobs:
+                    yield chunk(index, DeltaMessage(content=text), logprobs=delta.logprobs)
+                if calls:
+                    yield chunk(index, DeltaMessage(tool_calls=calls))
                 if delta.finish_reason and not choice.finished:
                     choice.finished = True
-                    yield chunk(index, DeltaMessage(), _finish_reason(delta.finish_reason, request_id))
+                    for event in finish_chunks(index, parsers[index], delta.finish_reason):
+                        yield event
         for i, choice in enumerate(states):
             if not choice.finished:  # a stream that ended without a finish reason
-                yield chunk(i, DeltaMessage(), _finish_reason(choice.finish_reason, request_id))
+                for event in finish_chunks(i, parsers[i], choice.finish_reason):
+                    yield event
         if include_usage:
             final = ChatCompletionChunk(
                 id=request_id,

@@ -22,6 +22,7 @@ from tritonvlm.frontend.protocol import (
     ImageContentPart,
     SamplingFields,
 )
+from tritonvlm.frontend.tools import wire_tool_fields
 from tritonvlm.wire import InvalidRequestError
 
 _WIRE_ROLES = {"developer": "system"}
@@ -38,8 +39,16 @@ def to_wire_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]],
     images: list[ImageRef] = []
     for i, message in enumerate(messages):
         role = _WIRE_ROLES.get(message.role, message.role)
-        if isinstance(message.content, str):
-            wire_messages.append({"role": role, "content": message.content})
+        tool_fields = wire_tool_fields(message, i)
+        if message.content is None and not tool_fields.get("tool_calls"):
+            raise APIError(
+                400,
+                f"A {message.role} message needs 'content'.",
+                param=f"messages[{i}].content",
+                code="invalid_value",
+            )
+        if message.content is None or isinstance(message.content, str):
+            wire_messages.append({"role": role, "content": message.content or "", **tool_fields})
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(message.content):
@@ -57,7 +66,7 @@ def to_wire_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]],
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": part.text})
-        wire_messages.append({"role": role, "content": parts})
+        wire_messages.append({"role": role, "content": parts, **tool_fields})
     return wire_messages, images
 
 

@@ -152,17 +152,120 @@ MessageContent = Annotated[
     ),
 ]
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class FunctionCall(BaseModel):
+    """``function`` of a tool call: its name and its arguments as a JSON string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call, in an assistant message (request or response)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    """One message of the conversation. Tool and function messages/fields are not supported."""
+    """One message of the conversation. ``tool`` messages answer an assistant's ``tool_calls``
+    (``tool_call_id``); an assistant message with ``tool_calls`` may have no content."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    content: MessageContent
+    content: MessageContent | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None  # accepted on assistant messages sent back; not rendered
+
+
+# --------------------------------------------------------------------------- request: structured outputs
+
+
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text``, ``json_object`` or ``json_schema`` (enforced by grammar)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDefinition(BaseModel):
+    """``tools[].function``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """``tools[]``: a function the model may call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    """``tool_choice.function``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _tool_choice_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "choice-string"
+    if isinstance(value, dict | NamedToolChoice):
+        return "choice-object"
+    return None
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("choice-string")]
+    | Annotated[NamedToolChoice, Tag("choice-object")],
+    Discriminator(
+        _tool_choice_tag,
+        custom_error_type="invalid_tool_choice",
+        custom_error_message="tool_choice must be 'none', 'auto', 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}",
+    ),
+]
 
 
 # --------------------------------------------------------------------------- request: the body
@@ -185,15 +288,11 @@ UNSUPPORTED_FIELDS: tuple[str, ...] = (
     "functions",
     "logit_bias",
     "modalities",
-    "parallel_tool_calls",
     "prediction",
     "prompt_cache_retention",
     "reasoning_effort",
-    "response_format",
     "service_tier",
     "store",
-    "tool_choice",
-    "tools",
     "verbosity",
     "web_search_options",
 )
@@ -208,7 +307,6 @@ MAX_CHOICES = 128
 # Values of unsupported fields that ask for exactly what the server does anyway.
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
-    "response_format": ({"type": "text"},),
     "service_tier": ("auto", "default"),
 }
 
@@ -274,6 +372,11 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[Text, Text] | None = None
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
+
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]], Field(min_length=1)]
@@ -388,7 +491,7 @@ class UsageInfo(BaseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 # One entry of ``logprobs.content``, exactly as the engine sends it in the LOGPROBS output:
 # ``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}``.
@@ -408,6 +511,14 @@ class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # left out of the JSON when there are none
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):
@@ -440,6 +551,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's streamed form: index, id, type, function
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -240,9 +240,10 @@ def build_inputs(
     *,
     prompt: str | None = None,
     prompt_ids: Sequence[int] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[grpcclient.InferInput]:
     """The ``vlm`` input tensors for exactly one prompt form: ``MESSAGES`` (chat, with ``IMAGES`` when
-    there are images), ``PROMPT`` (raw text) or ``INPUT_IDS`` (token ids)."""
+    there are images and ``TOOLS`` when there are tools), ``PROMPT`` (raw text) or ``INPUT_IDS``."""
     forms = sum(x is not None for x in (messages, prompt, prompt_ids))
     if forms != 1:
         raise ValueError("give exactly one of messages, prompt or prompt_ids")
@@ -259,6 +260,8 @@ def build_inputs(
         inputs = [tensor]
     if images:
         inputs.append(_bytes_input(wire.IMAGES, list(images)))
+    if tools and messages is not None:
+        inputs.append(_bytes_input(wire.TOOLS, [json.dumps(tools).encode("utf-8")]))
     inputs.append(_bytes_input(wire.PARAMETERS, [json.dumps(parameters or {}).encode("utf-8")]))
     return inputs
 
@@ -432,6 +435,7 @@ class TritonVLMClient:
         *,
         prompt: str | None = None,
         prompt_ids: Sequence[int] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Run one completion; yield a :class:`StreamDelta` per non-empty response.
 
@@ -442,7 +446,9 @@ class TritonVLMClient:
         """
         request = {
             "model_name": self.model_name,
-            "inputs": build_inputs(messages, images, parameters, prompt=prompt, prompt_ids=prompt_ids),
+            "inputs": build_inputs(
+                messages, images, parameters, prompt=prompt, prompt_ids=prompt_ids, tools=tools
+            ),
             "outputs": [grpcclient.InferRequestedOutput(name) for name in wire.STREAM_OUTPUTS],
             "request_id": request_id,
             "parameters": {ENABLE_EMPTY_FINAL_PARAMETER: True},

@@ -21,6 +21,14 @@ it into its venv (pinned to the installed transformers) the first time.
 
     python scripts/bench.py                            # all systems, levels 1,2,4,8,16
     python scripts/bench.py --systems a,c --levels 1,8 --max-tokens 32 --json out.json
+
+``--guided`` measures something else and exits: the cost of grammar-constrained decoding (structured
+outputs, tool calls) in the engine alone, no server. At each level in ``--levels`` (default 8) it
+decodes ``level`` text requests of ``--max-tokens`` tokens (sampled, temperature 1) free, then
+constrained (``json_object``, and the nested JSON schema of the tests), then half and half, and prints
+the mean decode step time of each, the overhead, and the mask's own share (fill + apply):
+
+    python scripts/bench.py --guided --levels 8 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -1052,6 +1060,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-log-level", default="WARNING", help="tritonvlm serve --log-level (WARNING)")
     parser.add_argument("--logs", type=Path, help="where server logs go (default: a new temporary folder)")
     parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--guided", action="store_true", help="measure constrained decoding's step overhead (engine only)"
+    )
     args = parser.parse_args(argv)
     try:
         args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
@@ -1068,6 +1079,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+GUIDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "zip": {"type": "integer"}},
+            "required": ["city", "zip"],
+        },
+    },
+    "required": ["name", "age", "score", "colour", "tags", "address"],
+}
+
+
+def bench_guided(model_dir: Path, args: argparse.Namespace) -> int:
+    """Decode step time, free vs grammar-constrained, in the engine alone (see ``--guided``)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+    from tritonvlm.engine import guided as guided_module
+    from tritonvlm.preprocessing import ChatPreprocessor
+
+    preprocess = ChatPreprocessor.from_pretrained(str(model_dir))
+    model = preprocess.family.load_model(str(model_dir))
+    preprocess.family.strip_for_decoder(model)
+    config = EngineConfig(max_num_seqs=max(args.levels), max_model_len=1024)
+    engine = LLMEngine(model, preprocess.processor.tokenizer, config, preprocess.family)
+    prompt = preprocess([{"role": "user", "content": PROMPT + " Answer in JSON."}], [])
+    ids = [int(t) for t in prompt.input_ids]
+    mask_time = [0.0]
+    original = guided_module.GuidedDecoding.apply_masks
+
+    def timed(self: Any, logits: Any, guides: Any) -> Any:
+        t = time.perf_counter()
+        out = original(self, logits, guides)
+        mask_time[0] += time.perf_counter() - t
+        return out
+
+    guided_module.GuidedDecoding.apply_masks = timed  # type: ignore[method-assign]
+    constraints = {
+        "json_object": {"type": "json_object"},
+        "schema": {"type": "json_schema", "schema": GUIDED_SCHEMA},
+    }
+
+    def run(level: int, guided: list[dict | None]) -> tuple[float, float, int]:
+        """Mean decode step time (s) while all ``level`` sequences run, mask seconds per such step."""
+        for i, spec in enumerate(guided):
+            params = SamplingParams(
+                max_tokens=args.max_tokens, temperature=1.0, seed=i, ignore_eos=True, guided=spec
+            )
+            engine.add_request(f"g{time.monotonic_ns()}-{i}", ids, params, lambda out: None)
+        engine.step()  # prefill + first decode
+        times, masks = [], []
+        while engine.scheduler.running and len(engine.scheduler.running) == level:
+            mask_time[0] = 0.0
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+            masks.append(mask_time[0])
+        while engine.scheduler.has_work():
+            engine.step()
+        return sum(times) / max(1, len(times)), sum(masks) / max(1, len(masks)), len(times)
+
+    engine.guided.start(constraints["schema"])  # the tokenizer's one-off set-up, outside the timings
+    run(2, [None, constraints["schema"]])  # warm-up
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    say(f"constrained decoding, {model_dir.name}, vocab {engine.vocab_size}, threads {args.threads}")
+    say(f"{'level':>5} {'requests':<24} {'steps':>5} {'ms/step':>8} {'overhead':>9} {'mask ms':>8}")
+    for level in args.levels:
+        base, _, steps = run(level, [None] * level)
+        say(f"{level:>5} {'free':<24} {steps:>5} {base * 1e3:8.2f} {'':>9} {'':>8}")
+        cases = [(name, [spec] * level) for name, spec in constraints.items()]
+        cases.append(
+            ("half schema, half free", [constraints["schema"], None] * (level // 2) + [None] * (level % 2))
+        )
+        for name, guided in cases:
+            step, mask, steps = run(level, guided)
+            over = f"{(step - base) * 1e3:+.2f} ms"
+            say(f"{level:>5} {name:<24} {steps:>5} {step * 1e3:8.2f} {over:>9} {mask * 1e3:8.2f}")
+    return 0
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -1076,6 +1177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.raw_worker:
         return raw_worker(args)
+    if args.guided:
+        return bench_guided(ensure_model(args.model_dir).resolve(), args)
     signal.signal(signal.SIGTERM, _terminate)
     os.environ.update(OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     model_dir = ensure_model(args.model_dir).resolve()

@@ -55,8 +55,7 @@ def plus(**fields: Any) -> dict[str, Any]:
         ({"model": "m"}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "m", "messages": []}, "messages"),
-        ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-        ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         (user(5), "messages[0].content"),
         (user([{"type": "text", "text": "a"}, {"type": "image_url"}]), "messages[0].content[1].image_url"),
         (
@@ -70,8 +69,8 @@ def plus(**fields: Any) -> dict[str, Any]:
         (user([{"type": "input_audio"}]), "messages[0].content[0]"),
         (user([{"type": "text"}]), "messages[0].content[0].text"),
         (
-            {"model": "m", "messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
-            "messages[0].tool_calls",
+            {"model": "m", "messages": [{"role": "assistant", "content": "x", "function_call": {}}]},
+            "messages[0].function_call",
         ),
         (plus(temperature=2.5), "temperature"),
         (plus(top_p=0), "top_p"),
@@ -138,8 +137,8 @@ def test_each_unsupported_field_is_refused(name: str) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"tools": None, "logprobs": False, "response_format": {"type": "text"}},
-        {"modalities": ["text"], "service_tier": "auto", "store": False, "parallel_tool_calls": False},
+        {"logit_bias": None, "logprobs": False, "functions": False},
+        {"modalities": ["text"], "service_tier": "auto", "store": False},
         {"user": "x", "metadata": {"a": "b"}, "safety_identifier": "s", "prompt_cache_key": "k"},
     ],
 )
@@ -148,9 +147,9 @@ def test_noop_values_of_unsupported_fields_pass(fields: dict[str, Any]) -> None:
 
 
 def test_core_unsupported_fields_are_listed() -> None:
-    for name in ("tools", "response_format", "logit_bias", "audio", "modalities"):
+    for name in ("logit_bias", "audio", "modalities"):
         assert name in UNSUPPORTED_FIELDS
-    for name in ("logprobs", "top_logprobs", "n"):  # served now
+    for name in ("logprobs", "top_logprobs", "n", "tools", "tool_choice", "response_format"):  # served now
         assert name not in UNSUPPORTED_FIELDS
 
 

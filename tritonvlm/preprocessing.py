@@ -11,9 +11,11 @@ from jinja2 import TemplateError
 from PIL import Image
 
 from tritonvlm.families.base import Family, ProcessedPrompt
+from tritonvlm.tool_format import prepare_tools
 from tritonvlm.wire import InvalidRequestError
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+TOOL_KEYS = ("tool_calls", "tool_call_id")  # kept on messages for the chat template (tool_format)
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 # Text is refused above this many characters before any tokenization (a token is rarely more than a
 # few characters: a million characters is far beyond any context length served here).
@@ -67,8 +69,9 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], int]:
         content = msg.get("content")
         if content is None:
             content = ""
+        extra = {k: msg[k] for k in TOOL_KEYS if msg.get(k) is not None}
         if isinstance(content, str):
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content, **extra})
             continue
         if not isinstance(content, list):
             raise InvalidRequestError(
@@ -86,7 +89,7 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], int]:
                 raise InvalidRequestError(
                     f"messages[{i}].content[{j}] must be a text or image part", f"messages[{i}].content[{j}]"
                 )
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": parts, **extra})
     return out, num_images
 
 
@@ -149,8 +152,14 @@ class ChatPreprocessor:
         self._check_length(len(prompt), "prompt")
         return self.family.encode_raw_prompt(self.processor, prompt)
 
-    def __call__(self, messages: Any, images: list[bytes]) -> ProcessedPrompt:
+    def __call__(
+        self, messages: Any, images: list[bytes], tools: list[dict[str, Any]] | None = None
+    ) -> ProcessedPrompt:
         conversation, num_placeholders = normalize_messages(messages)
+        template = getattr(self.processor, "chat_template", None) or getattr(
+            self.processor.tokenizer, "chat_template", None
+        )
+        conversation, template_kwargs = prepare_tools(conversation, tools, template, self.family.tool_format)
         if num_placeholders != len(images):
             raise InvalidRequestError(
                 f"the messages hold {num_placeholders} image parts but {len(images)} images were sent",
@@ -160,7 +169,7 @@ class ChatPreprocessor:
         self.family.check_images(len(images))
         pil_images = [decode_image(data, i, self.max_image_pixels) for i, data in enumerate(images)]
         try:
-            return self.family.process(self.processor, conversation, pil_images)
+            return self.family.process(self.processor, conversation, pil_images, template_kwargs)
         except InvalidRequestError:
             raise
         except TemplateError as exc:

@@ -11,7 +11,10 @@ in BYTES tensors, and how a client's mistake is told apart from an internal fail
       PROMPT       BYTES [1]   a raw text prompt, tokenized as is (no chat template, no images).
       INPUT_IDS    INT64 [-1]  a prompt already tokenized.
       IMAGES       BYTES [-1]  optional, with MESSAGES: the encoded image files (PNG, JPEG, ...) in order.
-      PARAMETERS   BYTES [1]   optional: JSON object of sampling parameters (see SamplingParams keys).
+      PARAMETERS   BYTES [1]   optional: JSON object of sampling parameters (see SamplingParams keys);
+                               ``guided`` holds an output constraint (tritonvlm.engine.grammar).
+      TOOLS        BYTES [1]   optional, with MESSAGES: JSON list of OpenAI tools
+                               (``{"type": "function", "function": {...}}``) for the chat template.
     outputs, one response per decode step, the last one flagged final
       TEXT_DELTA        BYTES [1]   the new text (may be empty)
       TOKEN_IDS         INT64 [-1]  the new token ids
@@ -44,6 +47,7 @@ MESSAGES = "MESSAGES"
 PROMPT = "PROMPT"
 IMAGES = "IMAGES"
 PARAMETERS = "PARAMETERS"
+TOOLS = "TOOLS"
 
 # preprocess outputs / vision_encoder inputs and outputs
 INPUT_IDS = "INPUT_IDS"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
+from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_cache import SlotKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
@@ -163,6 +164,8 @@ class LLMEngine:
         self._by_id: dict[str, Sequence] = {}
         self._early_cancels: dict[str, None] = {}  # cancelled before they arrived (ordered, capped)
         self._last_decode_end: float | None = None
+        self._guided: GuidedDecoding | None = None
+        self._guided_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -185,6 +188,14 @@ class LLMEngine:
         if not keep_vision_tower:
             family.strip_for_decoder(model)  # images arrive as embeddings from the vision encoder
         return cls(model, AutoTokenizer.from_pretrained(path_or_id), config, family)
+
+    @property
+    def guided(self) -> GuidedDecoding:
+        """Constrained decoding with this model's tokenizer, built on first use (about a second)."""
+        with self._guided_lock:
+            if self._guided is None:
+                self._guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.stop_ids)
+            return self._guided
 
     # ---- public API (any thread) -------------------------------------------------------------------
     def add_request(
@@ -209,6 +220,7 @@ class LLMEngine:
             mm=mm,
             is_cancelled=is_cancelled,
             generator=None if params.greedy else make_generator(params.seed, self.runner.device),
+            guide=None if params.guided is None else self.guided.start(params.guided),
         )
         self._incoming.put(seq)
         self._wakeup.set()
@@ -380,12 +392,13 @@ class LLMEngine:
         """Append ``token`` to ``seq``: the text now safe to send, the finish reason, the logprobs entry."""
         seq.output_ids.append(token)
         finish = None
-        if token in self.stop_ids and not seq.params.ignore_eos:
+        guided_end = seq.guide is not None and seq.guide.advance(token)  # its grammar is complete
+        if token in self.stop_ids and (guided_end or not seq.params.ignore_eos):
             finish = "stop"
             text = seq.detokenizer.finish()
         else:
             text = seq.detokenizer.add_token(token)
-            if seq.detokenizer.stopped:
+            if seq.detokenizer.stopped or guided_end:
                 finish = "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens:
                 finish = "length"

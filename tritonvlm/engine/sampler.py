@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from tritonvlm.engine.guided import mask_logits
 from tritonvlm.engine.sequence import Sequence
 
 log = logging.getLogger("tritonvlm.engine.sampler")
@@ -116,7 +117,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], failures: dict[int, str] 
     ``row index → reason`` there: the caller must end that sequence with an error (the stand-in token
     is not a sample). Rows never affect one another.
     """
-    logits = logits.float()
+    logits = mask_logits(logits.float(), [s.guide for s in seqs])  # constrained rows only
     if _fault_pattern:
         logits = _poison(logits, seqs)
     # +inf and NaN are never valid logits (-inf is: a masked token). One batched check, row-wise.

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from tritonvlm.engine.grammar import check_constraint
 from tritonvlm.wire import InvalidRequestError
 
 DEFAULT_MAX_TOKENS = 256
@@ -66,6 +67,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # report each generated token's log probability
     top_logprobs: int = 0  # and this many most likely alternatives (0-20)
+    guided: dict[str, Any] | None = None  # an output constraint (tritonvlm.engine.grammar)
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +116,8 @@ class SamplingParams:
             or any(not isinstance(s, str) or not s for s in self.stop)
         ):
             raise InvalidRequestError("stop must be up to 4 non-empty strings", "stop")
+        if self.guided is not None:
+            check_constraint(self.guided)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,6 +61,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     cancel_requested: bool = False
+    guide: Any = None  # a constrained sequence's grammar state (tritonvlm.engine.guided.Guide)
 
     @property
     def prompt_len(self) -> int:

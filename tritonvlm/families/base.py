@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from tritonvlm.tool_format import QWEN_TOOL_CALLS, ToolCallFormat
 from tritonvlm.wire import InvalidRequestError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,6 +127,7 @@ class Family:
     max_images_per_prompt: ClassVar[int | None] = None  # None: no limit of the family's own
     position_dims: ClassVar[int] = 1  # 1: [batch, len] positions; 3: M-RoPE [3, batch, len]
     mask_as_dict: ClassVar[bool] = True  # text model takes {"full_attention": m, ...}; else a tensor
+    tool_format: ClassVar[ToolCallFormat] = QWEN_TOOL_CALLS  # how the family writes tool calls
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -166,9 +168,17 @@ class Family:
         raise NotImplementedError(f"no test model builder for {cls.name}")
 
     # ---- preprocessing (no weights) -----------------------------------------------------------------
-    def render_prompt(self, processor: Any, conversation: list[dict[str, Any]]) -> str:
-        """The prompt text of a conversation (images as ``{"type": "image"}`` parts)."""
-        return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    def render_prompt(
+        self,
+        processor: Any,
+        conversation: list[dict[str, Any]],
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt text of a conversation (images as ``{"type": "image"}`` parts); ``template_kwargs``
+        go to the chat template (``tools``)."""
+        return processor.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
 
     def check_images(self, num_images: int) -> None:
         """Refuse more images than the family handles in one prompt."""
@@ -181,11 +191,15 @@ class Family:
             )
 
     def process(
-        self, processor: Any, conversation: list[dict[str, Any]], images: list[Image.Image]
+        self,
+        processor: Any,
+        conversation: list[dict[str, Any]],
+        images: list[Image.Image],
+        template_kwargs: dict[str, Any] | None = None,
     ) -> ProcessedPrompt:
         """Chat template + processor: prompt ids and the family's multimodal tensors."""
         self.check_images(len(images))
-        prompt = self.render_prompt(processor, conversation)
+        prompt = self.render_prompt(processor, conversation, template_kwargs)
         return self.process_text(processor, prompt, images)
 
     def process_text(self, processor: Any, prompt: str, images: list[Image.Image]) -> ProcessedPrompt:

@@ -27,7 +27,7 @@ def model_inputs(
     given: dict[str, np.ndarray | None], call: ModelCall
 ) -> tuple[list[int], dict[str, np.ndarray]]:
     """``(prompt token ids, multimodal tensors)`` for one request. ``given`` maps the `vlm` input names
-    (MESSAGES, PROMPT, INPUT_IDS, IMAGES) to their arrays, or None where absent."""
+    (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent."""
     forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
     if len(forms) != 1:
         raise InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
@@ -40,6 +40,8 @@ def model_inputs(
     pre_inputs = {forms[0]: given[forms[0]]}
     if images is not None:
         pre_inputs[wire.IMAGES] = images
+    if forms[0] == wire.MESSAGES and given.get(wire.TOOLS) is not None:
+        pre_inputs[wire.TOOLS] = given[wire.TOOLS]  # for the chat template
     pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS])
     ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
     packed = first_bytes(pre[wire.MM_INPUTS])

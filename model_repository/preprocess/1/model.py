@@ -47,7 +47,9 @@ class TritonPythonModel:
                 messages_t = pb_utils.get_input_tensor_by_name(request, wire.MESSAGES)
                 if messages_t is None:
                     raise wire.InvalidRequestError("one of MESSAGES or PROMPT is required", "messages")
-                out = self.preprocessor(parse_json_input(messages_t.as_numpy(), None), images)
+                tools_t = pb_utils.get_input_tensor_by_name(request, wire.TOOLS)
+                tools = parse_json_input(tools_t.as_numpy(), None) if tools_t is not None else None
+                out = self.preprocessor(parse_json_input(messages_t.as_numpy(), None), images, tools)
         except wire.InvalidRequestError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(exc.to_wire()))
         except Exception as exc:

@@ -34,7 +34,7 @@ from tritonvlm.triton_utils import (
 
 log = logging.getLogger("tritonvlm.vlm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-PROMPT_INPUTS = (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS, wire.IMAGES)
+PROMPT_INPUTS = (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS, wire.IMAGES, wire.TOOLS)
 
 
 def _numpy(request, name):
