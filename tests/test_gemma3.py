@@ -114,7 +114,7 @@ def test_the_window_changes_the_answer(kit):
 
 
 def first_token_logprobs(kit, family: Family, case: Case) -> list[dict]:
-    """The engine's log-probabilities of the 20 most likely first tokens, by token id."""
+    """The engine's top-20 log-probabilities of the first generated token, most likely first."""
     ids, mm = kit.engine_inputs(case)
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=256), family)
     outputs = []
