@@ -5,6 +5,11 @@ prefill, one BOS, the batched vision encoder, no final soft-capping, and what th
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +279,36 @@ def test_logprob_bytes_of_sentencepiece_pieces(kit):
     ids = kit.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert any(kit.tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # 🐱 falls back
     assert b"".join(bytes(texts(i)[1]) for i in ids) == text.encode()
+
+
+def test_test_model_files_and_determinism(kit, tmp_path):
+    """Laid out like google/gemma-3-4b-it (GemmaTokenizer, Gemma3Processor, the image-only Pil image
+    processor without torchvision), and the same bytes from a fresh interpreter."""
+    names = sorted(p.name for p in kit.model_dir.iterdir())
+    assert names == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert type(kit.tokenizer).__name__ == "GemmaTokenizer"
+    assert kit.tokenizer.image_token == "<image_soft_token>" and kit.tokenizer.boi_token == "<start_of_image>"
+    assert kit.processor.image_seq_length == TINY.mm_tokens_per_image
+    assert kit.hf_model.generation_config.eos_token_id == [
+        kit.tokenizer.eos_token_id,
+        kit.tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+    ]
+
+    def digests(directory: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+    out = tmp_path / "again"
+    env = {**os.environ, "PYTHONHASHSEED": "4321"}
+    code = "import sys; from tritonvlm.testmodels.gemma3 import build_test_model as b; b(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert digests(out) == digests(kit.model_dir)
