@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -29,11 +31,34 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece-style byte pieces (Gemma, Llama 2)
+
+
+def _has_type(node: Any, name: str) -> bool:
+    """Whether a tokenizers component (as JSON) is, or contains, one of type ``name``."""
+    if isinstance(node, dict):
+        return node.get("type") == name or any(_has_type(v, name) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_type(v, name) for v in node)
+    return False
+
+
+def is_byte_level(tokenizer: Any) -> bool:
+    """Whether a tokenizer's pieces are GPT-2 byte-level symbols (else SentencePiece-style text pieces)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return True
+    decoder = json.loads(backend.to_str()).get("decoder")
+    return _has_type(decoder, "ByteLevel")
+
+
 class TokenTexts:
-    """The text and raw bytes of single tokens (byte-level BPE tokens may hold part of a character)."""
+    """The text and raw bytes of single tokens (a token may hold part of a character: byte-level BPE
+    symbols, or SentencePiece byte-fallback pieces ``<0xNN>``)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.byte_level = is_byte_level(tokenizer)
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
@@ -41,9 +66,12 @@ class TokenTexts:
         if hit is None:
             symbol = self.tokenizer.convert_ids_to_tokens(token_id)
             decoder = _byte_decoder()
-            if isinstance(symbol, str) and symbol and all(c in decoder for c in symbol):
+            byte_piece = BYTE_FALLBACK.fullmatch(symbol) if isinstance(symbol, str) else None
+            if self.byte_level and isinstance(symbol, str) and symbol and all(c in decoder for c in symbol):
                 raw = bytes(decoder[c] for c in symbol)
-            else:  # special and added tokens are stored as text
+            elif not self.byte_level and byte_piece is not None:
+                raw = bytes([int(byte_piece[1], 16)])
+            else:  # text pieces, special and added tokens: their decoded text
                 raw = self.tokenizer.decode([token_id]).encode()
             hit = (raw.decode("utf-8", errors="replace"), list(raw))
             self._cache[token_id] = hit
