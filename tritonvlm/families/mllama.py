@@ -24,8 +24,8 @@ Where each part lives here:
 
 The real model takes one image per prompt (Meta: it "doesn't work reliably well with multiple
 images"); more are refused with a 400. Its chat template refuses a system message together with an
-image, which is a 400 here too. This depends on transformers' private Mllama internals (checked on
-5.23): ``tests/test_mllama.py`` pins the behaviour.
+image (a 400 too, as every template refusal). This depends on transformers' private Mllama
+internals (checked on 5.23): ``tests/test_mllama.py`` pins the behaviour.
 """
 
 from __future__ import annotations
@@ -85,16 +85,6 @@ class MllamaFamily(Family):
                 f"request (max_images_per_prompt); this request has {num_images}",
                 "messages",
             )
-
-    def render_prompt(self, processor: Any, conversation: list[dict[str, Any]]) -> str:
-        """The chat template; what it refuses (a system message together with an image) is a 400."""
-        from jinja2 import TemplateError
-
-        try:
-            return super().render_prompt(processor, conversation)
-        except TemplateError as exc:
-            message = f"the model's chat template refused the conversation: {exc}"
-            raise InvalidRequestError(message, "messages") from exc
 
     def multimodal_inputs(self, encoded: Any) -> dict[str, np.ndarray]:
         return {
