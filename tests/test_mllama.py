@@ -201,3 +201,14 @@ def test_llama_3_2_11b_shape() -> None:
     cross = family.states_per_image * per_state_bytes(family, torch.bfloat16)
     assert cross == 209_846_272  # 200.1 MiB of image keys/values per sequence
     assert sequence_bytes(family, 4096, torch.bfloat16) == 4096 * per_token + cross
+
+
+def test_builds_are_deterministic(tmp_path, family_model_dir) -> None:
+    import hashlib
+
+    from tritonvlm.testmodels.mllama import build_test_model
+
+    def digests(directory):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+    assert digests(build_test_model(tmp_path / "again")) == digests(family_model_dir("mllama"))

@@ -205,11 +205,20 @@ class MllamaFamily(Family):
         width = max(widths, default=0)
         if width == 0:
             return {}  # the cache's cross layers are empty: the text model skips them
-        mask = torch.zeros(len(seqs), 1, 1, width, dtype=self._dtype, device=device)
-        gate = torch.zeros(len(seqs), 1, 1, 1, dtype=self._dtype, device=device)
-        for i, (seq, n) in enumerate(zip(seqs, widths, strict=True)):
-            if n:
-                mask[i, 0, 0, :n] = seq.mm[_DECODE_MASK]
-                mask[i, 0, 0, n:] = torch.finfo(self._dtype).min
-                gate[i, 0, 0, 0] = seq.mm[_DECODE_GATE]
-        return {"cross_attention_mask": mask, "full_text_row_masked_out_mask": gate}
+        mask = torch.zeros(len(seqs), width, dtype=self._dtype, device=device)
+        gate = torch.zeros(len(seqs), dtype=self._dtype, device=device)
+        rows = [i for i, n in enumerate(widths) if n]
+        # One copy for all image rows (a few kernels per step, not a few per row).
+        index = torch.tensor(rows, device=device)
+        gate[index] = torch.stack([seqs[i].mm[_DECODE_GATE] for i in rows])
+        full = [i for i in rows if widths[i] == width]
+        if full:
+            mask[torch.tensor(full, device=device)] = torch.stack([seqs[i].mm[_DECODE_MASK] for i in full])
+        for i in rows:
+            if widths[i] < width:  # fewer states than the widest row: the rest weigh nothing
+                mask[i, : widths[i]] = seqs[i].mm[_DECODE_MASK]
+                mask[i, widths[i] :] = torch.finfo(self._dtype).min
+        return {
+            "cross_attention_mask": mask[:, None, None],
+            "full_text_row_masked_out_mask": gate[:, None, None, None],
+        }
