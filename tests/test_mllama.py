@@ -124,8 +124,18 @@ def test_engine_refuses_image_tokens_without_images(kit) -> None:
 # ---- the cross-attention state in the engine ------------------------------------------------------------
 
 
+def multi_turn_case() -> Case:
+    """The image in the first user turn; the later turns' tokens attend to it too."""
+    messages = [
+        *conversation("What is this?", 1),
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": "And the background?"},
+    ]
+    return Case("multi-turn", messages, [make_image(80, 30, "green")])
+
+
 def test_text_and_image_rows_share_prefill_and_decode_token_exact_and_states_are_freed(kit) -> None:
-    cases = [text_case(), image_case("red"), image_case("blue", 40, 120), text_case()]
+    cases = [text_case(), image_case("red"), multi_turn_case(), image_case("blue", 40, 120), text_case()]
     inputs = [kit.engine_inputs(case) for case in cases]
     refs = [kit.reference_tokens(case, NEW) for case in cases]
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=256), kit.family)
@@ -139,19 +149,20 @@ def test_text_and_image_rows_share_prefill_and_decode_token_exact_and_states_are
 
     for i, (ids, mm) in enumerate(inputs):
         engine.add_request(str(i), ids, SamplingParams(max_tokens=NEW, temperature=0), sink, mm)
-    engine.step()  # all four prefill together, then decode together
-    assert engine.stats.prefill_steps == 1 and len(engine.scheduler.running) == 4
+    engine.step()  # all five prefill together, then decode together
+    assert engine.stats.prefill_steps == 1 and len(engine.scheduler.running) == 5
     one_image = kit.family.states_per_image * per_state_bytes(kit.family, torch.float32)
-    assert engine.stats.extra_state_bytes == 2 * one_image
+    assert engine.stats.extra_state_bytes == 3 * one_image
     # Cancel an image row in the middle of the batch: the last row (text only) moves into its slot.
     engine.cancel("1")
     engine.step()
-    assert [s.request_id for s in engine.scheduler.running] == ["0", "3", "2"]
-    assert engine.stats.extra_state_bytes == one_image and engine.runner.cache.state_lengths[:3] == [0, 0, 68]
+    assert [s.request_id for s in engine.scheduler.running] == ["0", "4", "2", "3"]
+    assert engine.runner.cache.state_lengths[:4] == [0, 0, 68, 68]
+    assert engine.stats.extra_state_bytes == 2 * one_image
     assert not engine.runner.cache.keys[1][1].any()  # the cancelled image's states are gone
-    while len(finished) < 4:
+    while len(finished) < 5:
         engine.step()
-    for i in (0, 2, 3):
+    for i in (0, 2, 3, 4):
         assert tokens[str(i)] == refs[i], cases[i].name
     assert engine.stats.extra_state_bytes == 0 and engine.stats.kv_bytes_used == 0
 
