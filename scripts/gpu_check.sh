@@ -43,4 +43,7 @@ log "engine benchmark: qwen2.5-vl-7b shape, bf16"
 timeout "${BENCH_TIMEOUT:-420}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b \
   --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.txt" | tail -12 \
   || log "engine benchmark failed or timed out"
+log "Llama 3.2 Vision: 11B shape, bf16 (KV and cross-attention state bytes, text/image/mixed batches)"
+timeout "${MLLAMA_TIMEOUT:-240}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \
+  | tee "$OUT/bench_mllama.txt" | tail -12 || log "mllama benchmark failed or timed out"
 log "done; outputs in $OUT"

@@ -4,6 +4,7 @@ the whole history restricted to the window."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tritonvlm.engine.kv_cache import SlotKVCache
@@ -64,3 +65,56 @@ def test_move_copies_every_layer_kind_and_sizes_count_the_window() -> None:
     per_seq = SlotKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
     assert per_seq == 2 * HEADS * DIM * 4 * (MAX_LEN + WINDOW)
     assert cache.nbytes == 3 * per_seq
+
+
+STATES = 6
+
+
+def test_cross_layers_hold_each_slots_states_and_zeros_past_them() -> None:
+    """Cross layers: written at prefill (row i's first ``state_lengths[i]`` columns), seen whole by every
+    later step, zero past a row's own states (a text-only row holds none), moved with the slot."""
+    torch.manual_seed(0)
+    kinds = [FULL, LayerKind("cross", states=STATES)]
+    cache = SlotKVCache(2, HEADS, DIM, 3, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
+    assert cache.keys[1].shape == (3, HEADS, STATES, DIM) and cache.max_states == STATES
+    # A previous occupant left states in slot 1: a text-only prompt there must not see them.
+    cache.keys[1][1].normal_()
+    cache.values[1][1].normal_()
+    cache.state_lengths[1] = STATES
+    image = torch.randn(1, HEADS, STATES, DIM)
+    states = torch.cat([image, torch.randn(1, HEADS, STATES, DIM)])  # row 1's are padding: not stored
+    cache.prepare_prefill(0, 2, 5, [5, 3], [STATES, 0])
+    assert cache.layers[1].is_initialized and cache.layers[1].keys.shape == (2, HEADS, STATES, DIM)
+    k, v = cache.update(states, states * 2, 1)
+    assert torch.equal(k[0], image[0]) and torch.equal(v[0], image[0] * 2)
+    assert not k[1].any() and not v[1].any()
+    assert cache.state_lengths[:2] == [STATES, 0]
+    # Decode: the text model reads layers[i] (no update() for cross layers).
+    cache.prepare_decode(torch.tensor([5, 3]), 6)
+    assert torch.equal(cache.layers[1].keys[0], image[0]) and not cache.layers[1].values[1].any()
+    with pytest.raises(RuntimeError, match="prefill only"):
+        cache.update(states, states, 1)
+    # Slot 0 leaves: slot 1 (text only) moves into it; the image's states are gone from slot 0.
+    cache.move(1, 0, 4)
+    cache.prepare_decode(torch.tensor([4]), 5)
+    assert cache.layers[1].keys.numel() == 0  # only text-only rows: the model skips its cross layers
+    assert not cache.keys[1][0].any() and cache.state_lengths[0] == 0
+    # An image prompt moving into a slot keeps its states.
+    cache.prepare_prefill(1, 1, 4, [4], [STATES])
+    cache.update(image, image * 2, 1)
+    cache.move(1, 0, 4)
+    assert torch.equal(cache.keys[1][0], image[0]) and cache.state_lengths[0] == STATES
+
+
+def test_cross_states_count_in_the_budget_and_the_held_bytes() -> None:
+    kinds = [FULL, LayerKind("cross", states=STATES), FULL]
+    per_seq = SlotKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
+    per_column = 2 * HEADS * DIM * 4
+    assert per_seq == per_column * (2 * MAX_LEN + STATES)
+    cache = SlotKVCache(3, HEADS, DIM, 2, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
+    assert cache.nbytes == 2 * per_seq
+    assert cache.bytes_held(10) == per_column * 2 * 10  # token layers only
+    cache.prepare_prefill(0, 2, 4, [4, 4], [STATES, 0])
+    assert cache.state_bytes_held(2) == per_column * STATES and cache.state_bytes_held(0) == 0
+    with pytest.raises(ValueError, match="cross-attention states"):
+        cache.prepare_prefill(0, 1, 4, [4], [STATES + 1])

@@ -57,7 +57,7 @@ class EngineStats:
     kv_tokens_used: int = 0
     kv_bytes_used: int = 0  # keys/values the running sequences hold (sliding layers: their window)
     kv_bytes_capacity: int = 0  # what the KV cache reserves
-    extra_state_bytes: int = 0  # the family's per-sequence state held (e.g. cross-attention states)
+    extra_state_bytes: int = 0  # per-sequence state held besides keys/values (e.g. cross-attention states)
     # Samples since the last read: the reader (metrics) drains them.
     ttft_seconds: list[float] = field(default_factory=list)
     step_intervals: list[float] = field(default_factory=list)
@@ -106,8 +106,8 @@ def free_memory(device: torch.device) -> int:
 
 def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> int:
     """How many sequences get a KV slot: ``max_num_seqs``, capped by the memory budget (which counts a
-    slot's keys/values in every layer, sliding layers holding only their window, plus the family's
-    per-sequence state)."""
+    slot's keys/values in every layer, sliding layers holding only their window and cross layers their
+    encoder states, plus the family's per-sequence state)."""
     budget = parse_memory(config.kv_cache_memory, free_memory(next(model.parameters()).device))
     if budget is None:
         return config.max_num_seqs
@@ -122,7 +122,8 @@ def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> in
 
 
 def sequence_bytes(family: Family, max_len: int, dtype: torch.dtype) -> int:
-    """Memory one sequence slot reserves: its KV cache across all layers and the family's extra state."""
+    """Memory one sequence slot reserves: its KV cache across all layers (cross layers' encoder states
+    included) and the family's extra state."""
     kv_heads, head_dim = family.kv_geometry()
     kv = SlotKVCache.bytes_per_sequence(family.layer_kinds(), kv_heads, head_dim, max_len, dtype)
     return kv + family.extra_state_bytes(dtype)
@@ -152,7 +153,9 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(slots, self.config.max_prefill_tokens, self.runner.cache.move)
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        # Prompt ids index the input embeddings, which may have rows past the LM head's vocabulary
+        # (Mllama's <|image|> is one).
+        self.num_embeddings = int(self.runner.embed_tokens.num_embeddings)
         self.token_texts = TokenTexts(tokenizer)
         self.stats = EngineStats()
         self.on_step_end: Callable[[EngineStats], None] | None = None
@@ -217,7 +220,7 @@ class LLMEngine:
             params=params,
             on_output=on_output,
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
-            mm=mm,
+            mm=dict(mm),  # the sequence's own: family hooks may replace entries (e.g. drop used inputs)
             is_cancelled=is_cancelled,
             generator=None if params.greedy else make_generator(params.seed, self.runner.device),
             guide=None if params.guided is None else self.guided.start(params.guided),
@@ -234,7 +237,7 @@ class LLMEngine:
         """Reject what could never run: empty or out-of-vocabulary prompts, too long, bad image data."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", "messages")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.num_embeddings:
             raise InvalidRequestError("prompt token ids out of the vocabulary range", "prompt")
         total = len(prompt_ids) + params.max_tokens
         if total > self.config.max_model_len:
@@ -452,6 +455,8 @@ class LLMEngine:
         self.stats.kv_tokens_used = sum(s.num_tokens for s in running)
         self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(s.num_tokens) for s in running)
         self.stats.kv_bytes_capacity = self.runner.cache.nbytes
-        self.stats.extra_state_bytes = sum(self.family.sequence_state_bytes(s) for s in running)
+        self.stats.extra_state_bytes = sum(
+            self.family.sequence_state_bytes(s) for s in running
+        ) + self.runner.cache.state_bytes_held(len(running))
         if self.on_step_end is not None:
             self.on_step_end(self.stats)

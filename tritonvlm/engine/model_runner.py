@@ -80,7 +80,8 @@ class ModelRunner:
         if self.cache.has_sliding:
             near = cols[:, None] - cols[None, :] < self.cache.sliding_window  # [query, key]
             masks["sliding_attention"] = full & near[None, None]
-        self.cache.prepare_prefill(first_slot, len(seqs), length, lens)
+        states = [self.family.cross_state_length(s) for s in seqs]
+        self.cache.prepare_prefill(first_slot, len(seqs), length, lens, states)
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=self.family.attention_mask(masks, seqs, prefill=True),

@@ -47,15 +47,22 @@ IMAGE_EMBEDS = "image_embeds"  # [num_image_tokens, hidden]: merged at the place
 
 @dataclass(frozen=True)
 class LayerKind:
-    """How one decoder layer attends: ``full`` (all previous tokens) or ``sliding`` (the last
-    ``window`` tokens, the query included). Sliding layers keep only ``window`` keys per sequence."""
+    """How one decoder layer attends: ``full`` (all previous tokens), ``sliding`` (the last ``window``
+    tokens, the query included) or ``cross`` (a fixed set of encoder states, e.g. image states, that a
+    sequence writes at prefill and reads at every step). Sliding layers keep only ``window`` keys per
+    sequence; cross layers keep at most ``states`` keys per sequence whatever its length."""
 
     kind: str = "full"
     window: int | None = None
+    states: int | None = None  # cross: the most encoder states one sequence holds
 
     @property
     def is_sliding(self) -> bool:
         return self.kind == "sliding"
+
+    @property
+    def is_cross(self) -> bool:
+        return self.kind == "cross"
 
 
 FULL = LayerKind()
@@ -304,11 +311,18 @@ class Family:
         return kv_heads, head_dim
 
     def extra_state_bytes(self, dtype: torch.dtype) -> int:
-        """Memory one sequence needs besides its self-attention keys/values (counted in the KV budget)."""
+        """Memory one sequence needs besides its keys/values (counted in the KV budget). The keys/values
+        of ``cross`` layers are not extra: the KV cache holds and counts them."""
         return 0
 
     def sequence_state_bytes(self, seq: Sequence) -> int:
-        """Memory of the per-sequence state ``seq`` holds now besides its keys/values (metrics)."""
+        """Memory of the per-sequence state ``seq`` holds now besides its keys/values (metrics; the
+        engine adds what its ``cross`` layers hold in the KV cache)."""
+        return 0
+
+    def cross_state_length(self, seq: Sequence) -> int:
+        """How many encoder states ``seq`` keeps in each ``cross`` layer (0: none, e.g. a text-only
+        prompt); at most the layers' ``states``."""
         return 0
 
     def validate(self, prompt_ids: list[int], mm: dict[str, torch.Tensor]) -> None:
