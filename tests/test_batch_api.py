@@ -60,7 +60,9 @@ class EchoClient:
 
 def chat_line(custom_id: str, text: str, **body: Any) -> str:
     payload = {"model": MODEL, "messages": [{"role": "user", "content": text}], **body}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": payload})
+    return json.dumps(
+        {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": payload}
+    )
 
 
 def make_app(tmp_path: Path, backend: EchoClient, **settings: Any):
@@ -74,7 +76,10 @@ def make_app(tmp_path: Path, backend: EchoClient, **settings: Any):
 def sdk(tmp_path: Path):
     backend = EchoClient()
     with TestClient(make_app(tmp_path, backend)) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0), backend
+        yield (
+            openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0),
+            backend,
+        )
 
 
 def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 20.0):
@@ -154,7 +159,9 @@ def test_bad_lines_fail_validation_like_openai(sdk):
 def test_create_errors(sdk):
     client, _ = sdk
     with pytest.raises(openai.NotFoundError):
-        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+        client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
     uploaded = client.files.create(file=("in.jsonl", chat_line("a", "b").encode()), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint"):
         client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")

@@ -1,3 +1,12 @@
 """tritonvlm: an OpenAI-compatible vision chat API whose model runs inside NVIDIA Triton."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: `import tritonvlm` stays light (the Triton models import it)
+    """``from tritonvlm import Engine`` (the offline API, :mod:`tritonvlm.offline`)."""
+    if name in ("Engine", "RequestFailed"):
+        from tritonvlm import offline
+
+        return getattr(offline, name)
+    raise AttributeError(f"module 'tritonvlm' has no attribute {name!r}")
