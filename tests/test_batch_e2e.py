@@ -222,11 +222,11 @@ def test_run_batch_gives_what_the_server_gives(batch_server, batch_input: Path, 
         else:
             assert response["body"] == body, (cid, response["body"], body)  # the same error body
     assert statuses[404] == 1 and statuses[400] == 7 and statuses[200] == N_LINES - 3 - 8
-    codes = {
-        cid: by_key[cid]["response"]["body"]["error"]["code"] for cid in ("req-067", "req-079", "req-091")
-    }
-    assert codes["req-067"] == "image_fetch_failed" and codes["req-079"] == "image_fetch_failed"
-    assert codes["req-091"] == "invalid_image"
+    errors = {cid: by_key[cid]["response"]["body"]["error"] for cid in ("req-067", "req-079", "req-091")}
+    assert errors["req-067"]["message"].startswith("Could not connect")  # the unreachable image
+    assert errors["req-079"]["code"] == "image_fetch_failed"  # a 404
+    assert errors["req-091"]["code"] == "invalid_image"
+    assert errors["req-067"]["param"] == "messages[0].content[1].image_url.url"
 
 
 def test_run_batch_sigkill_and_rerun(batch_server, batch_input: Path, media_dir: Path, tmp_path: Path):
