@@ -104,6 +104,7 @@ class FrontendSettings:
     api_key: str | None = None  # None or "": no authentication
     batch_state_dir: str | None = None  # the Batch API's store (/v1/files, /v1/batches); None: no Batch API
     batch_concurrency: int = 16  # batch requests in flight while no interactive request is
+    batch_busy_concurrency: int = 1  # ... and while some are (the others are preempted)
     system_fingerprint: str = f"tritonvlm-{__version__}"
 
 

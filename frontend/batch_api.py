@@ -6,7 +6,7 @@ in a :class:`~tritonvlm.batch.store.BatchStore` under ``settings.batch_state_dir
 :class:`~tritonvlm.batch.worker.BatchWorker` started with the app runs them through the frontend's own
 request path, one batch at a time, below interactive traffic: an ASGI middleware counts the completion
 requests in flight, and the worker drops to one batch request (cancelling and requeueing the others)
-while there are any. See the README's "Batch inference" section.
+while there are any (``batch_busy_concurrency``). See the README's "Batch inference" section.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ class CreateBatchRequest(BaseModel):
 class BatchService:
     """The store, the worker and the interactive-request count of one app."""
 
-    def __init__(self, app: FastAPI, state_dir: str, concurrency: int) -> None:
+    def __init__(self, app: FastAPI, state_dir: str, concurrency: int, busy_concurrency: int = 1) -> None:
         self.app = app
         self.state_dir = state_dir
         self.tracker = InteractiveTracker()
-        self.admission = BatchAdmission(self.tracker, full=concurrency)
+        self.admission = BatchAdmission(self.tracker, full=concurrency, busy=busy_concurrency)
         self.store: BatchStore | None = None
         self.worker: Any = None
         self._api: Any = None
@@ -306,7 +306,9 @@ def build_router(service: BatchService, served_model_name: str) -> APIRouter:
 def install_batch_api(app: FastAPI, settings: Any) -> BatchService:
     """Mount the Batch API on ``app`` and count its interactive requests; the returned service is started
     and stopped by the app's lifespan."""
-    service = BatchService(app, str(settings.batch_state_dir), settings.batch_concurrency)
+    service = BatchService(
+        app, str(settings.batch_state_dir), settings.batch_concurrency, settings.batch_busy_concurrency
+    )
     app.include_router(build_router(service, settings.served_model_name))
     app.add_middleware(InteractiveCounterMiddleware, tracker=service.tracker)
     app.state.batch_service = service

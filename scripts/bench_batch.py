@@ -12,8 +12,9 @@ throughput  N chat requests, each with a 224x224 PNG (``data:`` URL) and exactly
             against the server's Triton, default concurrency). Output tokens/s of each; run-batch over the
             best level is the figure (target >= 0.95x).
 ttft        time to first token of streamed chat requests at concurrency 4 (same requests, fewer
-            tokens) on the idle server, then while a Batch API batch (``client.batches.create``) runs;
-            the ratio of the two medians (target <= 1.5x). The batch is cancelled afterwards.
+            tokens), in windows that alternate between an idle server and one running a Batch API batch
+            (``client.batches.create``, cancelled after its window); the median TTFT with a batch
+            running over the idle one (target <= 1.5x).
 
     python scripts/bench_batch.py                          # both parts (~10 min on a 2-core CPU)
     python scripts/bench_batch.py --parts throughput --requests 64 --levels 8,16,32
@@ -111,7 +112,7 @@ def write_batch_file(path: Path, n: int, max_tokens: int, offset: int = 0) -> No
 class Server:
     """``tritonvlm serve`` in its own session; stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, model: Path, state: Path, max_num_seqs: int, threads: int) -> None:
+    def __init__(self, model: Path, state: Path, max_num_seqs: int, threads: int, busy: int) -> None:
         self.port, self.grpc_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
@@ -119,7 +120,7 @@ class Server:
             sys.executable, "-m", "tritonvlm.cli", "--log-level", "WARNING", "serve",
             "--model", str(model), "--served-model-name", SERVED, "--port", str(self.port),
             "--triton-grpc-port", str(self.grpc_port), "--max-num-seqs", str(max_num_seqs),
-            "--state-dir", str(state),
+            "--state-dir", str(state), "--batch-busy-concurrency", str(busy),
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log = open(state / "serve.log", "wb")  # noqa: SIM115
@@ -280,41 +281,59 @@ async def ttft_run(base: str, n: int, max_tokens: int, offset: int, concurrency:
 
 
 def bench_ttft(server: Server, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Alternate idle and batch-running windows (``--ttft-rounds``), so that a change of the machine's
+    load over time hits both alike; each window has ``--ttft-requests`` requests."""
     import openai
 
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
     asyncio.run(ttft_run(server.base, 8, args.ttft_tokens, 10_000))  # warm-up
-    idle = asyncio.run(ttft_run(server.base, args.ttft_requests, args.ttft_tokens, 20_000))
-    log(f"idle: TTFT p50 {1000 * statistics.median(idle):.0f} ms")
     path = work / "ttft-batch.jsonl"
     write_batch_file(path, args.ttft_batch_requests, args.max_tokens, offset=30_000)
     with open(path, "rb") as f:
         uploaded = client.files.create(file=f, purpose="batch")
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    deadline = time.monotonic() + 600
-    while client.batches.retrieve(batch.id).request_counts.completed < 4:
-        if time.monotonic() > deadline:
-            raise SystemExit("the batch did not start")
-        time.sleep(0.5)
-    before = client.batches.retrieve(batch.id).request_counts.completed
-    loaded = asyncio.run(ttft_run(server.base, args.ttft_requests, args.ttft_tokens, 40_000))
-    after = client.batches.retrieve(batch.id)
-    log(f"with a batch running: TTFT p50 {1000 * statistics.median(loaded):.0f} ms")
-    client.batches.cancel(batch.id)
+    idle: list[float] = []
+    loaded: list[float] = []
+    progressed = 0
+    windows = [w for r in range(args.ttft_rounds) for w in (("idle", r), ("batch", r))] + [
+        ("idle", args.ttft_rounds)
+    ]
+    for kind, r in windows:
+        offset = 100_000 * (r + 1) + (50_000 if kind == "batch" else 0)
+        if kind == "idle":
+            window = asyncio.run(ttft_run(server.base, args.ttft_requests, args.ttft_tokens, offset))
+            idle += window
+            log(f"idle window {r}: TTFT p50 {1000 * statistics.median(window):.0f} ms")
+            continue
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 600
+        while client.batches.retrieve(batch.id).request_counts.completed < args.max_num_seqs:
+            if time.monotonic() > deadline:
+                raise SystemExit("the batch did not get going")
+            time.sleep(0.2)
+        before = client.batches.retrieve(batch.id).request_counts.completed
+        window = asyncio.run(ttft_run(server.base, args.ttft_requests, args.ttft_tokens, offset))
+        progressed += client.batches.retrieve(batch.id).request_counts.completed - before
+        loaded += window
+        log(f"batch window {r}: TTFT p50 {1000 * statistics.median(window):.0f} ms")
+        client.batches.cancel(batch.id)
+        while client.batches.retrieve(batch.id).status != "cancelled":
+            time.sleep(0.2)
     ratio = statistics.median(loaded) / statistics.median(idle)
     p = lambda xs, q: 1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    shape = f"{args.ttft_requests} streamed requests, one image, {args.ttft_tokens} tokens"
-    print(f"\nTTFT at concurrency 4 ({shape})")
-    print(f"{'server':<22} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
+    shape = f"{args.ttft_requests} streamed requests per window, one image, {args.ttft_tokens} tokens"
+    print(f"\nTTFT at concurrency 4 ({shape}; {args.ttft_rounds} batch windows between idle ones)")
+    print(f"{'server':<16} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
     for name, xs in (("idle", idle), ("batch running", loaded)):
-        print(f"{name:<22} {p(xs, 0.5):>8.0f} {p(xs, 0.9):>8.0f} {1000 * statistics.mean(xs):>8.0f}")
+        mean = 1000 * statistics.mean(xs)
+        print(f"{name:<16} {len(xs):>4} {p(xs, 0.5):>8.0f} {p(xs, 0.9):>8.0f} {mean:>8.0f}")
     print(
-        f"ratio of medians {ratio:.2f}x (target <= 1.5x); the batch completed "
-        f"{after.request_counts.completed - before} requests meanwhile ({after.status})"
+        f"TTFT p50 with a batch running / idle: {ratio:.2f}x (target <= 1.5x); --batch-busy-concurrency "
+        f"{args.busy_concurrency}; the batches completed {progressed} requests during the batch windows"
     )
-    return {"idle_ms": [1000 * x for x in idle], "loaded_ms": [1000 * x for x in loaded], "ratio": ratio}
+    ms = lambda xs: [1000 * x for x in xs]  # noqa: E731
+    return {"idle_ms": ms(idle), "loaded_ms": ms(loaded), "ratio": ratio, "batch_progress": progressed}
 
 
 def main() -> int:
@@ -329,10 +348,12 @@ def main() -> int:
     parser.add_argument("--batch-concurrency", type=int, help="run-batch concurrency (default: its own)")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--ttft-requests", type=int, default=32)
+    parser.add_argument("--ttft-requests", type=int, default=16, help="per window")
+    parser.add_argument("--ttft-rounds", type=int, default=3)
     parser.add_argument("--ttft-tokens", type=int, default=16)
     parser.add_argument("--ttft-batch-requests", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--busy-concurrency", type=int, default=1, help="serve --batch-busy-concurrency")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -341,7 +362,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         work = Path(tmp)
-        server = Server(model, work, args.max_num_seqs, args.threads)
+        server = Server(model, work, args.max_num_seqs, args.threads, args.busy_concurrency)
         try:
             server.wait()
             log(f"serve ready ({model.name})")

@@ -123,7 +123,7 @@ def test_sdk_flow_completes_with_output_and_error_files(sdk):
     assert [r["custom_id"] for r in ok] == [f"r{i}" for i in range(6)]  # input order
     assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in ok)
     assert ok[3]["response"]["body"]["choices"][0]["message"]["content"] == "HELLO 3"
-    assert ok[0]["response"]["request_id"] == ok[0]["response"]["body"]["id"]
+    assert ok[0]["response"]["request_id"] == ok[0]["response"]["body"]["id"] == f"chatcmpl-{batch.id}-1"
     failed = {r["custom_id"]: r["response"] for r in records(client, done.error_file_id)}
     assert failed["bad-model"]["status_code"] == 404
     assert failed["bad-model"]["body"]["error"]["code"] == "model_not_found"

@@ -236,7 +236,7 @@ class FakeAPI:
         self.unavailable = unavailable
         self.ready = ready
 
-    async def post(self, url: str, body: dict[str, Any]) -> APIResponse:
+    async def post(self, url: str, body: dict[str, Any], request_id: str | None = None) -> APIResponse:
         if self.unavailable:
             self.unavailable -= 1
             return APIResponse(503, {"error": {"code": "service_unavailable"}}, "")
@@ -273,7 +273,8 @@ def test_run_batch_file_and_resume(tmp_path: Path):
             run_batch_file(api, inp, out, concurrency=3, progress=False, stats=stats, done_keys=done)
         )  # type: ignore[arg-type]
         if limit_results is not None:
-            while out.exists() is False or out.read_bytes().count(b"\n") < limit_results:
+            while not out.exists() or out.read_bytes().count(b"\n") < limit_results:
+                assert not task.done(), task.exception()
                 await asyncio.sleep(0.001)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

@@ -323,6 +323,7 @@ def _frontend_settings(args: argparse.Namespace, grpc_url: str, served_name: str
         api_key=args.api_key,
         batch_state_dir=str(args.batch_state_dir) if getattr(args, "batch_state_dir", None) else None,
         batch_concurrency=getattr(args, "batch_concurrency", None) or 16,
+        batch_busy_concurrency=getattr(args, "batch_busy_concurrency", 1),
     )
 
 

@@ -15,7 +15,16 @@ log = logging.getLogger("tritonvlm.batch")
 
 # serve's flags that make no sense offline (no HTTP server) or belong to the server's Batch API.
 _SERVE_ONLY = frozenset(
-    {"help", "host", "port", "api_key", "shutdown_timeout", "batch_state_dir", "batch_concurrency"}
+    {
+        "help",
+        "host",
+        "port",
+        "api_key",
+        "shutdown_timeout",
+        "batch_state_dir",
+        "batch_concurrency",
+        "batch_busy_concurrency",
+    }
 )
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
@@ -36,8 +45,15 @@ def add_serve_batch_flags(serve: argparse.ArgumentParser) -> None:
         "--batch-concurrency",
         type=int,
         metavar="N",
-        help="batch requests in flight while no interactive request is (default: --max-num-seqs, 16); "
-        "one while interactive requests are",
+        help="batch requests in flight while no interactive request is (default: --max-num-seqs, 16)",
+    )
+    group.add_argument(
+        "--batch-busy-concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="batch requests in flight while interactive (completion) requests are, and for 1 s after the "
+        "last one; the batch requests above it are cancelled and requeued (default 1; 0 pauses batches)",
     )
 
 

@@ -61,10 +61,14 @@ class InProcessAPI:
         transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
         self._http = httpx.AsyncClient(transport=transport, base_url="http://batch.invalid", timeout=None)
 
-    async def post(self, url: str, body: dict[str, Any]) -> APIResponse:
-        """POST ``body`` (JSON) to ``url``; the JSON answer, whatever its status."""
+    async def post(self, url: str, body: dict[str, Any], request_id: str | None = None) -> APIResponse:
+        """POST ``body`` (JSON) to ``url``; the JSON answer, whatever its status. ``request_id`` is sent as
+        ``x-request-id`` (the answer's id is then ``chatcmpl-<request_id>``, also in the logs)."""
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        response = await self._http.post(url, content=content, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if request_id:
+            headers[_REQUEST_ID_HEADER] = request_id
+        response = await self._http.post(url, content=content, headers=headers)
         try:
             payload = response.json()
         except ValueError:
@@ -116,7 +120,11 @@ def _stream_refused() -> dict[str, Any]:
 
 
 async def execute_line(
-    api: InProcessAPI, item: BatchLine, gate: ReadyGate, unavailable_timeout_s: float | None
+    api: InProcessAPI,
+    item: BatchLine,
+    gate: ReadyGate,
+    unavailable_timeout_s: float | None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     """The output record of one input line. A 503 (Triton unavailable) is retried once Triton is ready
     again, for up to ``unavailable_timeout_s`` (then :class:`BackendUnavailable`)."""
@@ -127,7 +135,7 @@ async def execute_line(
         return response_record(item.custom_id, 400, "", _stream_refused())
     while True:
         sent = time.monotonic()
-        answer = await api.post(item.url, item.body)
+        answer = await api.post(item.url, item.body, request_id)
         if answer.status_code != UNAVAILABLE:
             return response_record(item.custom_id, answer.status_code, answer.request_id, answer.body)
         logger.warning("line %d (%s): Triton unavailable; waiting for it", item.line, item.custom_id)

@@ -227,6 +227,8 @@ class BatchStore:
             raise StoreBusyError(
                 f"another tritonvlm server uses the batch state folder {self.directory}"
             ) from None
+        for leftover in self.files_dir.glob(".tmp-*"):  # files being written when a server stopped
+            leftover.unlink(missing_ok=True)
         self._db = sqlite3.connect(self.directory / DB_NAME, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

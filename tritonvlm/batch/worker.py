@@ -158,7 +158,8 @@ class BatchWorker:
                     yield item
 
         async def work(item: BatchLine) -> dict[str, Any]:
-            return await execute_line(self.api, item, self.gate, None)
+            # "chatcmpl-batch_<id>-<line>": batch requests stand out in the logs, Triton's included
+            return await execute_line(self.api, item, self.gate, None, f"{batch.id}-{item.line}")
 
         async def record(item: BatchLine, result: dict[str, Any]) -> None:
             body = (result.get("response") or {}).get("body")
