@@ -58,7 +58,7 @@ def ensure_model(model_dir: Path | None) -> Path:
     if model_dir is not None:
         return model_dir
     from tritonvlm.cli import cache_dir
-    from tritonvlm.modeling.testmodel import build_test_model
+    from tritonvlm.testmodels.qwen2_5_vl import build_test_model
 
     target = cache_dir() / "models" / "tritonvlm-medium-random"
     if not (target / "config.json").exists():

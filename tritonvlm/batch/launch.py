@@ -62,6 +62,8 @@ def start_triton(options: TritonOptions) -> TritonServer:
     from tritonvlm.launcher import TritonServer
 
     assert options.model is not None
+    if cli.model_family(options.model) is None:  # an unsupported model_type (logged), as serve refuses it
+        raise ValueError(f"{options.model} is not a model this server can serve")
     repository = options.model_repository or cli.DEFAULT_MODEL_REPOSITORY
     if not (repository / "vlm" / "config.pbtxt").exists():
         raise FileNotFoundError(f"no Triton model repository at {repository}")
