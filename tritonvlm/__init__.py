@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy: `import tritonvlm` stays light (the Triton models import it)
-    """``from tritonvlm import Engine`` (the offline API, :mod:`tritonvlm.offline`)."""
+def __getattr__(name: str) -> object:
+    """``from tritonvlm import Engine`` (the offline API, :mod:`tritonvlm.offline`), imported lazily: the
+    Triton models import ``tritonvlm`` and must not pay for it."""
     if name in ("Engine", "RequestFailed"):
         from tritonvlm import offline
 
