@@ -120,7 +120,7 @@ class Server:
             sys.executable, "-m", "tritonvlm.cli", "--log-level", "WARNING", "serve",
             "--model", str(model), "--served-model-name", SERVED, "--port", str(self.port),
             "--triton-grpc-port", str(self.grpc_port), "--max-num-seqs", str(max_num_seqs),
-            "--state-dir", str(state), "--batch-busy-concurrency", str(busy),
+            "--state-dir", str(state), "--batch-busy-concurrency", str(busy), "--startup-timeout", "1200",
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log = open(state / "serve.log", "wb")  # noqa: SIM115
@@ -128,7 +128,7 @@ class Server:
             cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
 
-    def wait(self, timeout: float = 600) -> None:
+    def wait(self, timeout: float = 1260) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout

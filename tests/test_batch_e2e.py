@@ -47,9 +47,17 @@ def batch_server(tiny_model_dir: Path, media_dir: Path, tmp_path_factory: pytest
     proc = ServerProcess(
         tiny_model_dir,
         tmp_path_factory.mktemp("batch-serve"),
-        extra=("--triton-grpc-port", str(grpc_port), "--allowed-local-media-path", str(media_dir)),
+        extra=(
+            "--triton-grpc-port",
+            str(grpc_port),
+            "--allowed-local-media-path",
+            str(media_dir),
+            "--startup-timeout",
+            "900",
+        ),  # fmt: skip
     )
     proc.grpc_url = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
+    proc.wait_healthy(900)  # a shared, loaded machine can take minutes to start Triton
     # run-batch is SIGKILLed with requests in flight (dropped streams): no clean-unload check
     yield from serving(proc, clean_unload=False)
 
@@ -405,7 +413,9 @@ def test_engine_python_api(tiny_model_dir: Path, batch_server, media_dir: Path, 
         user("An impossible request."),
     ]
     state = tmp_path / "engine-state"
-    with Engine(str(tiny_model_dir), served_model_name=MODEL, state_dir=state, max_num_seqs=4) as engine:
+    with Engine(
+        str(tiny_model_dir), served_model_name=MODEL, state_dir=state, max_num_seqs=4, startup_timeout=900
+    ) as engine:
         results = engine.chat(conversations, max_tokens=8, temperature=0)
         failed = engine.chat(conversations[:1], max_tokens=8, temperature=-1, errors="return")
         texts = engine.complete(["Once upon a time"], max_tokens=5, temperature=0)
