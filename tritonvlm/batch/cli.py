@@ -113,6 +113,10 @@ def _silence_per_request_logs(level: str) -> None:
         logging.getLogger("tritonvlm.frontend").setLevel(logging.ERROR)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_batch_command(args: argparse.Namespace) -> int:
     """``tritonvlm run-batch``: returns the exit status (0 done, 2 unusable files, 3 Triton unavailable,
     130 interrupted)."""
@@ -122,6 +126,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from tritonvlm.cli import DEFAULT_MODEL_NAME, TRITON_LAUNCH_FLAGS, _frontend_settings
 
     _silence_per_request_logs(args.log_level)
+    # SIGTERM takes the Ctrl-C path (Triton stopped, output closed); during the run, _run cancels instead.
+    signal.signal(signal.SIGTERM, _interrupt)
     input_path, output_path = args.input_file, args.output_file
     try:
         stats, done_keys = prepare(input_path, output_path)
