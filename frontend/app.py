@@ -1,5 +1,6 @@
 """The FastAPI application: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus, :mod:`tritonvlm.frontend.metrics`).
+``GET /health``, ``GET /metrics`` (Prometheus, :mod:`tritonvlm.frontend.metrics`), and with a
+``batch_state_dir`` the Batch API (:mod:`tritonvlm.frontend.batch_api`).
 
 A chat completion is: validate the request (schema, unsupported fields, model name, image count,
 sampling parameters) → convert the messages to the wire form and collect the image URLs → fetch every
@@ -31,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from tritonvlm import __version__
 from tritonvlm.frontend.access_log import AccessLogMiddleware, new_request_id
+from tritonvlm.frontend.batch_api import install_batch_api
 from tritonvlm.frontend.completions import (
     ChatBackend,
     IndexedDelta,
@@ -108,6 +110,9 @@ class FrontendSettings:
     max_request_body_bytes: int = 50 * MiB
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # text of one request, counted before tokenizing
     api_key: str | None = None  # None or "": no authentication
+    batch_state_dir: str | None = None  # the Batch API's store (/v1/files, /v1/batches); None: no Batch API
+    batch_concurrency: int = 16  # batch requests in flight while no interactive request is
+    batch_busy_concurrency: int = 1  # ... and while some are (the others are preempted)
     system_fingerprint: str = f"tritonvlm-{__version__}"
 
 
@@ -218,9 +223,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if batch_service is not None:
+            await batch_service.start()
         try:
             yield
         finally:
+            if batch_service is not None:
+                await batch_service.stop()
             if own_fetcher:
                 await fetcher.aclose()
             if own_client and isinstance(backend, TritonVLMClient):
@@ -456,4 +465,7 @@ def create_app(
             fix_param=fix_param,
         )
 
+    # /v1/files and /v1/batches, the worker that runs accepted batches (started by the lifespan) and
+    # the count of interactive requests that makes it yield to them.
+    batch_service = install_batch_api(app, settings) if settings.batch_state_dir else None
     return app

@@ -1,4 +1,5 @@
-"""The `tritonvlm` command: `serve` (Triton + the OpenAI frontend) and `build-test-model`."""
+"""The `tritonvlm` command: `serve` (Triton + the OpenAI frontend), `run-batch` (an OpenAI Batch file
+offline) and `build-test-model`."""
 
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ def triton_address(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tritonvlm.batch.cli import add_run_batch_parser, add_serve_batch_flags
+
     parser = argparse.ArgumentParser(prog="tritonvlm", description=__doc__)
     log_level = {
         "type": str.upper,
@@ -269,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="let file:// image URLs read files below DIR (symlinks and .. resolved; default: refused)",
     )
 
+    add_serve_batch_flags(serve)
+    add_run_batch_parser(sub, serve)
+
     from tritonvlm.families import family_names
 
     build = sub.add_parser(
@@ -326,6 +332,9 @@ def _frontend_settings(args: argparse.Namespace, grpc_url: str, served_name: str
         max_prompt_chars=args.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * (args.max_model_len or 4096),
         media_fetch_timeout_s=args.media_fetch_timeout,
         api_key=args.api_key,
+        batch_state_dir=str(args.batch_state_dir) if getattr(args, "batch_state_dir", None) else None,
+        batch_concurrency=getattr(args, "batch_concurrency", None) or 16,
+        batch_busy_concurrency=getattr(args, "batch_busy_concurrency", 1),
     )
 
 
@@ -425,6 +434,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning(
                 "the Triton at %s is not ready (yet): /health answers 503 until it is", args.triton_url
             )
+        args.batch_state_dir = args.batch_state_dir or cache_dir() / "run" / str(os.getpid()) / "batches"
         with contextlib.suppress(KeyboardInterrupt, Terminated):
             run_frontend(args, args.triton_url, served_name)
         return 0
@@ -475,6 +485,8 @@ def serve(args: argparse.Namespace) -> int:
         triton.http_url,
         triton.metrics_url,
     )
+    args.batch_state_dir = args.batch_state_dir or state / "batches"
+    args.batch_concurrency = args.batch_concurrency or args.max_num_seqs
     try:
         run_frontend(args, triton.grpc_url, served_name)
     except (KeyboardInterrupt, Terminated):
@@ -494,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(get_family(args.family).build_test_model(args.out_dir, size=args.size))
         return 0
+    if args.command == "run-batch":
+        from tritonvlm.batch.cli import run_batch_command
+
+        return run_batch_command(args)
     return serve(args)
 
 
