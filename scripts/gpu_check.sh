@@ -9,14 +9,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 WHEELS="$ROOT/.wheels"
-# The project's pinned transformers; its dependencies come along (numpy and torch are the GPU image's).
-PINNED=transformers==5.23.0
+# The project's pinned transformers and llguidance; their dependencies come along (numpy and torch are
+# the GPU image's). The lent H200's python3 is 3.12.
+PINNED="transformers==5.23.0 llguidance==1.9.1"
 
 if [ "${1:-}" = "--download" ]; then
   mkdir -p "$WHEELS"
-  "${PYTHON:-python3}" -m pip download -q --only-binary=:all: --python-version 3.11 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform any -d "$WHEELS" "$PINNED"
+  "${PYTHON:-python3}" -m pip download -q --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
+    --platform any -d "$WHEELS" $PINNED
   rm -f "$WHEELS"/numpy-*.whl
   du -sh "$WHEELS"
   exit 0
@@ -30,20 +31,20 @@ log "python $($PY --version 2>&1); torch $($PY -c 'import torch; print(torch.__v
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu_check.log" || true
 if [ -d "$WHEELS" ]; then
   log "installing $PINNED from the carried wheels (no index; what is installed and fits stays)"
-  $PY -m pip install -q --no-index --find-links "$WHEELS" "$PINNED" 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
+  $PY -m pip install -q --no-index --find-links "$WHEELS" $PINNED 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
 fi
 $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log" || true
 log "transformers $($PY -c 'import transformers; print(transformers.__version__)')"
 
 log "GPU tests (every family, fp32 and bf16)"
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
   --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
 
 log "engine benchmark: qwen2.5-vl-7b shape, bf16"
-timeout "${BENCH_TIMEOUT:-420}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b \
+timeout "${BENCH_TIMEOUT:-200}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b \
   --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.txt" | tail -12 \
   || log "engine benchmark failed or timed out"
 log "Llama 3.2 Vision: 11B shape, bf16 (KV and cross-attention state bytes, text/image/mixed batches)"
-timeout "${MLLAMA_TIMEOUT:-240}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \
+timeout "${MLLAMA_TIMEOUT:-80}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \
   | tee "$OUT/bench_mllama.txt" | tail -12 || log "mllama benchmark failed or timed out"
 log "done; outputs in $OUT"
