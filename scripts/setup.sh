@@ -22,7 +22,10 @@ fi
 
 start=$(date +%s)
 echo "setup: preparing $VENV" >&2
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# A venv left half-made by an interrupted run (no pip in it) is made again.
+if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; }; then
+  "$PYTHON" -m venv --clear "$VENV"
+fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.

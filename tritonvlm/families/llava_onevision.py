@@ -58,10 +58,15 @@ class LlavaOnevisionFamily(Family):
         return build_test_model(out_dir, size=size)
 
     # ---- preprocessing ------------------------------------------------------------------------------
-    def render_prompt(self, processor: Any, conversation: list[dict[str, Any]]) -> str:
+    def render_prompt(
+        self,
+        processor: Any,
+        conversation: list[dict[str, Any]],
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         """The checkpoint's template renders only list contents: a plain string becomes one text part
         (else it would silently vanish from the prompt)."""
-        return super().render_prompt(processor, as_parts(conversation))
+        return super().render_prompt(processor, as_parts(conversation), template_kwargs)
 
     def process_text(self, processor: Any, prompt: str, images: list[Image.Image]) -> ProcessedPrompt:
         """The processor sees the prompt's images as one nested list (``batch_num_images = [n]``), as
