@@ -156,6 +156,7 @@ class ChoiceState:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     seen: bool = False
     finished: bool = False  # its finish reason was written (streaming)
 
@@ -166,6 +167,7 @@ class ChoiceState:
         self.finish_reason = delta.finish_reason or self.finish_reason
         self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens = delta.completion_tokens
+        self.cached_tokens = delta.cached_tokens
         self.seen = True
 
     @property
@@ -176,12 +178,16 @@ class ChoiceState:
 def usage_of(states: Sequence[ChoiceState], prompt_of_choice: Sequence[int] | None = None) -> UsageInfo:
     """Usage of a request: each prompt counted once (choices of the same prompt share it), the
     completions summed. ``prompt_of_choice[i]`` is the prompt of choice ``i`` (default: all one)."""
-    prompts: dict[int, int] = {}
+    prompts: dict[int, tuple[int, int]] = {}
     for i, state in enumerate(states):
         key = prompt_of_choice[i] if prompt_of_choice is not None else 0
         if state.seen and key not in prompts:
-            prompts[key] = state.prompt_tokens
-    return UsageInfo.of(sum(prompts.values()), sum(s.completion_tokens for s in states))
+            prompts[key] = (state.prompt_tokens, state.cached_tokens)
+    return UsageInfo.of(
+        sum(p for p, _ in prompts.values()),
+        sum(s.completion_tokens for s in states),
+        sum(c for _, c in prompts.values()),
+    )
 
 
 async def _drain(merged: AsyncIterator[IndexedDelta], num_choices: int) -> list[ChoiceState]:

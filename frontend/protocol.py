@@ -467,7 +467,7 @@ def find_unsupported_fields(
 
 
 class PromptTokensDetails(BaseModel):
-    """``usage.prompt_tokens_details``. The engine has no prefix cache: no prompt token is ever cached."""
+    """``usage.prompt_tokens_details``: ``cached_tokens`` came from the engine's prefix cache."""
 
     cached_tokens: int = 0
 
@@ -481,13 +481,13 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
         """Usage with ``total_tokens`` and ``prompt_tokens_details`` filled in."""
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=0),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 

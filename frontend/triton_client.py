@@ -192,6 +192,7 @@ class StreamDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[dict[str, Any]] | None = None  # one OpenAI logprobs entry per token, when asked
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
 
 
 class TritonRequestError(Exception):
@@ -306,6 +307,7 @@ def parse_response(result: Any, previous: StreamDelta | None = None) -> StreamDe
     ids = result.as_numpy(wire.TOKEN_IDS)
     prompt = _first_scalar(result, wire.PROMPT_TOKENS)
     completion = _first_scalar(result, wire.COMPLETION_TOKENS)
+    cached = _first_scalar(result, wire.CACHED_TOKENS)
     return StreamDelta(
         text=_text(_first_scalar(result, wire.TEXT_DELTA)),
         token_ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
@@ -315,6 +317,7 @@ def parse_response(result: Any, previous: StreamDelta | None = None) -> StreamDe
             int(completion) if completion is not None else (previous.completion_tokens if previous else 0)
         ),
         logprobs=_logprobs(_first_scalar(result, wire.LOGPROBS)),
+        cached_tokens=int(cached) if cached is not None else (previous.cached_tokens if previous else 0),
     )
 
 

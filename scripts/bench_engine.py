@@ -131,14 +131,35 @@ def step_weight_bytes(model: Any, family: Any) -> int:
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
-def bench_engine(model: Any, family: Any, tokenizer: Any, prompt: list[int], batch: int, args: Any) -> dict:
-    from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+def bench_engine(
+    model: Any,
+    family: Any,
+    tokenizer: Any,
+    prompt: list[int],
+    batch: int,
+    args: Any,
+    cuda_graphs: bool = True,
+) -> dict:
+    """One measured pass of ``batch`` requests started at once, after an identical warm-up pass (which
+    also captures the CUDA graphs the measured pass replays)."""
+    from tritonvlm.engine import EngineConfig, LLMEngine
 
     max_len = len(prompt) + args.output_tokens + 8
     config = EngineConfig(
-        max_num_seqs=batch, max_model_len=max_len, max_prefill_tokens=args.max_prefill_tokens
+        max_num_seqs=batch,
+        max_model_len=max_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefix_cache_slots=0,  # identical prompts: the cache would skip the prefill being measured
+        cuda_graphs=cuda_graphs,
     )
     engine = LLMEngine(model, tokenizer, config, family)
+    engine_pass(engine, prompt, batch, args, "warm")
+    return engine_pass(engine, prompt, batch, args, "run")
+
+
+def engine_pass(engine: Any, prompt: list[int], batch: int, args: Any, tag: str) -> dict:
+    from tritonvlm.engine import SamplingParams
+
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
     first: dict[str, float] = {}
     done: set[str] = set()
@@ -148,18 +169,13 @@ def bench_engine(model: Any, family: Any, tokenizer: Any, prompt: list[int], bat
         if out.finished:
             done.add(out.request_id)
 
-    # warm-up (kernel selection, allocator)
-    engine.add_request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), sink)
-    while "warm" not in done:
-        engine.step()
     sync(engine.runner.device)
-    first.clear()
     start = time.perf_counter()
     for i in range(batch):
-        engine.add_request(str(i), prompt, params, sink)
+        engine.add_request(f"{tag}{i}", prompt, params, sink)
     decode_start = None
     steps_before = engine.stats.decode_steps
-    while len(done) < batch + 1:
+    while len(done) < batch:
         engine.step()
         if decode_start is None and len(first) == batch:
             sync(engine.runner.device)
@@ -210,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
     parser.add_argument("--skip-generate", action="store_true", help="do not run transformers generate()")
     parser.add_argument(
+        "--cuda-graphs",
+        choices=("true", "false", "compare"),
+        default="true",
+        help="on CUDA: decode from CUDA graphs (true), eagerly (false), or both side by side (compare)",
+    )
+    parser.add_argument(
         "--workdir", type=Path, help="where the medium test model is built (default: temporary)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -246,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
             f"floor {1000 * floor_s:.2f} ms/step"
         )
         rows = []
+        graphs = gpu and args.cuda_graphs != "false"
         for batch in batches:
-            log(f"batch {batch}: engine")
+            log(f"batch {batch}: engine" + (" (CUDA graphs)" if graphs else ""))
             row: dict[str, Any] = {
                 "batch": batch,
-                **bench_engine(model, family, tokenizer, prompt, batch, args),
+                **bench_engine(model, family, tokenizer, prompt, batch, args, cuda_graphs=graphs),
             }
+            if graphs and args.cuda_graphs == "compare":
+                log(f"batch {batch}: engine, eager")
+                eager = bench_engine(model, family, tokenizer, prompt, batch, args, cuda_graphs=False)
+                row["eager_tok_s"], row["eager_ms_per_step"] = eager["tok_s"], eager["ms_per_step"]
             if not args.skip_generate:
                 log(f"batch {batch}: generate()")
                 row["generate_tok_s"] = bench_generate(model, prompt, batch, args)
@@ -265,17 +292,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.output_tokens} output tokens, all requests started at once"
     )
     columns = ["batch", "engine tok/s", "ms/step", "TTFT ms", "generate() tok/s", "engine/generate"]
-    print("| " + " | ".join([*columns, "floor tok/s", "step/floor"]) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    compare = any("eager_tok_s" in row for row in rows)
+    if compare:
+        columns += ["eager tok/s", "eager ms/step"]
+    columns += ["floor tok/s", "step/floor"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for row in rows:
         gen = row.get("generate_tok_s")
         ratio = f"{row['tok_s'] / gen:.2f}x" if gen else "-"
         step = row["ms_per_step"]
-        print(
-            f"| {row['batch']} | {row['tok_s']:,.1f} | {step:.2f} | {row['ttft_ms']:.1f} | "
-            f"{f'{gen:,.1f}' if gen else '-'} | {ratio} | {row['floor_tok_s']:,.0f} | "
-            f"{step / (1000 * floor_s):.1f}x |"
-        )
+        cells = [
+            f"{row['batch']}",
+            f"{row['tok_s']:,.1f}",
+            f"{step:.2f}",
+            f"{row['ttft_ms']:.1f}",
+            f"{gen:,.1f}" if gen else "-",
+            ratio,
+        ]
+        if compare:
+            cells += [f"{row.get('eager_tok_s', 0):,.1f}", f"{row.get('eager_ms_per_step', 0):.2f}"]
+        cells += [f"{row['floor_tok_s']:,.0f}", f"{step / (1000 * floor_s):.1f}x"]
+        print("| " + " | ".join(cells) + " |")
     if args.json:
         info = {"shape": args.shape, "device": str(device), "dtype": str(dtype), "floor_ms": 1000 * floor_s}
         args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2))

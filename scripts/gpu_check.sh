@@ -40,11 +40,13 @@ log "GPU tests (every family, fp32 and bf16)"
 timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
   --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
 
-log "engine benchmark: qwen2.5-vl-7b shape, bf16"
-timeout "${BENCH_TIMEOUT:-200}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b \
-  --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.txt" | tail -12 \
-  || log "engine benchmark failed or timed out"
-log "Llama 3.2 Vision: 11B shape, bf16 (KV and cross-attention state bytes, text/image/mixed batches)"
-timeout "${MLLAMA_TIMEOUT:-80}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \
-  | tee "$OUT/bench_mllama.txt" | tail -12 || log "mllama benchmark failed or timed out"
+log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs and eager side by side"
+timeout "${BENCH_TIMEOUT:-240}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --cuda-graphs compare \
+  --skip-generate --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 \
+  | tee "$OUT/bench_engine.txt" | tail -12 || log "engine benchmark failed or timed out"
+if [ -n "${MLLAMA:-}" ]; then
+  log "Llama 3.2 Vision: 11B shape, bf16 (KV and cross-attention state bytes, text/image/mixed batches)"
+  timeout "${MLLAMA_TIMEOUT:-80}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \
+    | tee "$OUT/bench_mllama.txt" | tail -12 || log "mllama benchmark failed or timed out"
+fi
 log "done; outputs in $OUT"

@@ -13,6 +13,8 @@ from conftest import make_image
 from PIL import Image, ImageDraw
 from test_e2e import reference_text
 
+from tritonvlm.engine.prefix_cache import MIN_MATCH_TOKENS
+
 pytestmark = pytest.mark.e2e
 
 FINGERPRINT = "tritonvlm-0.1.0"
@@ -37,6 +39,11 @@ def finishes(chunks: list[Any], index: int = 0) -> list[str]:
     ]
 
 
+def counts(usage: Any) -> tuple[int, int, int]:
+    """Usage without ``cached_tokens`` (a repeated prompt is served from the prefix cache)."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 def both(client: Any, **kwargs: Any) -> tuple[Any, list[Any]]:
     """The same request whole and streamed (with usage)."""
     whole = client.chat.completions.create(model="tiny", **kwargs)
@@ -56,14 +63,14 @@ def test_response_fields_match_streamed_and_not(client: Any) -> None:
     assert whole.id.startswith("chatcmpl-") and whole.object == "chat.completion"
     assert whole.model == "tiny" and isinstance(whole.created, int) and whole.created > 0
     assert whole.system_fingerprint == FINGERPRINT
-    assert whole.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 <= whole.usage.prompt_tokens_details.cached_tokens < whole.usage.prompt_tokens
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     assert {c.system_fingerprint for c in chunks} == {FINGERPRINT}
     assert {c.model for c in chunks} == {"tiny"} and len({c.created for c in chunks}) == 1
     assert all(c.usage is None for c in chunks[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == [] and counts(chunks[-1].usage) == counts(whole.usage)
     assert stream_text(chunks) == whole.choices[0].message.content
     assert finishes(chunks) == [whole.choices[0].finish_reason]
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -98,7 +105,7 @@ def test_sampling_parameter_is_applied_streamed_and_not(client: Any, params: dic
     kwargs = {"max_tokens": 20, **params}
     whole, chunks = both(client, messages=PROMPT, **kwargs)
     assert stream_text(chunks) == whole.choices[0].message.content  # seeded or greedy: reproducible
-    assert chunks[-1].usage == whole.usage
+    assert counts(chunks[-1].usage) == counts(whole.usage)
     if "max_completion_tokens" in params:
         assert whole.usage.completion_tokens == 5 and whole.choices[0].finish_reason == "length"
     if params.get("max_tokens") == 9:
@@ -141,7 +148,7 @@ def test_n_two_streamed_chunks_carry_index(client: Any) -> None:
         assert first.choices[0].delta.role == "assistant"
         assert stream_text(chunks, index) == whole.choices[index].message.content
         assert finishes(chunks, index) == [whole.choices[index].finish_reason]
-    assert chunks[-1].usage == whole.usage
+    assert counts(chunks[-1].usage) == counts(whole.usage)
 
 
 # --------------------------------------------------------------------------- logprobs
@@ -313,11 +320,12 @@ def test_completions_text_and_token_ids(client: Any, hf_model: Any, processor: A
     expected = processor.tokenizer.decode(_generate_ids(hf_model, ids, 16), skip_special_tokens=True)
     by_text = client.completions.create(model="tiny", prompt=TEXT_PROMPT, temperature=0)  # max_tokens: 16
     by_ids = client.completions.create(model="tiny", prompt=ids, temperature=0)
+    # The second request's prompt is the first's: all of it but its last token comes from the cache.
+    assert len(ids) > MIN_MATCH_TOKENS and by_ids.usage.prompt_tokens_details.cached_tokens == len(ids) - 1
     for response in (by_text, by_ids):
         assert response.object == "text_completion" and response.id.startswith("cmpl-")
         assert response.system_fingerprint == FINGERPRINT and response.model == "tiny"
         assert response.usage.prompt_tokens == len(ids)
-        assert response.usage.prompt_tokens_details.cached_tokens == 0
         if response.choices[0].finish_reason == "length":
             assert response.usage.completion_tokens == 16  # OpenAI's default max_tokens
     assert by_text.choices[0].text == by_ids.choices[0].text == expected
@@ -335,7 +343,7 @@ def test_completions_text_and_token_ids(client: Any, hf_model: Any, processor: A
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
             by_text.choices[0].finish_reason
         ]
-        assert chunks[-1].choices == [] and chunks[-1].usage == by_text.usage
+        assert chunks[-1].choices == [] and counts(chunks[-1].usage) == counts(by_text.usage)
         assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "text_completion"
 
 

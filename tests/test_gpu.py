@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import make_image
 from family_harness import FAMILIES, cases_for
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
@@ -67,6 +68,9 @@ def test_engine_on_cuda_matches_generate(cuda_setup):
     engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=512, max_num_seqs=8), family)
     assert engine.runner.device.type == "cuda"
     tokens = run_staggered(engine, cases)
+    graphs = engine.runner.graphs
+    if graphs is not None:  # the decode steps came from CUDA graphs (capture did not fall back)
+        assert not graphs.failed and graphs.replays > 0
     mismatches = [i for i, case in enumerate(cases) if tokens[str(i)] != case[2]]
     if dtype == "float32":
         assert mismatches == []
@@ -75,13 +79,49 @@ def test_engine_on_cuda_matches_generate(cuda_setup):
         assert len(mismatches) <= 1, mismatches
 
 
+def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
+    """A prompt that starts from cached keys/values (same image, another question) gets generate()'s
+    tokens on the GPU too (float32; attention lengths rounded up to CUDA's buckets)."""
+    from family_harness import Case, conversation
+
+    kit = family_kit("qwen2_5_vl")
+    model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.float32)
+    family = kit.family_cls(model.config)
+    engine = LLMEngine(model, kit.tokenizer, EngineConfig(max_model_len=512), family)
+    image = make_image(64, 48, "red")
+    results = {}
+    for name, text in (
+        ("first", "What is in this image? One sentence."),
+        ("again", "What is in this image?"),
+    ):
+        case = Case(name, conversation(text, 1), [image])
+        processed = kit.preprocessor(case.messages, case.images)
+        mm = family.encode(model, [{k: torch.from_numpy(v) for k, v in processed.mm.items()}])[0]
+        inputs = {k: v.to("cuda") for k, v in kit.reference_inputs(case).items()}
+        with torch.inference_mode():
+            ref = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+        outs = []
+        engine.add_request(
+            name,
+            processed.input_ids.tolist(),
+            SamplingParams(max_tokens=MAX_NEW, temperature=0),
+            outs.append,
+            mm,
+        )
+        while not (outs and outs[-1].finished):
+            engine.step()
+        results[name] = ([t for o in outs for t in o.token_ids], outs[-1].cached_tokens)
+        assert results[name][0] == ref[0, inputs["input_ids"].shape[1] :].tolist(), name
+    assert results["first"][1] == 0 and results["again"][1] > 0
+
+
 def test_gpu_decode_throughput_figure(family_kit, capsys):
-    """Prints batch-1 and batch-16 decode rates on the GPU (a figure, not a target)."""
+    """Prints batch-1 and batch-16 decode rates on the GPU, CUDA graphs and eager (a figure)."""
     kit = family_kit("qwen2_5_vl")
     model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.bfloat16)
     ids = kit.preprocessor([{"role": "user", "content": "Tell me a story."}], []).input_ids.tolist()
-    for batch in (1, 16):
-        config = EngineConfig(max_model_len=512, max_num_seqs=batch)
+    for batch, graphs in ((1, True), (1, False), (16, True), (16, False)):
+        config = EngineConfig(max_model_len=512, max_num_seqs=batch, cuda_graphs=graphs)
         engine = LLMEngine(model, kit.tokenizer, config, kit.family_cls(model.config))
         finished: list[str] = []
         params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
@@ -96,5 +136,6 @@ def test_gpu_decode_throughput_figure(family_kit, capsys):
         torch.cuda.synchronize()
         rate = batch * 128 / (time.perf_counter() - start)
         with capsys.disabled():
-            print(f"\n[gpu] tiny model, batch {batch}: {rate:.0f} output tokens/s")
+            mode = "CUDA graphs" if graphs else "eager"
+            print(f"\n[gpu] tiny model, batch {batch}, {mode}: {rate:.0f} output tokens/s")
         assert rate > 0

@@ -70,6 +70,8 @@ TRITON_LAUNCH_FLAGS = (
     "max_model_len",
     "max_prefill_tokens",
     "kv_cache_memory",
+    "prefix_cache_slots",
+    "cuda_graphs",
     "device",
     "dtype",
 )
@@ -193,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         "with --triton-url only the default of --served-model-name",
     )
     model.add_argument(
-        "--max-num-seqs", metavar="N", type=int, help="sequences decoded together (default 16)"
+        "--max-num-seqs",
+        metavar="N",
+        type=int,
+        help="sequences decoded together (default 256 on CUDA, 16 on CPU)",
     )
     model.add_argument(
         "--max-model-len", metavar="TOKENS", type=int, help="prompt + max_tokens per request (default 4096)"
@@ -208,7 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory",
         metavar="SIZE",
         help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"); caps the '
-        "sequences that run at once (default: max-num-seqs slots of max-model-len tokens)",
+        "sequences that run at once (default on CUDA: 0.6 of the free memory after the weights; on CPU: "
+        "max-num-seqs slots of max-model-len tokens)",
+    )
+    model.add_argument(
+        "--prefix-cache-slots",
+        metavar="N",
+        type=int,
+        help="finished sequences whose keys/values are kept for prompts that start the same way (each "
+        "takes one sequence's KV memory, from the budget); 0 turns the prefix cache off (default 4)",
+    )
+    model.add_argument(
+        "--cuda-graphs",
+        choices=("true", "false"),
+        help="on CUDA, replay decode steps from CUDA graphs (default true); false decodes eagerly",
     )
     model.add_argument(
         "--device", metavar="DEVICE", help="auto (cuda if available), cpu or cuda[:N] (default auto)"
@@ -301,7 +319,7 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
 
     env = {env_name("model_path"): model, "TRITONVLM_LOG_LEVEL": args.log_level.upper()}
     keys = ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype")
-    for key in (*keys, "max_image_pixels"):
+    for key in (*keys, "prefix_cache_slots", "cuda_graphs", "max_image_pixels"):
         value = getattr(args, key)
         if value is not None:
             env[env_name(key)] = str(value)
@@ -486,7 +504,7 @@ def serve(args: argparse.Namespace) -> int:
         triton.metrics_url,
     )
     args.batch_state_dir = args.batch_state_dir or state / "batches"
-    args.batch_concurrency = args.batch_concurrency or args.max_num_seqs
+    args.batch_concurrency = args.batch_concurrency or args.max_num_seqs or 16
     try:
         run_frontend(args, triton.grpc_url, served_name)
     except (KeyboardInterrupt, Terminated):

@@ -23,6 +23,7 @@ in BYTES tensors, and how a client's mistake is told apart from an internal fail
       COMPLETION_TOKENS INT32 [1]   tokens generated so far
       LOGPROBS          BYTES [1]   "" unless PARAMETERS asked for logprobs: then a JSON list, one
                                     OpenAI ``logprobs.content`` entry per token in TOKEN_IDS
+      CACHED_TOKENS     INT32 [1]   prompt tokens taken from the prefix cache
 
 A gRPC streaming client should send the request parameter ``triton_enable_empty_final_response=true``:
 without it Triton drops a final response that carries no outputs (a cancelled or failed stream's
@@ -61,7 +62,16 @@ FINISH_REASON = "FINISH_REASON"
 PROMPT_TOKENS = "PROMPT_TOKENS"
 COMPLETION_TOKENS = "COMPLETION_TOKENS"
 LOGPROBS = "LOGPROBS"
-STREAM_OUTPUTS = (TEXT_DELTA, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, LOGPROBS)
+CACHED_TOKENS = "CACHED_TOKENS"
+STREAM_OUTPUTS = (
+    TEXT_DELTA,
+    TOKEN_IDS,
+    FINISH_REASON,
+    PROMPT_TOKENS,
+    COMPLETION_TOKENS,
+    LOGPROBS,
+    CACHED_TOKENS,
+)
 
 # Model names in the repository.
 VLM_MODEL = "vlm"

@@ -95,6 +95,8 @@ class SlotKVCache:
         self._length = 0
         self._state_width = 0
         self._lengths: list[int] = []
+        self._offsets: list[int] | None = None
+        self._kv_len = 0
         self._rows: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
 
@@ -146,10 +148,16 @@ class SlotKVCache:
         length: int,
         lengths: list[int],
         state_lengths: list[int] | None = None,
+        offsets: list[int] | None = None,
+        kv_len: int = 0,
     ) -> None:
         """The next forward is a prefill of ``num_rows`` prompts (right-padded to ``length``; row i has
         ``lengths[i]`` real tokens and ``state_lengths[i]`` cross-layer states) whose keys go to slots
-        ``first_slot ..``; attention sees only the prompts' own keys."""
+        ``first_slot ..``; attention sees only the prompts' own keys.
+
+        With ``offsets`` (a prefix-cache hit), row i's slot already holds the keys of its first
+        ``offsets[i]`` prompt tokens: the new tokens' keys go after them and attention spans the slot's
+        columns ``0 .. kv_len-1`` (full-attention layers only)."""
         states = list(state_lengths) if state_lengths is not None else [0] * num_rows
         for i, n in enumerate(states):
             if not 0 <= n <= self.max_states:
@@ -159,6 +167,10 @@ class SlotKVCache:
         self._first_slot, self._num_rows, self._length = first_slot, num_rows, length
         self._lengths = list(lengths)
         self._state_width = max(states, default=0)
+        self._offsets = list(offsets) if offsets is not None and any(offsets) else None
+        if self._offsets is not None and any(not kind.is_full for kind in self.kinds):
+            raise ValueError("a prefill after cached keys needs full-attention layers only")
+        self._kv_len = kv_len
 
     def prepare_decode(self, positions: torch.Tensor, kv_len: int) -> None:
         """The next forward decodes one token for slots ``0 .. len(positions)-1``; row i's new key is
@@ -191,6 +203,12 @@ class SlotKVCache:
         sliding = self.kinds[layer_idx].is_sliding and cols < self.max_len
         if self._mode == "prefill":
             first = self._first_slot
+            if self._offsets is not None:
+                for i, (start, n) in enumerate(zip(self._offsets, self._lengths, strict=True)):
+                    k[first + i, :, start : start + n] = key_states[i, :, :n]
+                    v[first + i, :, start : start + n] = value_states[i, :, :n]
+                rows = slice(first, first + self._num_rows)
+                return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
             if not sliding:
                 rows = slice(first, first + self._num_rows)
                 k[rows, :, : self._length] = key_states

@@ -18,6 +18,7 @@ from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_cache import SlotKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
+from tritonvlm.engine.prefix_cache import PrefixCache, first_placeholder, mm_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
 from tritonvlm.engine.scheduler import Scheduler
@@ -38,6 +39,31 @@ class EngineConfig:
     # KV memory budget: "" reserves max_num_seqs slots; a size ("4GiB", "512MB") or a fraction of the
     # device's free memory at start-up ("0.5") caps the slots to what fits.
     kv_cache_memory: str = ""
+    # Finished sequences whose keys/values are kept for later prompts with the same start (each takes
+    # one slot's memory, counted in the budget); 0 turns the prefix cache off. Families with sliding-
+    # window or cross-attention layers have none.
+    prefix_cache_slots: int = 4
+    # On CUDA, replay decode steps from CUDA graphs (captured per batch/length bucket on first use).
+    cuda_graphs: bool = True
+
+
+# Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
+AUTO_MAX_NUM_SEQS = {"cuda": 256, "cpu": 16}
+AUTO_KV_CACHE_MEMORY = {"cuda": "0.6", "cpu": ""}
+
+
+def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
+    """The engine settings of a model's parameters (strings, empty for "not given"); unset ones take
+    the device's defaults: on CUDA up to 256 sequences within 60% of the free memory after the
+    weights, on CPU 16 sequences with a full-length slot each."""
+    return EngineConfig(
+        max_num_seqs=int(params.get("max_num_seqs") or AUTO_MAX_NUM_SEQS.get(device_type, 16)),
+        max_model_len=int(params.get("max_model_len") or 4096),
+        max_prefill_tokens=int(params.get("max_prefill_tokens") or 8192),
+        kv_cache_memory=params.get("kv_cache_memory") or AUTO_KV_CACHE_MEMORY.get(device_type, ""),
+        prefix_cache_slots=int(params.get("prefix_cache_slots") or EngineConfig.prefix_cache_slots),
+        cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
+    )
 
 
 @dataclass
@@ -58,6 +84,11 @@ class EngineStats:
     kv_bytes_used: int = 0  # keys/values the running sequences hold (sliding layers: their window)
     kv_bytes_capacity: int = 0  # what the KV cache reserves
     extra_state_bytes: int = 0  # per-sequence state held besides keys/values (e.g. cross-attention states)
+    prefix_cache_queries: int = 0  # prompts looked up in the prefix cache
+    prefix_cache_hits: int = 0  # ... that started from a cached prefix
+    prefix_cache_hit_tokens: int = 0  # prompt tokens copied from the cache instead of computed
+    prefix_cache_entries: int = 0
+    prefix_cache_tokens: int = 0  # tokens the cache's entries hold
     # Samples since the last read: the reader (metrics) drains them.
     ttft_seconds: list[float] = field(default_factory=list)
     step_intervals: list[float] = field(default_factory=list)
@@ -108,17 +139,25 @@ def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> in
     """How many sequences get a KV slot: ``max_num_seqs``, capped by the memory budget (which counts a
     slot's keys/values in every layer, sliding layers holding only their window and cross layers their
     encoder states, plus the family's per-sequence state)."""
+    return kv_rows(model, family, config)[0]
+
+
+def kv_rows(model: torch.nn.Module, family: Family, config: EngineConfig) -> tuple[int, int]:
+    """``(sequence slots, prefix-cache rows)`` that fit the memory budget: the running sequences come
+    first; the prefix cache gets what is left, up to ``prefix_cache_slots``."""
+    wanted = max(0, config.prefix_cache_slots) if family.supports_prefix_cache else 0
     budget = parse_memory(config.kv_cache_memory, free_memory(next(model.parameters()).device))
     if budget is None:
-        return config.max_num_seqs
+        return config.max_num_seqs, wanted
     per_seq = sequence_bytes(family, config.max_model_len, next(model.parameters()).dtype)
-    slots = min(config.max_num_seqs, budget // per_seq)
+    rows = budget // per_seq
+    slots = min(config.max_num_seqs, rows)
     if slots < 1:
         raise ValueError(
             f"kv_cache_memory={config.kv_cache_memory!r} ({budget} bytes) cannot hold one sequence of "
             f"max_model_len={config.max_model_len} tokens ({per_seq} bytes)"
         )
-    return slots
+    return slots, min(wanted, rows - slots)
 
 
 def sequence_bytes(family: Family, max_len: int, dtype: torch.dtype) -> int:
@@ -142,16 +181,27 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         self.family = family or family_for_config(model.config)
-        slots = kv_slots(model, self.family, self.config)
-        self.runner = ModelRunner(model, self.family, slots, self.config.max_model_len)
+        slots, prefix_rows = kv_rows(model, self.family, self.config)
+        self.runner = ModelRunner(
+            model,
+            self.family,
+            slots + prefix_rows,
+            self.config.max_model_len,
+            max_batch=slots,
+            cuda_graphs=self.config.cuda_graphs,
+        )
         log.info(
-            "%s: KV cache %d slots x %d tokens, %.1f MiB",
+            "%s: KV cache %d slots + %d prefix-cache rows x %d tokens, %.1f MiB",
             self.family.name,
             slots,
+            prefix_rows,
             self.config.max_model_len,
             self.runner.cache.nbytes / 2**20,
         )
         self.scheduler = Scheduler(slots, self.config.max_prefill_tokens, self.runner.cache.move)
+        self.prefix_cache = PrefixCache(range(slots, slots + prefix_rows), self.runner.cache.move)
+        image_token = self.family.image_token_id
+        self._placeholders = frozenset() if image_token is None else frozenset([image_token])
         self.stop_ids = stop_token_ids(model, tokenizer)
         # Prompt ids index the input embeddings, which may have rows past the LM head's vocabulary
         # (Mllama's <|image|> is one).
@@ -225,6 +275,9 @@ class LLMEngine:
             generator=None if params.greedy else make_generator(params.seed, self.runner.device),
             guide=None if params.guided is None else self.guided.start(params.guided),
         )
+        if self.prefix_cache.enabled:  # here, on the caller's thread: hashing images takes a while
+            seq.mm_digest = mm_digest(seq.mm)
+            seq.first_image = first_placeholder(seq.prompt_ids, self._placeholders)
         self._incoming.put(seq)
         self._wakeup.set()
 
@@ -335,10 +388,26 @@ class LLMEngine:
                 log.info("dropped cancelled request %s after %d tokens", seq.request_id, len(seq.output_ids))
                 self._finish(seq, "cancelled")
 
+    def _start_from_cache(self, seq: Sequence) -> None:
+        """Copy the longest cached prefix of ``seq``'s prompt into its slot (``seq.cached_len``)."""
+        match = self.prefix_cache.match(seq.prompt_ids, seq.mm_digest, seq.first_image)
+        seq.cached_len = 0
+        if match is not None:
+            self.runner.cache.move(match.row, seq.slot, match.length)
+            seq.cached_len = match.length
+
+    def _remember(self, seq: Sequence) -> None:
+        """Keep a finished sequence's keys/values (prompt and output fed back) in the prefix cache."""
+        held = seq.prompt_ids + seq.output_ids[:-1]  # the last token was sampled, never fed back
+        self.prefix_cache.store(seq.slot, held, seq.mm_digest, seq.first_image)
+
     def _prefill(self, seqs: list[Sequence]) -> None:
         started = time.monotonic()
         self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs)
         try:
+            if self.prefix_cache.enabled:
+                for seq in seqs:
+                    self._start_from_cache(seq)
             logits = self.runner.prefill(seqs, seqs[0].slot)
         except Exception as exc:
             log.exception("prefill failed for %s", [s.request_id for s in seqs])
@@ -347,7 +416,7 @@ class LLMEngine:
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
         self.stats.prefill_steps += 1
-        self.stats.prefill_tokens += sum(s.prompt_len for s in seqs)
+        self.stats.prefill_tokens += sum(s.prompt_len - s.cached_len for s in seqs)
         self.scheduler.admit(seqs)
         failures: dict[int, str] = {}
         tokens = sample(logits, seqs, failures)
@@ -380,6 +449,12 @@ class LLMEngine:
                 done.append(seq)
             self._emit(seq, text, [token], finish, logprobs=logprobs)
         leaving = done + [seq for seq, _ in failed]
+        if self.prefix_cache.enabled:
+            for seq in done:  # before retiring: their slots are refilled then
+                try:
+                    self._remember(seq)
+                except Exception:  # the cache is an optimisation: never fail a request over it
+                    log.exception("could not keep %s in the prefix cache", seq.request_id)
         if leaving:
             self.scheduler.retire(leaving)
         for seq in done:
@@ -428,6 +503,7 @@ class LLMEngine:
             finish_reason=finish,
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_ids),
+            cached_tokens=seq.cached_len,
             error=error,
             logprobs=logprobs,
         )
@@ -458,5 +534,11 @@ class LLMEngine:
         self.stats.extra_state_bytes = sum(
             self.family.sequence_state_bytes(s) for s in running
         ) + self.runner.cache.state_bytes_held(len(running))
+        cache = self.prefix_cache
+        self.stats.prefix_cache_queries = cache.queries
+        self.stats.prefix_cache_hits = cache.hits
+        self.stats.prefix_cache_hit_tokens = cache.hit_tokens
+        self.stats.prefix_cache_entries = len(cache.entries)
+        self.stats.prefix_cache_tokens = cache.tokens_held
         if self.on_step_end is not None:
             self.on_step_end(self.stats)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tritonvlm.engine.cuda_graphs import DecodeGraphs
 from tritonvlm.engine.kv_cache import SlotKVCache
 from tritonvlm.engine.sequence import Sequence
 from tritonvlm.families.base import Family
@@ -20,7 +21,15 @@ class ModelRunner:
     transformers uses as they are: this is what lets sequences of different lengths share a batch.
     """
 
-    def __init__(self, model: torch.nn.Module, family: Family, max_slots: int, max_len: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        family: Family,
+        max_slots: int,
+        max_len: int,
+        max_batch: int | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model = model
         self.family = family
         family.bind(model)
@@ -46,6 +55,13 @@ class ModelRunner:
             self.device,
             self.layer_kinds,
         )
+        # Decode steps from CUDA graphs where the family's decode forward depends on nothing but the
+        # tokens and positions (a family with per-step extra inputs, e.g. Mllama's cross-attention
+        # masks, decodes eagerly).
+        self.graphs: DecodeGraphs | None = None
+        plain_decode = type(family).decode_kwargs is Family.decode_kwargs
+        if cuda_graphs and self.device.type == "cuda" and plain_decode:
+            self.graphs = DecodeGraphs(self._decode_forward, max_batch or max_slots, self.device)
 
     def _bucket(self, length: int) -> int:
         bucket = self.length_bucket
@@ -60,28 +76,28 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], first_slot: int) -> torch.Tensor:
         """Run the prompts of ``seqs`` (right-padded into one batch) and store their keys/values in
-        slots ``first_slot ..``. Returns the logits of each prompt's last token, ``[len(seqs), vocab]``."""
-        lens = [s.prompt_len for s in seqs]
+        slots ``first_slot ..``. Returns the logits of each prompt's last token, ``[len(seqs), vocab]``.
+
+        A sequence with ``cached_len`` k > 0 has its first k keys/values in its slot already (copied
+        from the prefix cache): only its tokens from k on are computed, attending to the cached ones."""
+        starts = [s.cached_len for s in seqs]
+        lens = [s.prompt_len - k for s, k in zip(seqs, starts, strict=True)]  # tokens computed now
         lengths = torch.tensor(lens, device=self.device)
         length = self._bucket(max(lens))
         hidden = self.embed_tokens.embedding_dim
         embeds = torch.zeros(len(seqs), length, hidden, dtype=self.dtype, device=self.device)
         dims = self.family.position_dims
         positions = torch.zeros(dims, len(seqs), length, dtype=torch.long, device=self.device)
-        for i, seq in enumerate(seqs):
-            embeds[i, : seq.prompt_len] = self.family.prompt_embeds(seq, self.embed_tokens, self.device)
+        for i, (seq, k) in enumerate(zip(seqs, starts, strict=True)):
+            embeds[i, : lens[i]] = self.family.prompt_embeds(seq, self.embed_tokens, self.device)[k:]
             pos, seq.next_position = self.family.prompt_positions(seq, self.device)
-            positions[:, i, : seq.prompt_len] = pos
-        cols = torch.arange(length, device=self.device)
-        causal = cols[None, :] <= cols[:, None]  # [query, key]
-        valid_key = cols[None, :] < lengths[:, None]  # [row, key]
-        full = (causal[None] & valid_key[:, None, :])[:, None]  # [rows, 1, query, key]
-        masks = {"full_attention": full}
-        if self.cache.has_sliding:
-            near = cols[:, None] - cols[None, :] < self.cache.sliding_window  # [query, key]
-            masks["sliding_attention"] = full & near[None, None]
+            positions[:, i, : lens[i]] = pos[:, k:]
+        if any(starts):
+            masks, kv_len = self._offset_prefill_masks(seqs, starts, length)
+        else:
+            masks, kv_len = self._prefill_masks(lengths, length), 0
         states = [self.family.cross_state_length(s) for s in seqs]
-        self.cache.prepare_prefill(first_slot, len(seqs), length, lens, states)
+        self.cache.prepare_prefill(first_slot, len(seqs), length, lens, states, starts, kv_len)
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=self.family.attention_mask(masks, seqs, prefill=True),
@@ -93,13 +109,68 @@ class ModelRunner:
         last = out.last_hidden_state[torch.arange(len(seqs), device=self.device), lengths - 1]
         return self.logits(last)
 
+    def _prefill_masks(self, lengths: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """Causal masks ``[rows, 1, query, key]`` over the prompts alone (row i: ``lengths[i]`` tokens)."""
+        cols = torch.arange(length, device=self.device)
+        causal = cols[None, :] <= cols[:, None]  # [query, key]
+        valid_key = cols[None, :] < lengths[:, None]  # [row, key]
+        full = (causal[None] & valid_key[:, None, :])[:, None]  # [rows, 1, query, key]
+        masks = {"full_attention": full}
+        if self.cache.has_sliding:
+            near = cols[:, None] - cols[None, :] < self.cache.sliding_window  # [query, key]
+            masks["sliding_attention"] = full & near[None, None]
+        return masks
+
+    def _offset_prefill_masks(
+        self, seqs: list[Sequence], starts: list[int], length: int
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Masks for a prefill after cached prefixes: row i's query j is prompt position
+        ``starts[i] + j`` and attends to the slot's columns up to it; and the key span."""
+        kv_len = self._bucket(max(s.prompt_len for s in seqs))
+        start = torch.tensor(starts, device=self.device)
+        total = torch.tensor([s.prompt_len for s in seqs], device=self.device)
+        query_pos = start[:, None] + torch.arange(length, device=self.device)[None, :]  # [rows, query]
+        cols = torch.arange(kv_len, device=self.device)
+        keys = cols[None, None, :]
+        allowed = (keys <= query_pos[:, :, None]) & (keys < total[:, None, None])
+        return {"full_attention": allowed[:, None]}, kv_len
+
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each running sequence's last token (``seqs[i]`` lives in slot i); ``[len(seqs), vocab]``."""
-        tokens = torch.tensor([s.last_token for s in seqs], device=self.device)
-        cache_pos = torch.tensor([s.num_tokens - 1 for s in seqs], device=self.device)
-        kv_len = self._bucket(max(s.num_tokens for s in seqs))
-        written = cache_pos[:, None]  # row i has written cache positions 0 .. cache_pos[i]
+        tokens = [s.last_token for s in seqs]
+        cache_pos = [s.num_tokens - 1 for s in seqs]  # row i has written cache positions 0 .. cache_pos[i]
+        rope = [s.next_position for s in seqs]
+        kv_len = self._bucket(max(cache_pos) + 1)
+        logits = None
+        if self.graphs is not None:
+            logits = self.graphs.run(tokens, cache_pos, rope, kv_len)
+        if logits is None:
+            device = self.device
+            extra = self.family.decode_kwargs(seqs, device)
+            logits = self._decode_forward(
+                torch.tensor(tokens, device=device),
+                torch.tensor(cache_pos, device=device),
+                torch.tensor(rope, device=device),
+                kv_len,
+                seqs,
+                extra,
+            )
+        for s in seqs:
+            s.next_position += 1
+        return logits
+
+    def _decode_forward(
+        self,
+        tokens: torch.Tensor,
+        cache_pos: torch.Tensor,
+        rope: torch.Tensor,
+        kv_len: int,
+        seqs: list[Sequence] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """One decode forward from tensors alone (no host synchronisation: CUDA graphs capture it)."""
+        written = cache_pos[:, None]
         masks: dict[str, Any] = {
             "full_attention": (torch.arange(kv_len, device=self.device)[None, :] <= written)[:, None, None, :]
         }
@@ -108,20 +179,17 @@ class ModelRunner:
             masks["sliding_attention"] = (torch.arange(ring, device=self.device)[None, :] <= written)[
                 :, None, None, :
             ]
-        rope = torch.tensor([s.next_position for s in seqs], device=self.device)
         dims = self.family.position_dims
         positions = rope.view(1, -1, 1).expand(dims, -1, 1)
         self.cache.prepare_decode(cache_pos, kv_len)
         out = self.language_model(
             inputs_embeds=self.embed_tokens(tokens)[:, None],
-            attention_mask=self.family.attention_mask(masks, seqs, prefill=False),
+            attention_mask=self.family.attention_mask(masks, seqs or [], prefill=False),
             position_ids=positions[0] if dims == 1 else positions,
             past_key_values=self.cache,
             use_cache=True,
-            **self.family.decode_kwargs(seqs, self.device),
+            **(extra or {}),
         )
-        for s in seqs:
-            s.next_position += 1
         return self.logits(out.last_hidden_state[:, -1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class EngineOutput:
     finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     error: str | None = None
     logprobs: list[dict] | None = None  # one OpenAI logprobs entry per token in token_ids, if asked
 
@@ -62,6 +63,11 @@ class Sequence:
     first_token_time: float | None = None
     cancel_requested: bool = False
     guide: Any = None  # a constrained sequence's grammar state (tritonvlm.engine.guided.Guide)
+    # Prefix cache: a digest of ``mm`` and where the first image placeholder is (set when the cache is
+    # on), and how many leading prompt tokens were copied from a cached prefix instead of computed.
+    mm_digest: bytes | None = None
+    first_image: int = 0
+    cached_len: int = 0
 
     @property
     def prompt_len(self) -> int:

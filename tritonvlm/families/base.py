@@ -64,6 +64,10 @@ class LayerKind:
     def is_cross(self) -> bool:
         return self.kind == "cross"
 
+    @property
+    def is_full(self) -> bool:
+        return self.kind == "full"
+
 
 FULL = LayerKind()
 
@@ -319,6 +323,14 @@ class Family:
         """Memory of the per-sequence state ``seq`` holds now besides its keys/values (metrics; the
         engine adds what its ``cross`` layers hold in the KV cache)."""
         return 0
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """Whether a prompt may start from another sequence's cached keys/values: only when every layer
+        attends fully (a sliding ring has lost the early keys; cross layers hold per-image states).
+        A family whose ``attention_mask`` or ``prefill_kwargs`` assume a prefill from position 0 must
+        honour ``seq.cached_len`` (the prompt tokens already cached) or say False."""
+        return all(kind.is_full for kind in self.layer_kinds())
 
     def cross_state_length(self, seq: Sequence) -> int:
         """How many encoder states ``seq`` keeps in each ``cross`` layer (0: none, e.g. a text-only

@@ -86,12 +86,17 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
         if not rows or not self.deepstack_levels:
             return {}
         mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=device)
+        skipped = {}  # image tokens already in a row's cached prefix: their levels are not needed
         for i in rows:
             ids = torch.tensor(seqs[i].prompt_ids, device=device)
-            mask[i, : len(ids)] = ids == self.image_token_id
+            start = seqs[i].cached_len
+            mask[i, : len(ids) - start] = ids[start:] == self.image_token_id
+            skipped[i] = int((ids[:start] == self.image_token_id).sum())
+        if not bool(mask.any()):
+            return {}
         dtype = self._dtype
         levels = [
-            torch.cat([seqs[i].mm[DEEPSTACK.format(k)] for i in rows]).to(device, dtype)
+            torch.cat([seqs[i].mm[DEEPSTACK.format(k)][skipped[i] :] for i in rows]).to(device, dtype)
             for k in range(self.deepstack_levels)
         ]
         return {"visual_pos_masks": mask, "deepstack_visual_embeds": levels}

@@ -28,6 +28,14 @@ GAUGES = {
         "cross-attention states)",
         {"extra_state_bytes": {}},
     ),
+    "tritonvlm_engine_prefix_cache_entries": (
+        "Finished sequences whose keys/values the prefix cache keeps",
+        {"prefix_cache_entries": {}},
+    ),
+    "tritonvlm_engine_prefix_cache_tokens": (
+        "Tokens whose keys/values the prefix cache keeps",
+        {"prefix_cache_tokens": {}},
+    ),
 }
 COUNTERS = {
     "tritonvlm_engine_tokens_total": (
@@ -45,6 +53,14 @@ COUNTERS = {
             "requests_cancelled": {"outcome": "cancelled"},
             "requests_failed": {"outcome": "error"},
         },
+    ),
+    "tritonvlm_engine_prefix_cache_queries_total": (
+        "Prompts looked up in the prefix cache, by result (hit: started from a cached prefix)",
+        {"prefix_cache_queries": {"result": "all"}, "prefix_cache_hits": {"result": "hit"}},
+    ),
+    "tritonvlm_engine_prefix_cache_hit_tokens_total": (
+        "Prompt tokens copied from the prefix cache instead of computed",
+        {"prefix_cache_hit_tokens": {}},
     ),
 }
 HISTOGRAMS = {

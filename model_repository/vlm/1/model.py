@@ -20,7 +20,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonvlm import wire
-from tritonvlm.engine import EngineConfig, EngineOutput, LLMEngine, SamplingParams
+from tritonvlm.engine import EngineOutput, LLMEngine, SamplingParams
+from tritonvlm.engine.llm_engine import engine_config
+from tritonvlm.modeling.device import resolve_device
 from tritonvlm.serving.admission import StageError, model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
 from tritonvlm.serving.senders import CancelMonitor, ResponseStreamer, TrackedSender
@@ -70,6 +72,7 @@ def output_response(out: EngineOutput):
             pb_utils.Tensor(wire.PROMPT_TOKENS, np.asarray([out.prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor(wire.COMPLETION_TOKENS, np.asarray([out.completion_tokens], dtype=np.int32)),
             pb_utils.Tensor(wire.LOGPROBS, bytes_tensor([json.dumps(out.logprobs) if out.logprobs else ""])),
+            pb_utils.Tensor(wire.CACHED_TOKENS, np.asarray([out.cached_tokens], dtype=np.int32)),
         ]
     )
 
@@ -78,12 +81,8 @@ class TritonPythonModel:
     def initialize(self, args):
         setup_stub_process()
         params = model_parameters(args)
-        config = EngineConfig(
-            max_num_seqs=int(params.get("max_num_seqs") or 16),
-            max_model_len=int(params.get("max_model_len") or 4096),
-            max_prefill_tokens=int(params.get("max_prefill_tokens") or 8192),
-            kv_cache_memory=params.get("kv_cache_memory", ""),
-        )
+        device, _ = resolve_device(params.get("device", "auto"), params.get("dtype", "auto"))
+        config = engine_config(params, device.type)
         self.engine = LLMEngine.from_pretrained(
             resolve_model_path(args),
             config,

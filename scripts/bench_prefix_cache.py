@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""TTFT with and without a prefix-cache hit, through the whole server (Triton + frontend + OpenAI SDK).
+
+Starts `tritonvlm serve` on the medium test model (built once, cached; or --model-dir), then for each
+round sends a request with a new long shared prefix (a ~1,000-token system prompt: a miss) and
+another with the same prefix and a different question (a hit), streaming, one at a time; and the same
+with an image (the same picture, two questions). Prints TTFT p50 of misses and hits, the reduction, and
+the cached tokens the server reported in ``usage``.
+
+    .venv/bin/python scripts/bench_prefix_cache.py
+    .venv/bin/python scripts/bench_prefix_cache.py --rounds 5 --prefix-words 700 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (scripts/bench.py: the managed server and the medium model)
+
+WORDS = (
+    "river",
+    "mountain",
+    "lantern",
+    "copper",
+    "violet",
+    "harbor",
+    "meadow",
+    "thunder",
+    "quiet",
+    "orchard",
+    "glacier",
+    "ember",
+    "marble",
+    "falcon",
+    "willow",
+    "canyon",
+    "saffron",
+    "beacon",
+    "timber",
+    "pebble",
+    "compass",
+    "velvet",
+    "horizon",
+    "cedar",
+    "prism",
+    "nectar",
+)
+
+
+def system_prompt(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    return "Context notes: " + " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+def ttft(client, messages: list, max_tokens: int) -> tuple[float, int, int]:
+    """Seconds to the first content chunk, prompt tokens, cached tokens."""
+    start = time.perf_counter()
+    first = None
+    usage = None
+    stream = client.chat.completions.create(
+        model=bench.SERVED_NAME,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            usage = chunk.usage
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return (first if first is not None else time.perf_counter() - start), usage.prompt_tokens, cached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, help="model to serve (default: the medium test model)")
+    parser.add_argument("--rounds", type=int, default=4, help="miss/hit pairs per case (default 4)")
+    parser.add_argument("--prefix-words", type=int, default=480, help="system prompt words (~2 tokens each)")
+    parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (default 448)")
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    args.server_log_level = "warning"
+    args.model_repository = bench.REPO_ROOT / "model_repository"
+    args.max_num_seqs = 4
+
+    from openai import OpenAI
+
+    model_dir = bench.ensure_model(args.model_dir)
+    logs = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
+    server, base = bench.start_tritonvlm(model_dir, args, logs)
+    try:
+        client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=600)
+        ttft(client, [{"role": "user", "content": "warm up"}], args.max_tokens)
+        png = bench.make_png(args.image_size)
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        results: dict[str, dict] = {}
+        for case in ("text prefix", "image prefix"):
+            misses, hits, cached, prompt = [], [], [], 0
+            for r in range(args.rounds):
+                if case == "text prefix":
+                    system = {"role": "system", "content": system_prompt(1000 + r, args.prefix_words)}
+
+                    def ask(question: str, system=system) -> list:
+                        return [system, {"role": "user", "content": question}]
+                else:
+                    # A picture no earlier round used: the miss encodes and prefills it.
+                    picture = (
+                        url
+                        if r == 0
+                        else "data:image/png;base64,"
+                        + base64.b64encode(bench.make_png(args.image_size - 4 * r)).decode()
+                    )
+
+                    def ask(question: str, picture=picture) -> list:
+                        parts = [{"type": "image_url", "image_url": {"url": picture}}]
+                        return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+                t_miss, prompt, _ = ttft(client, ask(f"Round {r}: what is the first word?"), args.max_tokens)
+                t_hit, _, c = ttft(client, ask(f"Round {r}: what is the last word?"), args.max_tokens)
+                misses.append(t_miss)
+                hits.append(t_hit)
+                cached.append(c)
+                bench.log(
+                    f"{case} round {r}: miss {t_miss * 1000:.0f} ms, hit {t_hit * 1000:.0f} ms ({c} cached)"
+                )
+            miss, hit = statistics.median(misses), statistics.median(hits)
+            results[case] = {
+                "prompt_tokens": prompt,
+                "cached_tokens": statistics.median(cached),
+                "ttft_miss_ms": miss * 1000,
+                "ttft_hit_ms": hit * 1000,
+                "reduction": 1 - hit / miss,
+            }
+        print("\nprefix cache, medium model, TTFT p50 (streaming, one request at a time)")
+        print("| case | prompt tokens | cached tokens | TTFT miss ms | TTFT hit ms | reduction |")
+        print("|---|---|---|---|---|---|")
+        for case, r in results.items():
+            print(
+                f"| {case} | {r['prompt_tokens']} | {r['cached_tokens']:.0f} | {r['ttft_miss_ms']:.0f} | "
+                f"{r['ttft_hit_ms']:.0f} | {100 * r['reduction']:.0f}% |"
+            )
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The prefix cache: its bookkeeping alone, then in the engine for every model family — a prompt that
+starts from cached keys/values gets exactly the tokens transformers' generate() gives it, and an image
+placeholder is never matched across different images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+from family_harness import FAMILIES, Case, conversation
+from test_engine import Collector
+
+from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+from tritonvlm.engine.prefix_cache import MIN_MATCH_TOKENS, PrefixCache, first_placeholder, mm_digest
+
+MAX_NEW = 8
+IMAGE_A = make_image(64, 48, "red")
+IMAGE_B = make_image(64, 48, "blue", "square")  # same size: the same placeholder tokens
+
+
+# ---- bookkeeping ------------------------------------------------------------------------------------
+class Copies:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, src: int, dst: int, length: int) -> None:
+        self.calls.append((src, dst, length))
+
+
+def test_longest_match_wins_and_the_last_prompt_token_is_always_computed():
+    copies = Copies()
+    cache = PrefixCache([10, 11], copies)
+    short, long = list(range(20)), list(range(40))
+    cache.store(0, short, None, 20)
+    cache.store(1, long + [99], None, 41)
+    assert len(copies.calls) == 2 and copies.calls[1][0] == 1
+    match = cache.match(list(range(30)) + [7], None, 31)
+    assert match is not None and match.length == 30 and match.row == copies.calls[1][1]
+    # The whole prompt is cached: all but its last token are taken.
+    assert cache.match(list(range(40)), None, 40).length == 39
+    assert cache.hits == 2 and cache.hit_tokens == 69 and cache.queries == 2
+
+
+def test_short_matches_are_not_worth_a_copy():
+    cache = PrefixCache([5], Copies())
+    cache.store(0, list(range(30)), None, 30)
+    assert cache.match(list(range(MIN_MATCH_TOKENS - 1)) + [1000, 1001], None, 10) is None
+    assert cache.match(list(range(MIN_MATCH_TOKENS)) + [1000], None, 10).length == MIN_MATCH_TOKENS
+
+
+def test_other_images_match_only_up_to_the_first_placeholder():
+    cache = PrefixCache([5], Copies())
+    tokens = list(range(12)) + [7] * 10 + list(range(50, 60))  # placeholders (7) from index 12
+    cache.store(0, tokens, b"image-a", 12)
+    assert cache.match(tokens + [1], b"image-a", 12).length == len(tokens)
+    assert cache.match(tokens + [1], b"image-b", 12).length == 12
+    assert cache.match(tokens + [1], None, len(tokens) + 1).length == 12
+
+
+def test_lru_eviction_and_superseded_entries_reuse_rows():
+    copies = Copies()
+    cache = PrefixCache([1, 2], copies)
+    a, b, c = [1] * 20, [2] * 20, [3] * 20
+    cache.store(0, a, None, 20)
+    cache.store(0, b, None, 20)
+    cache.match(a + [5], None, 21)  # a is now more recent than b
+    cache.store(0, c, None, 20)  # evicts b
+    assert sorted(e.tokens[0] for e in cache.entries) == [1, 3]
+    row_a = next(e.row for e in cache.entries if e.tokens[0] == 1)
+    cache.store(0, a + [9] * 5, None, 25)  # a longer a supersedes a, in a's row
+    assert len(cache.entries) == 2 and any(e.row == row_a and len(e.tokens) == 25 for e in cache.entries)
+    calls = len(copies.calls)
+    cache.store(0, a, None, 20)  # already covered: no copy
+    assert len(copies.calls) == calls
+
+
+def test_digest_and_placeholder_helpers():
+    x = {"image_embeds": torch.ones(3, 4), "grid": torch.tensor([[1, 2, 2]])}
+    y = {"image_embeds": torch.ones(3, 4), "grid": torch.tensor([[1, 2, 2]])}
+    z = {"image_embeds": torch.ones(3, 4) * 2, "grid": torch.tensor([[1, 2, 2]])}
+    assert mm_digest(x) == mm_digest(y) != mm_digest(z)
+    assert mm_digest({}) is None
+    assert first_placeholder([1, 2, 7, 7], frozenset([7])) == 2
+    assert first_placeholder([1, 2], frozenset([7])) == 2
+    assert first_placeholder([1, 2], frozenset()) == 2
+
+
+def test_disabled_cache_matches_nothing():
+    cache = PrefixCache([], Copies())
+    cache.store(0, list(range(30)), None, 30)
+    assert not cache.enabled and cache.match(list(range(30)), None, 30) is None and not cache.entries
+
+
+# ---- in the engine ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=FAMILIES)
+def kit(request, family_kit):
+    return family_kit(request.param)
+
+
+def run(engine: LLMEngine, sink: Collector, rid: str, case: Case, kit) -> list[int]:
+    ids, mm = kit.engine_inputs(case)
+    engine.add_request(rid, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), sink, mm)
+    while not sink.finished(rid):
+        engine.step()
+    assert sink.outputs[rid][-1].error is None
+    return sink.tokens(rid)
+
+
+def cached(sink: Collector, rid: str) -> int:
+    return sink.outputs[rid][-1].cached_tokens
+
+
+def test_cached_prefixes_are_token_exact(kit):
+    """Same image, another question; another image, the same question; a second turn: each equals
+    generate() on its own, and the cache is used wherever the family allows it."""
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    sink = Collector()
+    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A])
+    again = Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A])
+    other = Case("other", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_B])
+    supported = kit.family.supports_prefix_cache
+    assert engine.prefix_cache.enabled == supported
+
+    assert run(engine, sink, "first", first, kit) == kit.reference_tokens(first, MAX_NEW)
+    assert cached(sink, "first") == 0
+    assert run(engine, sink, "again", again, kit) == kit.reference_tokens(again, MAX_NEW)
+    ids_first, _ = kit.engine_inputs(first)
+    ids_again, _ = kit.engine_inputs(again)
+    if supported:
+        shared = next(i for i, (a, b) in enumerate(zip(ids_first, ids_again, strict=False)) if a != b)
+        assert cached(sink, "again") == shared  # through the image, up to where the questions differ
+    else:
+        assert cached(sink, "again") == 0
+
+    other_tokens = run(engine, sink, "other", other, kit)
+    assert other_tokens == kit.reference_tokens(other, MAX_NEW)
+    if supported:  # the digest is what keeps the other image's placeholders from matching
+        assert other_tokens != sink.tokens("first"), "the test model must make the image matter"
+    ids_other, _ = kit.engine_inputs(other)
+    placeholder = kit.family.image_token_id
+    assert cached(sink, "other") <= ids_other.index(placeholder)  # never past the first placeholder
+
+    answer = kit.tokenizer.decode(sink.tokens("first"), skip_special_tokens=True)
+    turn2 = Case(
+        "turn2",
+        [
+            *first.messages,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Are you sure?"},
+        ],
+        [IMAGE_A],
+    )
+    assert run(engine, sink, "turn2", turn2, kit) == kit.reference_tokens(turn2, MAX_NEW)
+    if supported:
+        assert cached(sink, "turn2") >= ids_first.index(placeholder) + 1
+    assert engine.stats.prefix_cache_hits == engine.prefix_cache.hits
+
+
+def test_eviction_under_pressure_loses_no_request(kit):
+    """One cache row, two slots, requests with three different prefixes arriving while others run:
+    every request finishes with generate()'s tokens."""
+    config = EngineConfig(max_model_len=1024, max_num_seqs=2, prefix_cache_slots=1)
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    sink = Collector()
+    texts = ["Tell me a story about a cat.", "Tell me a story about a dog.", "Write a poem about the sea."]
+    cases = [Case(f"c{i}", conversation(texts[i % 3], 0)) for i in range(6)]
+    refs = {case.name: kit.reference_tokens(case, MAX_NEW) for case in cases[:3]}
+    for i, case in enumerate(cases):
+        ids, mm = kit.engine_inputs(case)
+        engine.add_request(case.name, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), sink, mm)
+        engine.step()
+        if i % 2:
+            engine.step()
+    steps = 0
+    while not all(sink.finished(c.name) for c in cases):
+        engine.step()
+        steps += 1
+        assert steps < 500
+    for i, case in enumerate(cases):
+        assert sink.tokens(case.name) == refs[f"c{i % 3}"], case.name
+    if kit.family.supports_prefix_cache:
+        assert len(engine.prefix_cache.entries) == 1
+        assert engine.prefix_cache.hits >= 1
+
+
+def test_prefix_rows_come_from_what_the_budget_leaves(kit):
+    from tritonvlm.engine.llm_engine import kv_rows, sequence_bytes
+
+    per_seq = sequence_bytes(kit.family, 512, torch.float32)
+    wanted = 4 if kit.family.supports_prefix_cache else 0
+
+    def rows(max_num_seqs: int, budget_rows: int | None) -> tuple[int, int]:
+        budget = "" if budget_rows is None else str(per_seq * budget_rows + 1)
+        config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=512, kv_cache_memory=budget)
+        return kv_rows(kit.hf_model, kit.family, config)
+
+    assert rows(2, None) == (2, wanted)  # no budget: max_num_seqs slots and the configured rows
+    assert rows(2, 5) == (2, min(wanted, 3))  # the budget's rows after the running slots
+    assert rows(8, 5) == (5, 0)  # running sequences first
+
+
+def test_engine_config_defaults_by_device():
+    from tritonvlm.engine.llm_engine import engine_config
+
+    gpu, cpu = engine_config({}, "cuda"), engine_config({"max_num_seqs": ""}, "cpu")
+    assert (gpu.max_num_seqs, gpu.kv_cache_memory, gpu.cuda_graphs, gpu.prefix_cache_slots) == (
+        256,
+        "0.6",
+        True,
+        4,
+    )
+    assert (cpu.max_num_seqs, cpu.kv_cache_memory) == (16, "")
+    given = engine_config({"max_num_seqs": "8", "kv_cache_memory": "2GiB", "cuda_graphs": "false"}, "cuda")
+    assert (given.max_num_seqs, given.kv_cache_memory, given.cuda_graphs) == (8, "2GiB", False)
+    assert engine_config({"prefix_cache_slots": "0"}, "cpu").prefix_cache_slots == 0
