@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model-dir", type=Path, help="model to serve (default: the medium test model)")
     parser.add_argument("--rounds", type=int, default=4, help="miss/hit pairs per case (default 4)")
-    parser.add_argument("--prefix-words", type=int, default=480, help="system prompt words (~2 tokens each)")
+    parser.add_argument("--prefix-words", type=int, default=350, help="system prompt words (~3 tokens each)")
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (default 448)")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
