@@ -183,7 +183,7 @@ class ChatMessage(BaseModel):
     role: Role
     content: MessageContent | None = None
     name: Text | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1)  # OpenAI: [] is refused
     tool_call_id: str | None = None
     refusal: str | None = None  # accepted on assistant messages sent back; not rendered
 

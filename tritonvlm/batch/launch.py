@@ -20,7 +20,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("tritonvlm.batch")
 
 DEFAULT_MAX_NUM_SEQS = 16  # the engine's default (model_repository/vlm/config.pbtxt)
-ENGINE_KEYS = ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype")
+ENGINE_KEYS = (
+    "max_num_seqs",
+    "max_model_len",
+    "max_prefill_tokens",
+    "kv_cache_memory",
+    "prefix_cache_slots",
+    "cuda_graphs",
+    "device",
+    "dtype",
+)
 
 
 @dataclass
@@ -33,6 +42,8 @@ class TritonOptions:
     max_model_len: int | None = None
     max_prefill_tokens: int | None = None
     kv_cache_memory: str | None = None
+    prefix_cache_slots: int | None = None
+    cuda_graphs: str | None = None
     device: str | None = None
     dtype: str | None = None
     max_image_pixels: int | None = None

@@ -206,6 +206,7 @@ class LLMEngine:
         # Prompt ids index the input embeddings, which may have rows past the LM head's vocabulary
         # (Mllama's <|image|> is one).
         self.num_embeddings = int(self.runner.embed_tokens.num_embeddings)
+        self.vocab_size = int(model.config.get_text_config().vocab_size)  # the logits' width
         self.token_texts = TokenTexts(tokenizer)
         self.stats = EngineStats()
         self.on_step_end: Callable[[EngineStats], None] | None = None
