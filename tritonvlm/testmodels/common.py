@@ -191,6 +191,35 @@ def save_model(model: Any, out: Path) -> None:
             write_json(out / name, json.loads((out / name).read_text(encoding="utf-8")))
 
 
+def save_greedy_model(model: Any, out: Path, started: float, bos: int, eos: int | list[int], pad: int) -> int:
+    """Give ``model`` a greedy generation config (``bos``/``eos``/``pad`` ids), save it with
+    :func:`save_model` and log its size; returns its parameter count."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, do_sample=False
+    )
+    num_params = sum(p.numel() for p in model.parameters())
+    save_model(model, out)
+    log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - started:.1f}s)")
+    return num_params
+
+
+def build_sized(
+    out_dir: str | os.PathLike[str],
+    size: str,
+    sizes: dict[str, Any],
+    family_label: str,
+    build_into: Callable[[Path, Any], Any],
+) -> Path:
+    """A family's ``build_test_model``: check ``size`` against ``sizes`` and build
+    ``build_into(tmp, sizes[size])`` with :func:`write_model_dir`."""
+    if size not in sizes:
+        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(sizes)}")
+    label = f"{size} {family_label} test model"
+    return write_model_dir(out_dir, label, lambda tmp: build_into(tmp, sizes[size]))
+
+
 def write_model_dir(out_dir: str | os.PathLike[str], label: str, build_into: Callable[[Path], Any]) -> Path:
     """Build a checkpoint with ``build_into(tmp_dir)`` in a temporary directory next to ``out_dir``,
     then move the files in with ``config.json`` last, so a directory holding ``config.json`` is

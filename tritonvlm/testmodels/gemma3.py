@@ -43,16 +43,16 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from tritonvlm.testmodels.common import (
     SEED,
+    build_sized,
     log,
-    save_model,
+    save_greedy_model,
     training_texts,
     write_json,
-    write_model_dir,
 )
 
 __all__ = ["CHAT_TEMPLATE", "SIZES", "ModelSize", "build_test_model", "build_tokenizer"]
@@ -343,16 +343,8 @@ def _build_into(tmp: Path, size: ModelSize) -> int:
             projection.normal_(0.0, size.vision_hidden_size**-0.5)
     text = config.text_config
     end_of_turn = tok.token_to_id("<end_of_turn>")
-    model.generation_config = GenerationConfig(
-        bos_token_id=text.bos_token_id,
-        eos_token_id=[text.eos_token_id, end_of_turn],
-        pad_token_id=text.pad_token_id,
-        do_sample=False,
-    )
-    num_params = sum(p.numel() for p in model.parameters())
-    save_model(model, tmp)
-    log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - t1:.1f}s)")
-    return num_params
+    eos = [text.eos_token_id, end_of_turn]
+    return save_greedy_model(model, tmp, t1, text.bos_token_id, eos, text.pad_token_id)
 
 
 def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Path:
@@ -361,7 +353,4 @@ def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Pat
     Works offline and is deterministic (same size, same bytes); see
     :func:`tritonvlm.testmodels.common.write_model_dir`. Returns the directory.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(SIZES)}")
-    label = f"{size} Gemma 3 test model"
-    return write_model_dir(out_dir, label, lambda tmp: _build_into(tmp, SIZES[size]))
+    return build_sized(out_dir, size, SIZES, "Gemma 3", _build_into)

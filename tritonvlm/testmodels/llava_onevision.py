@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from transformers import GenerationConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -54,12 +54,12 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from tritonvlm.testmodels.common import (
     SEED,
     added_tokens_decoder,
+    build_sized,
     log,
-    save_model,
+    save_greedy_model,
     train_bpe,
     training_texts,
     write_json,
-    write_model_dir,
 )
 
 __all__ = ["CHAT_TEMPLATE", "SIZES", "SPECIAL_TOKENS", "ModelSize", "build_test_model", "grid_pinpoints"]
@@ -279,16 +279,7 @@ def _build_into(tmp: Path, size: ModelSize) -> int:
         model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
     eos = config.text_config.eos_token_id
     pad = config.text_config.pad_token_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[eos, pad],
-        pad_token_id=pad,
-        do_sample=False,
-    )
-    num_params = sum(p.numel() for p in model.parameters())
-    save_model(model, tmp)
-    log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - t1:.1f}s)")
-    return num_params
+    return save_greedy_model(model, tmp, t1, config.text_config.bos_token_id, [eos, pad], pad)
 
 
 def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Path:
@@ -297,7 +288,4 @@ def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Pat
     Works offline and is deterministic (same size, same bytes); see
     :func:`tritonvlm.testmodels.common.write_model_dir`. Returns the directory.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(SIZES)}")
-    label = f"{size} LLaVA-OneVision test model"
-    return write_model_dir(out_dir, label, lambda tmp: _build_into(tmp, SIZES[size]))
+    return build_sized(out_dir, size, SIZES, "LLaVA-OneVision", _build_into)

@@ -39,18 +39,18 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, processors
-from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration
+from transformers import MllamaConfig, MllamaForConditionalGeneration
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
 from tritonvlm.testmodels.common import (
     SEED,
     added_tokens_decoder,
+    build_sized,
     log,
-    save_model,
+    save_greedy_model,
     train_bpe,
     training_texts,
     write_json,
-    write_model_dir,
 )
 
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "SIZES", "SPECIAL_TOKENS", "ModelSize", "build_test_model"]
@@ -381,16 +381,7 @@ def _build_into(tmp: Path, size: ModelSize) -> int:
         model = MllamaForConditionalGeneration(config).to(torch.float32).eval()
         randomise_gates(model, torch.Generator().manual_seed(SEED + 1))
     ids = {token: tok.token_to_id(token) for token, _ in SPECIAL_TOKENS}
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS],
-        eos_token_id=[ids[END], ids[EOM], ids[EOT]],
-        pad_token_id=ids[PAD],
-        do_sample=False,
-    )
-    num_params = sum(p.numel() for p in model.parameters())
-    save_model(model, tmp)
-    log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - t1:.1f}s)")
-    return num_params
+    return save_greedy_model(model, tmp, t1, ids[BOS], [ids[END], ids[EOM], ids[EOT]], ids[PAD])
 
 
 def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Path:
@@ -399,7 +390,4 @@ def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Pat
     Works offline and is deterministic (same size, same bytes); see
     :func:`tritonvlm.testmodels.common.write_model_dir`. Returns the directory.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(SIZES)}")
-    label = f"{size} Llama 3.2 Vision test model"
-    return write_model_dir(out_dir, label, lambda tmp: _build_into(tmp, SIZES[size]))
+    return build_sized(out_dir, size, SIZES, "Llama 3.2 Vision", _build_into)

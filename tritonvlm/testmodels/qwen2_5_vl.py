@@ -40,7 +40,13 @@ from tokenizers import Tokenizer
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from tritonvlm.testmodels.common import CORPUS, save_model, train_bpe, training_texts, write_model_dir
+from tritonvlm.testmodels.common import (
+    CORPUS,
+    build_sized,
+    save_model,
+    train_bpe,
+    training_texts,
+)
 from tritonvlm.testmodels.qwen_common import (
     QWEN2_5_VL_SPECIAL_TOKENS,
     build_qwen_into,
@@ -248,7 +254,4 @@ def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Pat
     Works offline and is deterministic (same size, same bytes); see
     :func:`tritonvlm.testmodels.common.write_model_dir`. Returns the directory.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(SIZES)}")
-    label = f"{size} Qwen2.5-VL test model"
-    return write_model_dir(out_dir, label, lambda tmp: _build_into(tmp, SIZES[size]))
+    return build_sized(out_dir, size, SIZES, "Qwen2.5-VL", _build_into)

@@ -34,7 +34,7 @@ from pathlib import Path
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from tritonvlm.testmodels.common import training_texts, write_model_dir
+from tritonvlm.testmodels.common import build_sized, training_texts
 from tritonvlm.testmodels.qwen2_5_vl import (
     CHAT_TEMPLATE,
     MAX_PIXELS,
@@ -128,6 +128,4 @@ def _build_into(tmp: Path, size: ModelSize) -> int:
 def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Path:
     """Write a random-weight Qwen2-VL checkpoint of ``size`` (``tiny`` or ``medium``) to ``out_dir``
     (offline, deterministic; see :func:`tritonvlm.testmodels.common.write_model_dir`)."""
-    if size not in SIZES:
-        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(SIZES)}")
-    return write_model_dir(out_dir, f"{size} Qwen2-VL test model", lambda tmp: _build_into(tmp, SIZES[size]))
+    return build_sized(out_dir, size, SIZES, "Qwen2-VL", _build_into)

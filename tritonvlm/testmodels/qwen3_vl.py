@@ -36,7 +36,7 @@ from pathlib import Path
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from tritonvlm.testmodels.common import training_texts, write_model_dir
+from tritonvlm.testmodels.common import build_sized, training_texts
 from tritonvlm.testmodels.qwen_common import QWEN3_VL_SPECIAL_TOKENS, build_qwen_into
 
 __all__ = ["CHAT_TEMPLATE", "MAX_PIXELS", "MIN_PIXELS", "SIZES", "SPECIAL_TOKENS", "build_test_model"]
@@ -314,6 +314,4 @@ def _build_into(tmp: Path, size: ModelSize) -> int:
 def build_test_model(out_dir: str | os.PathLike[str], size: str = "tiny") -> Path:
     """Write a random-weight Qwen3-VL checkpoint of ``size`` (``tiny`` or ``medium``) to ``out_dir``
     (offline, deterministic; see :func:`tritonvlm.testmodels.common.write_model_dir`)."""
-    if size not in SIZES:
-        raise ValueError(f"unknown test model size {size!r}; use one of {sorted(SIZES)}")
-    return write_model_dir(out_dir, f"{size} Qwen3-VL test model", lambda tmp: _build_into(tmp, SIZES[size]))
+    return build_sized(out_dir, size, SIZES, "Qwen3-VL", _build_into)

@@ -11,13 +11,12 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from transformers import GenerationConfig
 
 from tritonvlm.testmodels.common import (
     SEED,
     added_tokens_decoder,
     log,
-    save_model,
+    save_greedy_model,
     train_bpe,
     write_json,
 )
@@ -117,13 +116,4 @@ def build_qwen_into(
         model = model_class(config).to(torch.float32).eval()
     eos = config.text_config.eos_token_id
     pad = config.text_config.pad_token_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[eos, pad],
-        pad_token_id=pad,
-        do_sample=False,
-    )
-    num_params = sum(p.numel() for p in model.parameters())
-    save_model(model, tmp)
-    log(f"model: {num_params / 1e6:.2f}M parameters ({time.perf_counter() - t1:.1f}s)")
-    return num_params
+    return save_greedy_model(model, tmp, t1, config.text_config.bos_token_id, [eos, pad], pad)
