@@ -612,7 +612,7 @@ class TritonServer:
         head = "Errors in the log:\n" + "\n".join(f"  {e}" for e in errors) + "\n" if errors else ""
         return f"{head}Last lines of {self.log_file}:\n{self.log_tail()}"
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = 30.0) -> int | None:
         """Stop the server and its stubs, then remove this instance's ``/dev/shm`` regions.
 
         Sends SIGTERM to the server's process group, waits up to ``timeout`` seconds, then SIGKILLs the
