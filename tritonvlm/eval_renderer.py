@@ -4,8 +4,8 @@ The demo model (``models/tritonvlm-shapes-demo``) is trained on :mod:`tritonvlm.
 A score on those can be earned by memorising that renderer (its sizes, proportions, palette, layout),
 so this module draws the same kind of subject, shapes and colours, the way someone else would:
 
-- its own rasteriser: shapes are NumPy coverage masks (signed-distance or half-plane tests on a 4x4
-  sub-pixel grid, then averaged), no Pillow ``ImageDraw``;
+- its own rasteriser: shapes are NumPy coverage masks (inside tests at pixel centres, and on a 4x4
+  sub-pixel grid along the edges, averaged), no Pillow ``ImageDraw``;
 - its own proportions: equilateral triangles, stars with an inner radius of half the outer one, squares
   that fill their box, every shape turned by up to 12 degrees;
 - its own palette: CSS/web colour values (``#ff0000``, ``forestgreen``, ``royalblue``, ``gold``,
@@ -223,14 +223,26 @@ def _paint(canvas: np.ndarray, fig: Figure) -> None:
     y0, y1 = max(0, int(fig.cy - r)), min(h, int(fig.cy + r) + 1)
     if x0 >= x1 or y0 >= y1:
         return
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
     offs = (np.arange(_SS, dtype=np.float32) + 0.5) / _SS
-    xs = (np.arange(x0, x1, dtype=np.float32)[:, None] + offs[None, :]).reshape(-1)
-    ys = (np.arange(y0, y1, dtype=np.float32)[:, None] + offs[None, :]).reshape(-1)
-    gx, gy = np.meshgrid(xs, ys)
+    sub_x = np.tile(offs, _SS)[None, :]  # the _SS x _SS sub-pixel grid
+    sub_y = np.repeat(offs, _SS)[None, :]
 
     def cover(f: Figure) -> np.ndarray:
-        inside = _coverage(f, gx, gy).astype(np.float32)
-        return inside.reshape(y1 - y0, _SS, x1 - x0, _SS).mean(axis=(1, 3))[..., None]
+        # Pixel centres first; only pixels next to a change (the edges) are sampled on the finer grid.
+        centre = _coverage(f, xs, ys)
+        padded = np.pad(centre, 1, mode="edge")
+        edge = np.zeros_like(centre)
+        for dy in range(3):
+            for dx in range(3):
+                edge |= padded[dy : dy + centre.shape[0], dx : dx + centre.shape[1]] != centre
+        alpha = centre.astype(np.float32)
+        ey, ex = np.nonzero(edge)
+        if len(ey):
+            px = (ex + x0).astype(np.float32)[:, None] + sub_x
+            py = (ey + y0).astype(np.float32)[:, None] + sub_y
+            alpha[ey, ex] = _coverage(f, px, py).mean(axis=1)
+        return alpha[..., None]
 
     region = canvas[y0:y1, x0:x1]
     if fig.outline is not None:
@@ -313,12 +325,12 @@ def random_picture(rng: random.Random, n: int | None = None, size: tuple[int, in
     return Picture(width, height, top, bottom, grain, rng.getrandbits(31), tuple(figures), jpeg)
 
 
-def outside_picture(rng: random.Random) -> Picture:
-    """A picture outside the model's world: 4-6 shapes (kinds repeat), coloured/noisy, up to 1024^2."""
+def outside_picture(rng: random.Random, size: tuple[int, int] | None = None) -> Picture:
+    """A picture outside the model's world: 4-6 shapes (kinds repeat), coloured/noisy, up to 1024^2
+    (or ``size``)."""
     n = rng.randint(4, 6)
     for _ in range(500):
-        width = rng.choice((512, 640, 800, 1000, 1024))
-        height = rng.choice((480, 600, 768, 1024))
+        width, height = size or (rng.choice((512, 640, 800, 1000, 1024)), rng.choice((480, 600, 768, 1024)))
         boxes = _place(rng, width, height, n, (0.08, 0.2))
         if boxes is not None:
             break
