@@ -2,31 +2,38 @@
 """Train the built-in demonstration model: a tiny Qwen2.5-VL that really sees shapes and colours.
 
 The model is ``Qwen2_5_VLForConditionalGeneration`` (the family of the random test model, so the
-serving pipeline is unchanged), trained from scratch on CPU on the synthetic pictures and questions of
-:mod:`tritonvlm.synthetic`:
+serving pipeline is unchanged), trained on CPU on the synthetic pictures and questions of
+:mod:`tritonvlm.synthetic` (varied pictures, ``--classic-frac`` of classic ones):
 
-- a Qwen2-style byte-level BPE (``build_tokenizer`` from :mod:`tritonvlm.modeling.testmodel`) trained on
-  ordinary English plus the synthetic questions and answers, with Qwen's special tokens and chat
-  template;
-- the loss is on the assistant's answer tokens and its closing ``<|im_end|>`` only;
-- AdamW with a separate (higher) learning rate for the vision tower, linear warm-up then cosine decay
-  over ``--steps`` steps; gradient clipping 1.0;
-- every ``--eval-every`` steps, exact-match accuracy per question type on held-out pictures (a different
-  seed). It is computed teacher-forced in one forward pass: greedy decoding reproduces the answer exactly
-  if and only if every answer token (and ``<|im_end|>``) is the arg-max given the right prefix;
-- a hard wall-clock budget (``--budget-minutes``, default 55): when it runs out the run stops and saves.
+- from scratch (a Qwen2-style byte-level BPE, ``build_tokenizer`` from
+  :mod:`tritonvlm.modeling.testmodel`, trained on ordinary English plus the synthetic questions and
+  answers, with Qwen's special tokens and chat template; the size flags set the architecture), or with
+  ``--init-from`` continuing from a model this script (or its first version) wrote, with that model's
+  tokenizer and architecture;
+- the loss is on the assistant's answer tokens and its closing ``<|im_end|>`` only, plus (``--aux-weight``)
+  a training-only per-image-token shape/colour loss on the vision tower;
+- AdamW with a separate (higher) learning rate for the vision tower, linear warm-up then a cosine that
+  ends with ``--steps`` or with the time budget, whichever comes first; gradient clipping 1.0;
+- every ``--eval-every`` steps, exact-match accuracy per question type on held-out pictures (classic,
+  varied, and the separate renderer's, :mod:`tritonvlm.eval_renderer`, watched only). It is computed
+  teacher-forced in one forward pass: greedy decoding reproduces the answer exactly if and only if every
+  answer token (and ``<|im_end|>``) is the arg-max given the right prefix;
+- a hard wall-clock budget (``--budget-minutes``, default 57, of which ``--reserve-minutes`` are kept
+  for the final evaluation and saving): the whole run fits in an hour.
 
 The output is a normal ``from_pretrained`` directory (``config.json``, ``model.safetensors``,
 ``generation_config.json`` with eos ``<|im_end|>``, ``tokenizer.json``, ``tokenizer_config.json``,
 ``chat_template.jinja``, ``preprocessor_config.json``) plus ``training.json`` (arguments, steps, time,
 held-out accuracies). Other files in the directory (its README.md) are left alone.
 
-Reproduce the committed model::
+Reproduce the committed model (its first stage is the first demo model, commit 315ebdd)::
 
-    python scripts/train_demo_model.py --out models/tritonvlm-shapes-demo
+    git archive 315ebdd models/tritonvlm-shapes-demo | tar -x -C /tmp
+    python scripts/train_demo_model.py --init-from /tmp/models/tritonvlm-shapes-demo \
+        --out models/tritonvlm-shapes-demo
 
-Seeded: the same arguments give the same data, initial weights and updates (bit-for-bit on the same
-machine and torch build, as long as the budget does not cut the run short).
+Seeded: the same arguments give the same data and initial weights; the updates are the same only when
+the lr schedule does not depend on time (``--budget-minutes 0 --steps N``).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from PIL import Image
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from tritonvlm import synthetic
+from tritonvlm import eval_renderer, synthetic
 from tritonvlm.modeling.processor import ImageOnlyQwen2_5_VLProcessor
 from tritonvlm.modeling.testmodel import (
     CHAT_TEMPLATE,
@@ -108,40 +115,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget-minutes",
         type=float,
-        default=0.0,
-        help="hard wall-clock budget, then save (0: none; a run cut short by it is not reproducible)",
+        default=57.0,
+        help="hard wall-clock budget, then save (0: none); the lr schedule follows it (see --steps)",
     )
-    p.add_argument("--steps", type=int, default=2800, help="training steps (length of the lr schedule)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=100_000,
+        help="at most this many steps; the lr schedule ends with whichever ends first, these steps or the "
+        "budget (the default: the budget)",
+    )
     p.add_argument(
         "--reserve-minutes",
         type=float,
-        default=2.0,
+        default=3.0,
         help="end of the budget kept for the final evaluation and saving; the lr schedule runs on "
         "whichever ends first, the steps or the budget less this reserve",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the text decoder")
-    p.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision tower")
-    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final lr as a fraction of the peak")
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the text decoder")
+    p.add_argument("--vision-lr", type=float, default=1e-3, help="peak learning rate of the vision tower")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--warmup", type=int, default=40, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--micro-batches", type=int, default=4, help="length-sorted chunks per step")
     p.add_argument(
         "--mix",
-        default="3,2,1,2,3",
+        default="3,1,2,1,4",
         help="weights of the question types " + ",".join(synthetic.QUESTION_TYPES),
     )
     p.add_argument(
         "--aux-weight",
         type=float,
-        default=1.0,
+        default=0.5,
         help="weight of the auxiliary per-vision-token shape/colour loss (0: off; the head is not saved)",
     )
     p.add_argument("--paraphrase-frac", type=float, default=0.4, help="share of reworded questions")
     p.add_argument(
         "--classic-frac",
         type=float,
-        default=0.1,
+        default=0.15,
         help="share of classic pictures (the rest are varied: synthetic.varied_scene)",
     )
     # Architecture.
@@ -163,9 +176,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-heads", type=int, default=4)
     # Monitoring and runtime.
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-n", type=int, default=48, help="held-out samples per question type and set")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=16, help="held-out samples per question type and set")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a busy 2-core machine two threads spin-wait, ~7x the CPU per step)",
+    )
     p.add_argument(
         "--init-from",
         type=Path,
@@ -238,11 +256,16 @@ def build_components(args: argparse.Namespace, work: Path) -> tuple[Any, Any, An
 
     Returns ``(processor, model, generation_config)``.
     """
-    tok = build_tokenizer(args.vocab_size, tokenizer_texts(args.seed))
-    tok.save(str(work / "tokenizer.json"))
-    (work / "tokenizer_config.json").write_text(
-        json.dumps(_tokenizer_config(tok), indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    if args.init_from is None:
+        tok = build_tokenizer(args.vocab_size, tokenizer_texts(args.seed))
+        tok.save(str(work / "tokenizer.json"))
+        (work / "tokenizer_config.json").write_text(
+            json.dumps(_tokenizer_config(tok), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    else:
+        # Continue from a model this script wrote: its tokenizer and architecture, not the arguments'.
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(args.init_from / name, work / name)
     (work / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=MIN_PIXELS, max_pixels=args.max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
@@ -257,19 +280,15 @@ def build_components(args: argparse.Namespace, work: Path) -> tuple[Any, Any, An
     )
     processor.tokenizer.padding_side = "left"
 
-    config = _model_config(model_size(args), tok)
-    # Windows as large as any training picture: every block sees the whole image anyway.
-    config.vision_config.window_size = 448
     torch.manual_seed(args.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    if args.init_from is not None:
-        # Continue from a model this script wrote (same architecture and tokenizer): its weights only.
-        if (args.init_from / "tokenizer.json").read_text(encoding="utf-8") != (
-            work / "tokenizer.json"
-        ).read_text(encoding="utf-8"):
-            raise SystemExit(f"{args.init_from} has another tokenizer; --init-from needs the same arguments")
-        trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(args.init_from), dtype=torch.float32)
-        model.load_state_dict(trained.state_dict())
+    if args.init_from is None:
+        config = _model_config(model_size(args), tok)
+        # Windows as large as any training picture: every block sees the whole image anyway.
+        config.vision_config.window_size = 448
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(args.init_from), dtype=torch.float32)
+        config = model.config
     eos, pad = config.text_config.eos_token_id, config.text_config.pad_token_id
     generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
@@ -577,6 +596,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
         held_out = eval_set(args.seed + EVAL_SEED_OFFSET, args.eval_n)
         held_out_varied = eval_set(args.seed + EVAL_SEED_OFFSET, args.eval_n, varied=True)
+        # Progress on the separate renderer's pictures (watched only, never trained on; another seed
+        # than the eval script's and the tests').
+        separate = eval_renderer.eval_set(args.seed + EVAL_SEED_OFFSET, max(4, args.eval_n // 2))
+
+        def evaluate() -> dict[str, dict[str, float]]:
+            return {
+                "classic": exact_match(model, processor, held_out, device),
+                "varied": exact_match(model, processor, held_out_varied, device),
+                "separate": exact_match(model, processor, separate, device),
+            }
+
         history: list[dict[str, Any]] = []
         losses: list[float] = []
         aux_losses: list[float] = []
@@ -637,13 +667,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 losses.clear()
                 aux_losses.clear()
             if step % args.eval_every == 0 or step == args.steps:
-                acc = {
-                    "classic": exact_match(model, processor, held_out, device),
-                    "varied": exact_match(model, processor, held_out_varied, device),
-                }
+                acc = evaluate()
                 history.append({"step": step, "minutes": minutes(), **acc})
-                log(f"held-out exact match @ {step}, classic: {format_accuracy(acc['classic'])}")
-                log(f"held-out exact match @ {step}, varied:  {format_accuracy(acc['varied'])}")
+                for name, value in acc.items():
+                    log(f"held-out exact match @ {step}, {name}: {format_accuracy(value)}")
                 if args.checkpoint is not None:
                     save_checkpoint(
                         args.checkpoint,
@@ -659,14 +686,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         },
                     )
         if history and history[-1]["step"] == step:
-            final = {k: history[-1][k] for k in ("classic", "varied")}
+            final = {k: history[-1][k] for k in ("classic", "varied", "separate")}
         else:
-            final = {
-                "classic": exact_match(model, processor, held_out, device),
-                "varied": exact_match(model, processor, held_out_varied, device),
-            }
-        log(f"final held-out exact match @ {step}, classic: {format_accuracy(final['classic'])}")
-        log(f"final held-out exact match @ {step}, varied:  {format_accuracy(final['varied'])}")
+            final = evaluate()
+        for name, value in final.items():
+            log(f"final held-out exact match @ {step}, {name}: {format_accuracy(value)}")
         info = {
             "args": checkpoint_args(args),
             "steps_done": step,
