@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-intermediate", type=int, default=384)
     p.add_argument("--vision-heads", type=int, default=4)
     # Monitoring and runtime.
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=16, help="held-out samples per question type and set")
     p.add_argument(
