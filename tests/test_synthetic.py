@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tritonvlm import synthetic
+from tritonvlm import synthetic, synthetic_looks
 from tritonvlm.synthetic import COLOURS, QUESTION_TYPES, SHAPES, make_sample, make_scene, random_scene
 
 PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
@@ -178,3 +178,126 @@ def test_bad_arguments():
         make_scene([("red", "circle"), ("blue", "circle")])
     with pytest.raises(ValueError):
         make_scene([("pink", "circle")])
+
+
+# ---- varied scenes (what the demo model is trained on) ----
+
+
+def _processed_size(width: int, height: int) -> tuple[int, int]:
+    """The picture's size after the demo processor's resize (as Qwen2-VL's smart_resize, factor 28)."""
+    area = width * height
+    scale = min(1.0, (synthetic.PROCESSOR_MAX_PIXELS / area) ** 0.5)
+    return round(width * scale), round(height * scale)
+
+
+def test_varied_samples_are_deterministic():
+    for i in range(12):
+        a, b = (
+            make_sample(8, i, varied=True, paraphrase=True),
+            make_sample(8, i, varied=True, paraphrase=True),
+        )
+        assert (a.question, a.answer, a.scenes) == (b.question, b.answer, b.scenes)
+        assert [pixels(im) for im in a.images] == [pixels(im) for im in b.images]
+
+
+def test_varied_scenes_cover_the_processor_range_and_the_looks():
+    rng = random.Random(21)
+    scenes = [synthetic.varied_scene(rng) for _ in range(400)]
+    processed = [_processed_size(s.width, s.height) for s in scenes]
+    areas = [w * h for w, h in processed]
+    assert min(areas) < 80 * 80 and max(areas) > 0.95 * synthetic.PROCESSOR_MAX_PIXELS
+    aspects = [s.width / s.height for s in scenes]
+    assert min(aspects) < 0.5 and max(aspects) > 2.0
+    assert max(max(s.width, s.height) for s in scenes) > 700  # some drawn large, for the processor to shrink
+    assert all(max(s.width, s.height) <= 1024 and min(s.width, s.height) >= 56 for s in scenes)
+    looks = [s.look for s in scenes]
+    assert {look.antialias for look in looks} == {True, False}
+    assert {bool(look.jpeg_quality) for look in looks} == {True, False}
+    assert {look.texture for look in looks} == {"", "stripes", "checks", "field"}
+    assert {look.start == look.end for look in looks} == {True, False}  # plain and gradients
+    assert {look.noise > 0 for look in looks} == {True, False}
+    assert len({look.start for look in looks}) > 100
+    assert {s.shapes[0].outline is None for s in scenes} == {True, False}
+    sides = [shape.size for s in scenes for shape in s.shapes]
+    assert min(sides) <= 30 and max(sides) > 150
+    assert len({round(shape.turn) for s in scenes for shape in s.shapes}) > 20
+
+
+def test_varied_layout_is_inside_and_ordered_left_to_right():
+    """Drawn pixels (the label map) of each shape lie inside the picture, left to right, never overlapping
+    horizontally, so "left of" has one answer whatever the turn."""
+    rng = random.Random(22)
+    for _ in range(150):
+        scene = synthetic.varied_scene(rng)
+        labels = np.asarray(scene.render_mask())
+        assert labels.shape == (scene.height, scene.width)
+        spans = []
+        for k, shape in enumerate(scene.shapes, start=1):
+            ys, xs = np.nonzero(labels == k)
+            assert len(xs) > 0.25 * shape.size**2 * 0.5, shape
+            spans.append((xs.min(), xs.max()))
+        for (_, right_end), (left_start, _) in zip(spans, spans[1:], strict=False):
+            assert right_end < left_start
+        assert len({s.kind for s in scene.shapes}) == len(scene.shapes)
+
+
+def test_varied_pixels_match_the_scene():
+    """On clean looks (no noise, texture, JPEG or outline), each shape's inside has its fill colour."""
+    rng = random.Random(23)
+    checked = 0
+    while checked < 30:
+        scene = synthetic.varied_scene(rng)
+        look = scene.look
+        if look.noise or look.texture or look.jpeg_quality or scene.shapes[0].outline is not None:
+            continue
+        img = np.asarray(scene.render(), dtype=np.int32)
+        labels = np.asarray(scene.render_mask())
+        for k, fill in enumerate(scene.fills, start=1):
+            core = labels == k
+            for _ in range(2):  # two pixels in from the edge (the label map is drawn aliased)
+                core = np.pad(
+                    core[1:-1, 1:-1] & core[:-2, 1:-1] & core[2:, 1:-1] & core[1:-1, :-2] & core[1:-1, 2:], 1
+                )
+            assert core.sum() > 0
+            assert np.abs(img[core] - np.array(fill)).max() <= 1
+        checked += 1
+
+
+def test_fill_colours_stay_in_their_names():
+    import colorsys
+
+    rng = random.Random(24)
+    centres = {"red": 0, "orange": 30, "yellow": 55, "green": 120, "blue": 220, "purple": 283}
+    for colour in COLOURS:
+        for _ in range(200):
+            r, g, b = synthetic_looks.random_fill(rng, colour)
+            h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+            nearest = min(
+                centres, key=lambda c: min(abs(h * 360 - centres[c]), 360 - abs(h * 360 - centres[c]))
+            )
+            assert nearest == colour, (colour, (r, g, b))
+            assert s >= 0.5 and v >= 0.4
+
+
+def test_crowds_and_empty_pictures_have_short_answers():
+    samples = [make_sample(25, i, varied=True) for i in range(1500)]
+    crowd = [s for s in samples if any(sc.content == "crowd" for sc in s.scenes)]
+    empty = [s for s in samples if any(sc.content == "empty" for sc in s.scenes)]
+    assert crowd and empty
+    for sample in crowd + empty:
+        assert sample.qtype in ("describe", "count", "two_images")
+        if sample.qtype == "describe":
+            assert sample.answer in ("There are many shapes.", "There are no shapes.")
+        if sample.qtype == "count":
+            assert sample.answer in ("There are many shapes.", "There are no shapes.")
+    for sample in crowd:
+        scene = next(sc for sc in sample.scenes if sc.content == "crowd")
+        assert 4 <= len(scene.shapes) <= 6
+    assert any("shows many shapes" in s.answer for s in crowd)
+    assert all(not sc.shapes for s in empty for sc in s.scenes if sc.content == "empty")
+
+
+def test_the_seed_prompt_is_among_the_two_image_questions():
+    questions = {make_sample(26, i, "two_images", paraphrase=True).question for i in range(200)}
+    assert synthetic.SEED_TWO_IMAGE_PROMPT in questions
+    assert synthetic.CANONICAL_QUESTIONS["two_images"] in questions
