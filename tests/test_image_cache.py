@@ -3,20 +3,26 @@ safety and one encoder call per new input; admission through it; its metrics and
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
+from conftest import make_image
+from family_harness import FAMILIES
 from test_serving import fake_models
 
 from tritonvlm import wire
 from tritonvlm.cli import build_parser, triton_env
 from tritonvlm.engine.llm_engine import EngineStats
+from tritonvlm.preprocessing import ChatPreprocessor
 from tritonvlm.serving.admission import model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
 from tritonvlm.serving.image_cache import ImageCache, content_key, parse_cache_memory
+from tritonvlm.triton_utils import first_bytes
 
 KB = 1000
 
@@ -223,6 +229,59 @@ def test_admission_without_a_cache_encodes_every_time(cache: ImageCache | None) 
     for _ in range(2):
         model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
     assert calls.count(wire.VISION_ENCODER_MODEL) == 2
+
+
+def real_models(kit, preprocessor: ChatPreprocessor, calls: list[str]):
+    """preprocess and vision_encoder as their Triton models run them (packed tensors in and out), on a
+    family's tiny test model."""
+
+    def call(name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        calls.append(name)
+        if name == wire.PREPROCESS_MODEL:
+            images = [bytes(x) for x in inputs[wire.IMAGES].reshape(-1)]
+            out = preprocessor(json.loads(first_bytes(inputs[wire.MESSAGES])), images)
+            packed = np.array([wire.pack_tensors(out.mm)], dtype=object)
+            return {wire.INPUT_IDS: out.input_ids, wire.MM_INPUTS: packed}
+        unpacked = wire.unpack_tensors(first_bytes(inputs[wire.MM_INPUTS]))
+        result = kit.family.encode(kit.hf_model, [{k: torch.from_numpy(v) for k, v in unpacked.items()}])[0]
+        embeds = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in result.items()}
+        return {wire.MM_EMBEDS: np.array([[wire.pack_tensors(embeds)]], dtype=object)}
+
+    return call
+
+
+def chat(messages: list[dict], images: list[bytes]) -> dict[str, np.ndarray]:
+    return {
+        wire.MESSAGES: np.array([json.dumps(messages).encode()], dtype=object),
+        wire.IMAGES: np.array(images, dtype=object),
+    }
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
+    """The key is each family's real encoder input: the same image through another preprocess instance
+    hits and gives the very tensors the encoder made; a later turn re-sending it hits too (except for
+    Mllama, whose encoder input holds the prompt's cross-attention mask); another image misses."""
+    kit = family_kit(name)
+    cache, calls = ImageCache(10**8), []
+    image = make_image(64, 48, "red")
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    first_ids, first = model_inputs(chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and first
+
+    other_instance = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
+    ids, again = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and ids == first_ids
+    assert again.keys() == first.keys()
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key])
+
+    later = [turn, {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Sure?"}]
+    model_inputs(chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == (2 if name == "mllama" else 1)
+
+    model_inputs(chat([turn], [make_image(64, 48, "blue")]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == (3 if name == "mllama" else 2)
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
