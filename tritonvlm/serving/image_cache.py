@@ -144,11 +144,13 @@ class ImageCache:
                 del self._pending[key]
             pending.done.set()
             raise
-        with self._lock:
-            del self._pending[key]
-            self._insert(key, value)
-        pending.value = value
-        pending.done.set()
+        try:
+            with self._lock:
+                del self._pending[key]
+                self._insert(key, value)
+        finally:  # the waiters get the value even if keeping it failed
+            pending.value = value
+            pending.done.set()
         return value
 
     def _insert(self, key: bytes, value: Tensors) -> None:
