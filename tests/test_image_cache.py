@@ -16,6 +16,7 @@ from family_harness import FAMILIES
 from test_serving import fake_models
 
 from tritonvlm import wire
+from tritonvlm.batch.launch import TritonOptions
 from tritonvlm.cli import build_parser, triton_env
 from tritonvlm.engine.llm_engine import EngineStats
 from tritonvlm.preprocessing import ChatPreprocessor
@@ -73,6 +74,15 @@ def test_serve_flag_reaches_the_vlm_model(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--image-cache-memory", "big"])
     assert "--image-cache-memory" in capsys.readouterr().err
+
+
+def test_run_batch_and_the_offline_engine_pass_the_setting_on() -> None:
+    """run-batch shares serve's flags and starts Triton from TritonOptions, which triton_env reads."""
+    args = build_parser().parse_args(["run-batch", "-i", "in", "-o", "out", "--image-cache-memory", "0"])
+    assert args.image_cache_memory == "0"
+    assert triton_env(TritonOptions(model="m"), "m").get("TRITONVLM_IMAGE_CACHE_MEMORY") is None
+    options = TritonOptions(model="m", image_cache_memory=args.image_cache_memory)
+    assert triton_env(options, "m")["TRITONVLM_IMAGE_CACHE_MEMORY"] == "0"
 
 
 # ---- the cache -----------------------------------------------------------------------------------------
