@@ -72,6 +72,7 @@ TRITON_LAUNCH_FLAGS = (
     "kv_cache_memory",
     "prefix_cache_slots",
     "cuda_graphs",
+    "image_cache_memory",
     "device",
     "dtype",
 )
@@ -89,6 +90,17 @@ def triton_address(value: str) -> str:
     if parts is None or not parts.hostname or port is None or parts.path or parts.username:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. triton:8001, 127.0.0.1:8001)")
     return target
+
+
+def image_cache_size(value: str) -> str:
+    """``--image-cache-memory``: checked here, passed on as given (the vlm model parses it again)."""
+    from tritonvlm.serving.image_cache import parse_cache_memory
+
+    try:
+        parse_cache_memory(value, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CUDA, replay decode steps from CUDA graphs (default true); false decodes eagerly",
     )
     model.add_argument(
+        "--image-cache-memory",
+        metavar="SIZE",
+        type=image_cache_size,
+        help='image-embedding cache of the vlm model (host memory): a size ("1GiB", "512MB"), a fraction '
+        'of available memory below 1 ("0.05"), or "0" to turn it off; a repeated image skips the vision '
+        "encoder (default 1GiB)",
+    )
+    model.add_argument(
         "--device", metavar="DEVICE", help="auto (cuda if available), cpu or cuda[:N] (default auto)"
     )
     model.add_argument("--dtype", metavar="DTYPE", help="auto, float32, bfloat16 or float16 (default auto)")
@@ -319,7 +339,7 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
 
     env = {env_name("model_path"): model, "TRITONVLM_LOG_LEVEL": args.log_level.upper()}
     keys = ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype")
-    for key in (*keys, "prefix_cache_slots", "cuda_graphs", "max_image_pixels"):
+    for key in (*keys, "prefix_cache_slots", "cuda_graphs", "image_cache_memory", "max_image_pixels"):
         value = getattr(args, key)
         if value is not None:
             env[env_name(key)] = str(value)

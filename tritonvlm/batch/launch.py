@@ -27,6 +27,7 @@ ENGINE_KEYS = (
     "kv_cache_memory",
     "prefix_cache_slots",
     "cuda_graphs",
+    "image_cache_memory",
     "device",
     "dtype",
 )
@@ -44,6 +45,7 @@ class TritonOptions:
     kv_cache_memory: str | None = None
     prefix_cache_slots: int | None = None
     cuda_graphs: str | None = None
+    image_cache_memory: str | None = None
     device: str | None = None
     dtype: str | None = None
     max_image_pixels: int | None = None

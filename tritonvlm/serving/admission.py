@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from tritonvlm import wire
+from tritonvlm.serving.image_cache import ImageCache, content_key
 from tritonvlm.triton_utils import first_bytes
 from tritonvlm.wire import InvalidRequestError
 
@@ -24,10 +25,12 @@ class StageError(Exception):
 
 
 def model_inputs(
-    given: dict[str, np.ndarray | None], call: ModelCall
+    given: dict[str, np.ndarray | None], call: ModelCall, image_cache: ImageCache | None = None
 ) -> tuple[list[int], dict[str, np.ndarray]]:
     """``(prompt token ids, multimodal tensors)`` for one request. ``given`` maps the `vlm` input names
-    (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent."""
+    (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent. With an enabled
+    ``image_cache``, an encoder input seen before is not encoded again (the returned arrays are then
+    shared and read-only)."""
     forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
     if len(forms) != 1:
         raise InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
@@ -47,7 +50,15 @@ def model_inputs(
     packed = first_bytes(pre[wire.MM_INPUTS])
     if not packed:
         return ids, {}
-    enc = call(
-        wire.VISION_ENCODER_MODEL, {wire.MM_INPUTS: np.array([[packed]], dtype=np.object_)}, [wire.MM_EMBEDS]
-    )
-    return ids, wire.unpack_tensors(first_bytes(enc[wire.MM_EMBEDS]))
+
+    def encode() -> dict[str, np.ndarray]:
+        enc = call(
+            wire.VISION_ENCODER_MODEL,
+            {wire.MM_INPUTS: np.array([[packed]], dtype=np.object_)},
+            [wire.MM_EMBEDS],
+        )
+        return wire.unpack_tensors(first_bytes(enc[wire.MM_EMBEDS]))
+
+    if image_cache is None or not image_cache.enabled:
+        return ids, encode()
+    return ids, image_cache.get_or_compute(content_key(packed), encode)

@@ -1,6 +1,7 @@
 """The engine's state on Triton's metrics port, through ``pb_utils.MetricFamily`` (custom metrics of a
 Python-backend model). The tables name each series once: gauges and counters read fields of
-:class:`~tritonvlm.engine.llm_engine.EngineStats`, histograms drain its sample lists."""
+:class:`~tritonvlm.engine.llm_engine.EngineStats` (the image cache's: of
+:class:`~tritonvlm.serving.image_cache.ImageCacheStats`), histograms drain its sample lists."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from typing import Any
 
 from tritonvlm.engine.llm_engine import EngineStats
+from tritonvlm.serving.image_cache import ImageCache
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -91,6 +93,29 @@ HISTOGRAMS = {
     ),
 }
 
+# The image-embedding cache of vlm (tritonvlm.serving.image_cache): {ImageCacheStats field: extra labels}
+IMAGE_CACHE_GAUGES = {
+    "tritonvlm_image_cache_bytes": (
+        "Image-embedding cache memory: held by its entries (used) and its budget (capacity)",
+        {"bytes_held": {"state": "used"}, "capacity_bytes": {"state": "capacity"}},
+    ),
+    "tritonvlm_image_cache_entries": ("Encoder outputs held in the image-embedding cache", {"entries": {}}),
+}
+IMAGE_CACHE_COUNTERS = {
+    "tritonvlm_image_cache_hits_total": (
+        "Requests with images whose embeddings came from the image-embedding cache (no vision_encoder call)",
+        {"hits": {}},
+    ),
+    "tritonvlm_image_cache_misses_total": (
+        "Requests with images that called vision_encoder while the image-embedding cache is on",
+        {"misses": {}},
+    ),
+    "tritonvlm_image_cache_evictions_total": (
+        "Entries dropped from the image-embedding cache to make room (least recently used first)",
+        {"evictions": {}},
+    ),
+}
+
 
 # Samples the vlm model records itself (from its worker and sender threads): name -> (description, buckets)
 PIPELINE_HISTOGRAMS = {
@@ -109,14 +134,22 @@ PIPELINE_HISTOGRAMS = {
 class EngineMetrics:
     """Engine state on Triton's metrics port (pb_utils.MetricFamily), refreshed at most every 50 ms."""
 
-    def __init__(self, pb_utils: Any, model: str = "vlm") -> None:
+    def __init__(self, pb_utils: Any, model: str = "vlm", image_cache: ImageCache | None = None) -> None:
         labels = {"model": model}
         self.families = []  # must stay referenced for their metrics to live
         self.gauges, self.counters, self.histograms = {}, {}, {}
-        for kind, table, target in (
+        self.image_cache = image_cache
+        self.image_gauges, self.image_counters = {}, {}
+        tables = [
             (pb_utils.MetricFamily.GAUGE, GAUGES, self.gauges),
             (pb_utils.MetricFamily.COUNTER, COUNTERS, self.counters),
-        ):
+        ]
+        if image_cache is not None:
+            tables += [
+                (pb_utils.MetricFamily.GAUGE, IMAGE_CACHE_GAUGES, self.image_gauges),
+                (pb_utils.MetricFamily.COUNTER, IMAGE_CACHE_COUNTERS, self.image_counters),
+            ]
+        for kind, table, target in tables:
             for name, (description, fields) in table.items():
                 family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
                 self.families.append(family)
@@ -137,6 +170,7 @@ class EngineMetrics:
             self.pipeline_histograms[name] = family.Metric(labels, buckets=buckets)
         self._pipeline_samples: dict[str, list[float]] = {name: [] for name in PIPELINE_HISTOGRAMS}
         self._last = dict.fromkeys(self.counters, 0)
+        self._image_last = dict.fromkeys(self.image_counters, 0)
         self._last_running = 0
         self._last_time = 0.0
 
@@ -152,13 +186,9 @@ class EngineMetrics:
         if not force and not idle_edge and now - self._last_time < 0.05:
             return
         self._last_time = now
-        for field_name, gauge in self.gauges.items():
-            gauge.set(getattr(stats, field_name))
-        for field_name, counter in self.counters.items():
-            value = getattr(stats, field_name)
-            if value != self._last[field_name]:
-                counter.increment(value - self._last[field_name])
-                self._last[field_name] = value
+        publish(stats, self.gauges, self.counters, self._last)
+        if self.image_cache is not None:
+            publish(self.image_cache.stats(), self.image_gauges, self.image_counters, self._image_last)
         for field_name, histogram in self.histograms.items():
             samples = getattr(stats, field_name)
             for value in samples:
@@ -168,3 +198,14 @@ class EngineMetrics:
             samples, self._pipeline_samples[name] = self._pipeline_samples[name], []
             for value in samples:
                 histogram.observe(value)
+
+
+def publish(stats: Any, gauges: dict[str, Any], counters: dict[str, Any], last: dict[str, int]) -> None:
+    """Set the gauges and advance the counters (by what they gained since ``last``) from ``stats``."""
+    for field_name, gauge in gauges.items():
+        gauge.set(getattr(stats, field_name))
+    for field_name, counter in counters.items():
+        value = getattr(stats, field_name)
+        if value != last[field_name]:
+            counter.increment(value - last[field_name])
+            last[field_name] = value

@@ -25,6 +25,12 @@ from tritonvlm.engine.llm_engine import engine_config
 from tritonvlm.modeling.device import resolve_device
 from tritonvlm.serving.admission import StageError, model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
+from tritonvlm.serving.image_cache import (
+    DEFAULT_IMAGE_CACHE_MEMORY,
+    ImageCache,
+    available_host_memory,
+    parse_cache_memory,
+)
 from tritonvlm.serving.senders import CancelMonitor, ResponseStreamer, TrackedSender
 from tritonvlm.triton_utils import (
     bytes_tensor,
@@ -89,7 +95,9 @@ class TritonPythonModel:
             device=params.get("device", "auto"),
             dtype=params.get("dtype", "auto"),
         )
-        self.metrics = EngineMetrics(pb_utils, model="vlm")
+        cache_memory = params.get("image_cache_memory") or DEFAULT_IMAGE_CACHE_MEMORY
+        self.image_cache = ImageCache(parse_cache_memory(cache_memory, available_host_memory()))
+        self.metrics = EngineMetrics(pb_utils, model="vlm", image_cache=self.image_cache)
         self.engine.on_step_end = self.metrics.update
         self.streamer = ResponseStreamer(self._deliver, self._drop)
         poll_ms = float(params.get("cancel_poll_ms") or 20)
@@ -100,7 +108,13 @@ class TritonPythonModel:
         self._started = {}  # engine id -> (client request id, start time), for the log line
         self._lock = threading.Lock()
         self.engine.start()
-        log.info("vlm ready: %s %s on %s", self.engine.family.name, config, self.engine.runner.device)
+        log.info(
+            "vlm ready: %s %s on %s, image cache %d bytes",
+            self.engine.family.name,
+            config,
+            self.engine.runner.device,
+            self.image_cache.capacity_bytes,
+        )
 
     def execute(self, requests):
         for request in requests:
@@ -120,7 +134,8 @@ class TritonPythonModel:
             if not isinstance(params, dict):
                 raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
             sampling = SamplingParams.from_dict(params)
-            ids, mm = model_inputs({name: _numpy(request, name) for name in PROMPT_INPUTS}, call_model)
+            given = {name: _numpy(request, name) for name in PROMPT_INPUTS}
+            ids, mm = model_inputs(given, call_model, self.image_cache)
             if tracked.poll_cancelled():
                 self._close(tracked, "cancelled before decoding")
                 return

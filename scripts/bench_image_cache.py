@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Benchmark: time to first token of a request whose image the server has seen before vs the first time
+(the image-embedding cache of the `vlm` model).
+
+Starts ``tritonvlm serve`` on the medium test model (built once, as ``scripts/bench.py`` does) and, for
+``--images`` distinct images of ``--size`` x ``--size`` pixels (default 448, the most the medium model's
+processor takes: 1,024 patches, 256 image tokens), sends one streaming chat request with the image, then
+the same request again, one at a time. The prefix cache is off by default (``--serve-flags``), so the
+repeat saves what the image cache saves and not its prefill too. It prints TTFT (client side, first
+content chunk) of first and repeated requests, the reduction, and the cache's hit/miss counters from
+Triton's metrics port. The issue's target: a repeated image's TTFT at least 40% lower.
+
+    python scripts/bench_image_cache.py                      # 5 images, 448x448, medium model
+    python scripts/bench_image_cache.py --images 10 --size 896 --image-cache-memory 0   # the cache off
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import (
+    REPO_ROOT,
+    Managed,
+    RequestRecord,
+    child_env,
+    engine_metrics,
+    ensure_model,
+    free_port,
+    log,
+    stream_one,
+    wait_healthy,
+)
+
+SERVED_NAME = "bench"
+PROMPT = "Describe this image in detail."
+
+
+def noise_png(size: int, seed: int) -> bytes:
+    """A distinct image per seed: random pixels (the worst case for PNG decoding), PNG-encoded."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def body(png: bytes, max_tokens: int) -> dict[str, Any]:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return {
+        "model": SERVED_NAME,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": PROMPT},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+
+
+def start_server(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Managed, str]:
+    port, metrics_port = free_port(), free_port()
+    state = logs / "tritonvlm-state"
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "tritonvlm.cli", "--log-level", "WARNING", "serve",
+        "--model", str(model_dir),
+        "--served-model-name", SERVED_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--state-dir", str(state),
+        "--triton-metrics-port", str(metrics_port),
+        "--startup-timeout", str(args.startup_timeout),
+    ]  # fmt: skip
+    if args.image_cache_memory is not None:
+        cmd += ["--image-cache-memory", args.image_cache_memory]
+    cmd += shlex.split(args.serve_flags)
+    server = Managed("tritonvlm serve", cmd, child_env(args.threads), logs / "serve.log", cwd=REPO_ROOT)
+    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(server, base + "/health", args.startup_timeout + 30)
+    return server, base
+
+
+async def ttft(url: str, request: dict[str, Any]) -> float:
+    """Seconds from sending ``request`` to its first content chunk."""
+    import httpx
+
+    rec = RequestRecord()
+    async with httpx.AsyncClient(timeout=300) as client:
+        await stream_one(client, url, request, rec)
+    if rec.error or not rec.token_times:
+        raise RuntimeError(f"request failed: {rec.error or 'no tokens'}")
+    return rec.token_times[0] - rec.start
+
+
+def cache_counts(metrics_url: str) -> tuple[float, float]:
+    series = engine_metrics(metrics_url)
+    pick = {"hits": 0.0, "misses": 0.0}
+    for key, value in series.items():
+        for name in pick:
+            if key.startswith(f"tritonvlm_image_cache_{name}_total"):
+                pick[name] += value
+    return pick["hits"], pick["misses"]
+
+
+def ms(values: list[float]) -> str:
+    return f"{1000 * statistics.median(values):8.1f} {1000 * statistics.fmean(values):8.1f}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model_dir = ensure_model(args.model_dir).resolve()
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="tritonvlm-bench-imgcache-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    log(f"model {model_dir}; {args.images} images of {args.size}x{args.size}; logs in {logs}")
+    server, base = start_server(model_dir, args, logs)
+    url = base + "/v1/chat/completions"
+    try:
+        asyncio.run(ttft(url, body(noise_png(args.size, seed=10_000), args.max_tokens)))  # warm-up
+        before = cache_counts(server.metrics_url)
+        first, repeat = [], []
+        for i in range(args.images):
+            request = body(noise_png(args.size, seed=i), args.max_tokens)
+            first.append(asyncio.run(ttft(url, request)))
+            repeat.append(asyncio.run(ttft(url, request)))
+            log(f"image {i}: first {1000 * first[-1]:.1f} ms, repeat {1000 * repeat[-1]:.1f} ms")
+        time.sleep(0.3)  # the vlm series are published after the engine's steps
+        after = cache_counts(server.metrics_url)
+    finally:
+        server.stop()
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    reduction = 1 - statistics.median(repeat) / statistics.median(first)
+    print(f"\nTTFT, {args.images} images of {args.size}x{args.size} px, medium model, 1 client (ms)")
+    print(f"{'request':<22}{'p50':>8} {'mean':>8}")
+    print(f"{'first time (miss)':<22}{ms(first)}")
+    print(f"{'seen before (repeat)':<22}{ms(repeat)}")
+    print(f"repeat TTFT p50 {100 * reduction:.1f}% lower (target >= 40%); image cache: {hits:.0f} hits, "
+          f"{misses:.0f} misses")  # fmt: skip
+    return {"first_s": first, "repeat_s": repeat, "reduction_p50": reduction, "hits": hits, "misses": misses}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, help="model to serve (default: the medium test model)")
+    parser.add_argument("--images", type=int, default=5, help="distinct images, each sent twice (default 5)")
+    parser.add_argument(
+        "--size", type=int, default=448, help="image width and height in pixels (default 448)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=4, help="output tokens per request (default 4)")
+    parser.add_argument("--image-cache-memory", help="serve --image-cache-memory (default: serve's, 1GiB)")
+    parser.add_argument(
+        "--serve-flags",
+        default="--prefix-cache-slots 0",
+        help="more serve flags (default: --prefix-cache-slots 0, so that the prefix cache does not also "
+        "skip the repeat's prefill; \"\" for serve's defaults)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to start the server")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--logs", type=Path, help="where the server log goes (default: a new temporary folder)"
+    )
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = run(args)
+    finally:
+        Managed.stop_all()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The image-embedding cache (tritonvlm.serving.image_cache): LRU by bytes, eviction, off at 0, thread
+safety and one encoder call per new input; admission through it; its metrics and its serve flag."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+from family_harness import FAMILIES
+from test_serving import fake_models
+
+from tritonvlm import wire
+from tritonvlm.batch.launch import TritonOptions
+from tritonvlm.cli import build_parser, triton_env
+from tritonvlm.engine.llm_engine import EngineStats
+from tritonvlm.preprocessing import ChatPreprocessor
+from tritonvlm.serving.admission import model_inputs
+from tritonvlm.serving.engine_metrics import EngineMetrics
+from tritonvlm.serving.image_cache import ImageCache, content_key, parse_cache_memory
+from tritonvlm.triton_utils import first_bytes
+
+KB = 1000
+
+
+def tensors(nbytes: int, fill: float = 1.0) -> dict[str, np.ndarray]:
+    """An encoder output of exactly ``nbytes`` bytes (float32)."""
+    return {"image_embeds": np.full(nbytes // 4, fill, dtype=np.float32)}
+
+
+def counting(value: dict[str, np.ndarray], calls: list[int]):
+    def compute() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return value
+
+    return compute
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("1GiB", 2**30),
+        ("512MB", 512 * 10**6),
+        ("1e6", 10**6),
+        ("2048", 2048),
+        ("0.25", 250),
+        (" 4 kib ", 4096),
+    ],
+)
+def test_cache_memory_parses_sizes_and_fractions(text: str, expected: int) -> None:
+    assert parse_cache_memory(text, available_bytes=1000) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "-1GiB", "-5", "nan", "inf"])
+def test_cache_memory_refuses_nonsense(bad: str) -> None:
+    with pytest.raises(ValueError, match="image_cache_memory"):
+        parse_cache_memory(bad, available_bytes=1000)
+
+
+def test_serve_flag_reaches_the_vlm_model(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--image-cache-memory", "256MiB"])
+    assert triton_env(args, "m")["TRITONVLM_IMAGE_CACHE_MEMORY"] == "256MiB"
+    assert "TRITONVLM_IMAGE_CACHE_MEMORY" not in triton_env(parser.parse_args(["serve"]), "m")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--image-cache-memory", "big"])
+    assert "--image-cache-memory" in capsys.readouterr().err
+
+
+def test_run_batch_and_the_offline_engine_pass_the_setting_on() -> None:
+    """run-batch shares serve's flags and starts Triton from TritonOptions, which triton_env reads."""
+    args = build_parser().parse_args(["run-batch", "-i", "in", "-o", "out", "--image-cache-memory", "0"])
+    assert args.image_cache_memory == "0"
+    assert triton_env(TritonOptions(model="m"), "m").get("TRITONVLM_IMAGE_CACHE_MEMORY") is None
+    options = TritonOptions(model="m", image_cache_memory=args.image_cache_memory)
+    assert triton_env(options, "m")["TRITONVLM_IMAGE_CACHE_MEMORY"] == "0"
+
+
+# ---- the cache -----------------------------------------------------------------------------------------
+
+
+def test_a_repeated_key_skips_the_computation_and_shares_read_only_arrays() -> None:
+    cache, calls = ImageCache(10 * KB), []
+    first = cache.get_or_compute(b"a", counting(tensors(KB), calls))
+    again = cache.get_or_compute(b"a", counting(tensors(KB, fill=9.0), calls))
+    assert len(calls) == 1 and again is first and again["image_embeds"][0] == 1.0
+    assert not again["image_embeds"].flags.writeable
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries, stats.bytes_held) == (1, 1, 1, KB)
+
+
+def test_lru_eviction_by_bytes() -> None:
+    cache, calls = ImageCache(3 * KB), []
+    for key in (b"a", b"b", b"c"):
+        cache.get_or_compute(key, counting(tensors(KB), calls))
+    cache.get_or_compute(b"a", counting(tensors(KB), calls))  # a is now the most recent
+    cache.get_or_compute(b"d", counting(tensors(2 * KB), calls))  # needs 2 KB: b and c go, a stays
+    stats = cache.stats()
+    assert (stats.evictions, stats.entries, stats.bytes_held) == (2, 2, 3 * KB)
+    calls.clear()
+    cache.get_or_compute(b"a", counting(tensors(KB), calls))
+    cache.get_or_compute(b"d", counting(tensors(2 * KB), calls))
+    assert calls == []
+    cache.get_or_compute(b"b", counting(tensors(KB), calls))  # evicted: computed again
+    assert calls == [1]
+
+
+def test_an_entry_over_the_capacity_is_returned_but_not_kept() -> None:
+    cache, calls = ImageCache(KB), []
+    cache.get_or_compute(b"small", counting(tensors(KB), calls))
+    big = cache.get_or_compute(b"big", counting(tensors(2 * KB), calls))
+    assert big["image_embeds"].nbytes == 2 * KB
+    stats = cache.stats()
+    assert (stats.entries, stats.bytes_held, stats.evictions) == (1, KB, 0)  # the small one stays
+    cache.get_or_compute(b"big", counting(tensors(2 * KB), calls))
+    assert len(calls) == 3
+
+
+def test_capacity_zero_turns_the_cache_off() -> None:
+    cache, calls = ImageCache(0), []
+    assert not cache.enabled
+    for _ in range(3):
+        cache.get_or_compute(b"a", counting(tensors(KB), calls))
+    stats = cache.stats()
+    assert len(calls) == 3 and (stats.hits, stats.entries, stats.bytes_held) == (0, 0, 0)
+    with pytest.raises(ValueError):
+        ImageCache(-1)
+
+
+def test_concurrent_requests_for_one_new_input_compute_it_once() -> None:
+    cache, calls = ImageCache(10 * KB), []
+    release = threading.Event()
+
+    def slow() -> dict[str, np.ndarray]:
+        calls.append(1)
+        release.wait(5)
+        return tensors(KB)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(cache.get_or_compute, b"same", slow) for _ in range(8)]
+        time.sleep(0.2)  # every thread is now in the cache: one computing, seven waiting
+        release.set()
+        results = [f.result(5) for f in futures]
+    assert len(calls) == 1 and all(r is results[0] for r in results)
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (7, 1)
+
+
+def test_a_failed_computation_reaches_its_caller_and_waiters_try_again() -> None:
+    cache = ImageCache(10 * KB)
+    started, release = threading.Event(), threading.Event()
+
+    def failing() -> dict[str, np.ndarray]:
+        started.set()
+        release.wait(5)
+        raise RuntimeError("encoder down")
+
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(cache.get_or_compute, b"k", failing)
+        assert started.wait(5)
+        waiter = pool.submit(cache.get_or_compute, b"k", lambda: tensors(KB, fill=3.0))
+        time.sleep(0.1)
+        release.set()
+        with pytest.raises(RuntimeError, match="encoder down"):
+            leader.result(5)
+        assert waiter.result(5)["image_embeds"][0] == 3.0
+    assert cache.stats().entries == 1
+
+
+def test_many_threads_keep_the_bound_and_the_counts() -> None:
+    cache = ImageCache(8 * KB)
+    lookups, computed = 2000, []
+    lock = threading.Lock()
+
+    def look(i: int) -> None:
+        key = b"k%d" % (i % 23)
+
+        def compute() -> dict[str, np.ndarray]:
+            with lock:
+                computed.append(key)
+            return tensors(KB * (1 + i % 3), fill=float(i % 23))
+
+        value = cache.get_or_compute(key, compute)
+        assert value["image_embeds"][0] == float(i % 23)  # never another key's tensors
+        assert cache.stats().bytes_held <= 8 * KB
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(look, range(lookups)))
+    stats = cache.stats()
+    assert stats.hits + stats.misses == lookups and stats.misses == len(computed)
+    assert stats.hits > 0 and stats.evictions > 0
+    assert stats.bytes_held <= 8 * KB and stats.entries == len(cache._entries)
+    assert stats.bytes_held == sum(size for _, size in cache._entries.values())
+
+
+# ---- admission -----------------------------------------------------------------------------------------
+
+
+def image_request() -> dict[str, np.ndarray]:
+    return {wire.MESSAGES: np.array([b"[]"], dtype=object), wire.IMAGES: np.array([b"png"], dtype=object)}
+
+
+def test_admission_encodes_a_repeated_image_once() -> None:
+    cache, calls = ImageCache(10**6), []
+    pixels = np.arange(6, dtype=np.float32).reshape(2, 3)
+    first_ids, first = model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
+    ids, again = model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
+    assert calls == [wire.PREPROCESS_MODEL, wire.VISION_ENCODER_MODEL, wire.PREPROCESS_MODEL]
+    assert ids == first_ids
+    np.testing.assert_array_equal(again["image_embeds"], pixels * 2)
+    calls.clear()
+    model_inputs(image_request(), fake_models({"pixel_values": pixels + 1}, calls), cache)  # new image
+    assert calls == [wire.PREPROCESS_MODEL, wire.VISION_ENCODER_MODEL]
+    assert (cache.stats().hits, cache.stats().misses) == (1, 2)
+
+
+def test_admission_key_is_the_whole_encoder_input() -> None:
+    """Two inputs with the same pixels but another grid (or any other tensor) are different keys."""
+    pixels = np.ones((2, 3), dtype=np.float32)
+    a = wire.pack_tensors({"pixel_values": pixels, "image_grid_thw": np.array([[1, 1, 2]])})
+    b = wire.pack_tensors({"pixel_values": pixels, "image_grid_thw": np.array([[1, 2, 1]])})
+    assert content_key(a) != content_key(b)
+    assert content_key(a) == content_key(bytes(a))
+
+
+@pytest.mark.parametrize("cache", [None, ImageCache(0)])
+def test_admission_without_a_cache_encodes_every_time(cache: ImageCache | None) -> None:
+    calls: list[str] = []
+    pixels = np.ones((2, 3), dtype=np.float32)
+    for _ in range(2):
+        model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 2
+
+
+def real_models(kit, preprocessor: ChatPreprocessor, calls: list[str]):
+    """preprocess and vision_encoder as their Triton models run them (packed tensors in and out), on a
+    family's tiny test model."""
+
+    def call(name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        calls.append(name)
+        if name == wire.PREPROCESS_MODEL:
+            images = [bytes(x) for x in inputs[wire.IMAGES].reshape(-1)]
+            out = preprocessor(json.loads(first_bytes(inputs[wire.MESSAGES])), images)
+            packed = np.array([wire.pack_tensors(out.mm)], dtype=object)
+            return {wire.INPUT_IDS: out.input_ids, wire.MM_INPUTS: packed}
+        unpacked = wire.unpack_tensors(first_bytes(inputs[wire.MM_INPUTS]))
+        result = kit.family.encode(kit.hf_model, [{k: torch.from_numpy(v) for k, v in unpacked.items()}])[0]
+        embeds = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in result.items()}
+        return {wire.MM_EMBEDS: np.array([[wire.pack_tensors(embeds)]], dtype=object)}
+
+    return call
+
+
+def chat(messages: list[dict], images: list[bytes]) -> dict[str, np.ndarray]:
+    return {
+        wire.MESSAGES: np.array([json.dumps(messages).encode()], dtype=object),
+        wire.IMAGES: np.array(images, dtype=object),
+    }
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
+    """The key is each family's real encoder input: the same image through another preprocess instance
+    hits and gives the very tensors the encoder made; a later turn re-sending it hits too (except for
+    Mllama, whose encoder input holds the prompt's cross-attention mask); another image misses."""
+    kit = family_kit(name)
+    cache, calls = ImageCache(10**8), []
+    image = make_image(64, 48, "red")
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    first_ids, first = model_inputs(chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and first
+
+    other_instance = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
+    ids, again = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and ids == first_ids
+    assert again.keys() == first.keys()
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key])
+
+    later = [turn, {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Sure?"}]
+    model_inputs(chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == (2 if name == "mllama" else 1)
+
+    model_inputs(chat([turn], [make_image(64, 48, "blue")]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.VISION_ENCODER_MODEL) == (3 if name == "mllama" else 2)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+
+
+class FakeMetric:
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels, self.value = labels, 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def increment(self, value: float) -> None:
+        assert value > 0
+        self.value += value
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+class FakeFamily:
+    GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
+    created: dict[str, FakeFamily] = {}
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.metrics: list[FakeMetric] = []
+        FakeFamily.created[name] = self
+
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> FakeMetric:  # noqa: N802
+        self.metrics.append(FakeMetric(labels))
+        return self.metrics[-1]
+
+
+class FakePbUtils:
+    MetricFamily = FakeFamily
+
+
+def value(name: str, **labels: str) -> float:
+    return next(m.value for m in FakeFamily.created[name].metrics if m.labels == {"model": "vlm", **labels})
+
+
+def test_image_cache_metrics_follow_the_cache() -> None:
+    cache = ImageCache(2 * KB)
+    metrics = EngineMetrics(FakePbUtils, model="vlm", image_cache=cache)
+    for key in (b"a", b"a", b"b", b"c"):
+        cache.get_or_compute(key, lambda: tensors(KB))
+    metrics.update(EngineStats(), force=True)
+    assert value("tritonvlm_image_cache_hits_total") == 1
+    assert value("tritonvlm_image_cache_misses_total") == 3
+    assert value("tritonvlm_image_cache_evictions_total") == 1
+    assert value("tritonvlm_image_cache_bytes", state="used") == 2 * KB
+    assert value("tritonvlm_image_cache_bytes", state="capacity") == 2 * KB
+    assert value("tritonvlm_image_cache_entries") == 2
+    cache.get_or_compute(b"c", lambda: tensors(KB))
+    metrics.update(EngineStats(), force=True)
+    metrics.update(EngineStats(), force=True)  # counters advance by the gain only
+    assert value("tritonvlm_image_cache_hits_total") == 2

@@ -1,0 +1,81 @@
+"""End to end: the image-embedding cache in the shared server (OpenAI SDK → uvicorn → tritonserver). A
+repeated image skips vision_encoder (the hit counter on Triton's metrics port moves, the encoder's
+own request count does not) and the answer is token for token what transformers' generate() says."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import make_image
+from test_e2e import data_url, metric, reference_text
+
+pytestmark = pytest.mark.e2e
+
+HITS, MISSES = "tritonvlm_image_cache_hits_total", "tritonvlm_image_cache_misses_total"
+ENCODER_CALLS = "nv_inference_request_success"
+
+
+def counts(server) -> tuple[float, float, float]:
+    return (
+        metric(server, HITS, model="vlm"),
+        metric(server, MISSES, model="vlm"),
+        metric(server, ENCODER_CALLS, model="vision_encoder"),
+    )
+
+
+def moved(server, before: tuple[float, float, float], hits: int, misses: int) -> tuple[float, ...]:
+    """The (hits, misses, encoder calls) gained since ``before``, once hits and misses reach the
+    expected values or after 10 s (the vlm series are published after the engine's next step)."""
+    deadline = time.monotonic() + 10
+    while True:
+        gained = tuple(now - then for now, then in zip(counts(server), before, strict=True))
+        if gained[:2] == (hits, misses) or time.monotonic() > deadline:
+            return gained
+        time.sleep(0.1)
+
+
+def ask(client, messages: list[dict]) -> tuple[str, int, int]:
+    response = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16)
+    usage = response.usage
+    return response.choices[0].message.content, usage.prompt_tokens, usage.completion_tokens
+
+
+def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf_model, processor):
+    # Images no other test sends: the first request must be the cache's first sight of them.
+    seen, other = make_image(88, 60, "#3a7b9c"), make_image(88, 60, "#9c3a7b", "square")
+    turn = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": data_url(seen)}},
+        ],
+    }
+    expected, prompt_len = reference_text(hf_model, processor, [turn], [seen], max_new=16)
+
+    before = counts(server)
+    first = ask(client, [turn])
+    assert moved(server, before, hits=0, misses=1) == (0, 1, 1)
+    assert first[:2] == (expected, prompt_len)
+
+    before = counts(server)
+    again = ask(client, [turn])
+    assert moved(server, before, hits=1, misses=0) == (1, 0, 0)  # no vision_encoder request
+    assert again == first
+
+    # A later turn of the conversation re-sends the image: a hit too, and still generate()'s answer.
+    conversation = [turn, {"role": "assistant", "content": first[0]}, {"role": "user", "content": "Again?"}]
+    expected, prompt_len = reference_text(hf_model, processor, conversation, [seen], max_new=16)
+    before = counts(server)
+    assert ask(client, conversation)[:2] == (expected, prompt_len)
+    assert moved(server, before, hits=1, misses=0) == (1, 0, 0)
+
+    different = [
+        {
+            **turn,
+            "content": [turn["content"][0], {"type": "image_url", "image_url": {"url": data_url(other)}}],
+        }
+    ]
+    before = counts(server)
+    ask(client, different)
+    assert moved(server, before, hits=0, misses=1) == (0, 1, 1)
