@@ -58,8 +58,8 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
     weights, on CPU 16 sequences with a full-length slot each."""
     return EngineConfig(
         max_num_seqs=int(params.get("max_num_seqs") or AUTO_MAX_NUM_SEQS.get(device_type, 16)),
-        max_model_len=int(params.get("max_model_len") or 4096),
-        max_prefill_tokens=int(params.get("max_prefill_tokens") or 8192),
+        max_model_len=int(params.get("max_model_len") or EngineConfig.max_model_len),
+        max_prefill_tokens=int(params.get("max_prefill_tokens") or EngineConfig.max_prefill_tokens),
         kv_cache_memory=params.get("kv_cache_memory") or AUTO_KV_CACHE_MEMORY.get(device_type, ""),
         prefix_cache_slots=int(params.get("prefix_cache_slots") or EngineConfig.prefix_cache_slots),
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),

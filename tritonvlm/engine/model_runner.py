@@ -67,12 +67,6 @@ class ModelRunner:
         bucket = self.length_bucket
         return min(self.max_len, -(-length // bucket) * bucket)
 
-    def _positions(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """Stack per-row ``[dims, n]`` positions into what the text model takes: ``[batch, n]`` for
-        1-D positions, ``[dims, batch, n]`` for M-RoPE."""
-        stacked = torch.stack(rows, dim=1)  # [dims, batch, n]
-        return stacked[0] if self.family.position_dims == 1 else stacked
-
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], first_slot: int) -> torch.Tensor:
         """Run the prompts of ``seqs`` (right-padded into one batch) and store their keys/values in
