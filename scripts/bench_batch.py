@@ -181,7 +181,7 @@ async def closed_loop(base: str, bodies: list[dict[str, Any]], concurrency: int)
 async def run_batch_once(
     grpc_url: str, path: Path, out: Path, concurrency: int | None
 ) -> tuple[float, int, int]:
-    from tritonvlm.batch.launch import DEFAULT_MAX_NUM_SEQS, open_api
+    from tritonvlm.batch.launch import default_max_num_seqs, open_api
     from tritonvlm.batch.run_batch import run_batch_file
     from tritonvlm.frontend.app import FrontendSettings
 
@@ -189,7 +189,7 @@ async def run_batch_once(
     settings = FrontendSettings(triton_grpc_url=grpc_url, served_model_name=SERVED)
     async with open_api(settings) as api:
         stats = await run_batch_file(
-            api, path, out, concurrency=concurrency or 2 * DEFAULT_MAX_NUM_SEQS, progress=False
+            api, path, out, concurrency=concurrency or 2 * default_max_num_seqs("cpu"), progress=False
         )
     return stats.elapsed, stats.completion_tokens, stats.failed
 

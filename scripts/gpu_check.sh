@@ -44,6 +44,12 @@ log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs and eager side by 
 timeout "${BENCH_TIMEOUT:-240}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --cuda-graphs compare \
   --skip-generate --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 \
   | tee "$OUT/bench_engine.txt" | tail -12 || log "engine benchmark failed or timed out"
+if [ -z "${SKIP_CHUNKED:-}" ]; then
+  log "chunked prefill: 32 sequences decoding when an 8,000-token prompt arrives (7B shape, bf16)"
+  timeout "${CHUNKED_TIMEOUT:-90}" $PY scripts/bench_chunked_prefill.py --shape qwen2.5-vl-7b \
+    --json "$OUT/bench_chunked_prefill.json" 2>&1 | tee "$OUT/bench_chunked_prefill.txt" | tail -8 \
+    || log "chunked-prefill benchmark failed or timed out"
+fi
 if [ -n "${MLLAMA:-}" ]; then
   log "Llama 3.2 Vision: 11B shape, bf16 (KV and cross-attention state bytes, text/image/mixed batches)"
   timeout "${MLLAMA_TIMEOUT:-80}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \

@@ -63,9 +63,13 @@ def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
     return tokens
 
 
-def test_engine_on_cuda_matches_generate(cuda_setup):
+@pytest.mark.parametrize("chunk", [0, 8], ids=["whole prefill", "8-token prefill chunks"])
+def test_engine_on_cuda_matches_generate(cuda_setup, chunk):
+    """Staggered arrivals join a running batch; with 8-token chunks every later prompt is prefilled in
+    chunks between the running sequences' decode steps (families with full attention only)."""
     model, family, tokenizer, cases, dtype = cuda_setup
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=512, max_num_seqs=8), family)
+    config = EngineConfig(max_model_len=512, max_num_seqs=8, prefill_chunk_tokens=chunk)
+    engine = LLMEngine(model, tokenizer, config, family)
     assert engine.runner.device.type == "cuda"
     tokens = run_staggered(engine, cases)
     graphs = engine.runner.graphs

@@ -212,13 +212,16 @@ def image_request() -> dict[str, np.ndarray]:
 def test_admission_encodes_a_repeated_image_once() -> None:
     cache, calls = ImageCache(10**6), []
     pixels = np.arange(6, dtype=np.float32).reshape(2, 3)
-    first_ids, first = model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
-    ids, again = model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
+    first_ids, first, first_key = model_inputs(
+        image_request(), fake_models({"pixel_values": pixels}, calls), cache
+    )
+    ids, again, key = model_inputs(image_request(), fake_models({"pixel_values": pixels}, calls), cache)
     assert calls == [wire.PREPROCESS_MODEL, wire.VISION_ENCODER_MODEL, wire.PREPROCESS_MODEL]
-    assert ids == first_ids
+    assert ids == first_ids and key == first_key is not None  # the prefix cache's digest of the images
     np.testing.assert_array_equal(again["image_embeds"], pixels * 2)
     calls.clear()
-    model_inputs(image_request(), fake_models({"pixel_values": pixels + 1}, calls), cache)  # new image
+    _, _, other_key = model_inputs(image_request(), fake_models({"pixel_values": pixels + 1}, calls), cache)
+    assert other_key != key
     assert calls == [wire.PREPROCESS_MODEL, wire.VISION_ENCODER_MODEL]
     assert (cache.stats().hits, cache.stats().misses) == (1, 2)
 
@@ -276,11 +279,13 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     cache, calls = ImageCache(10**8), []
     image = make_image(64, 48, "red")
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
-    first_ids, first = model_inputs(chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache)
+    first_ids, first, _ = model_inputs(
+        chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache
+    )
     assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and first
 
     other_instance = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
-    ids, again = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache)
+    ids, again, _ = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache)
     assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and ids == first_ids
     assert again.keys() == first.keys()
     for key in first:

@@ -213,3 +213,28 @@ def test_engine_config_defaults_by_device():
     given = engine_config({"max_num_seqs": "8", "kv_cache_memory": "2GiB", "cuda_graphs": "false"}, "cuda")
     assert (given.max_num_seqs, given.kv_cache_memory, given.cuda_graphs) == (8, "2GiB", False)
     assert engine_config({"prefix_cache_slots": "0"}, "cpu").prefix_cache_slots == 0
+
+
+def test_a_given_image_digest_replaces_hashing_the_embeddings(family_kit, monkeypatch):
+    """The server passes the image cache's key of the encoder input: the engine then hashes nothing,
+    and equal keys still match through the image."""
+    kit = family_kit("qwen2_5_vl")
+    import tritonvlm.engine.llm_engine as llm_engine
+
+    def no_hashing(mm):
+        raise AssertionError("the embeddings were hashed although a digest was given")
+
+    monkeypatch.setattr(llm_engine, "tensors_digest", no_hashing)
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    sink = Collector()
+    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A])
+    again = Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A])
+    for case in (first, again):
+        ids, mm = kit.engine_inputs(case)
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        engine.add_request(case.name, ids, params, sink, mm, mm_digest=b"key of image A")
+        while not sink.finished(case.name):
+            engine.step()
+        assert sink.tokens(case.name) == kit.reference_tokens(case, MAX_NEW)
+    ids, _ = kit.engine_inputs(again)
+    assert cached(sink, "again") > ids.index(kit.family.image_token_id)

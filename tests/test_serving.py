@@ -62,17 +62,17 @@ def test_messages_with_images_go_through_preprocess_and_the_encoder() -> None:
     calls: list[str] = []
     pixels = np.arange(6, dtype=np.float32).reshape(2, 3)
     given = {wire.MESSAGES: np.array([b"[]"], dtype=object), wire.IMAGES: np.array([b"png"], dtype=object)}
-    ids, mm = model_inputs(given, fake_models({"pixel_values": pixels}, calls))
+    ids, mm, _ = model_inputs(given, fake_models({"pixel_values": pixels}, calls))
     assert ids == [1, 2, 3] and calls == [wire.PREPROCESS_MODEL, wire.VISION_ENCODER_MODEL]
     np.testing.assert_array_equal(mm["image_embeds"], pixels * 2)
 
 
 def test_text_only_skips_the_encoder_and_token_ids_skip_both() -> None:
     calls: list[str] = []
-    ids, mm = model_inputs({wire.PROMPT: np.array([b"hi"], dtype=object)}, fake_models({}, calls))
+    ids, mm, _ = model_inputs({wire.PROMPT: np.array([b"hi"], dtype=object)}, fake_models({}, calls))
     assert (ids, mm, calls) == ([1, 2, 3], {}, [wire.PREPROCESS_MODEL])
     calls.clear()
-    ids, mm = model_inputs({wire.INPUT_IDS: np.array([7, 8])}, fake_models({}, calls))
+    ids, mm, _ = model_inputs({wire.INPUT_IDS: np.array([7, 8])}, fake_models({}, calls))
     assert (ids, mm, calls) == ([7, 8], {}, [])
 
 

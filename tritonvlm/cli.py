@@ -69,6 +69,7 @@ TRITON_LAUNCH_FLAGS = (
     "max_num_seqs",
     "max_model_len",
     "max_prefill_tokens",
+    "prefill_chunk_tokens",
     "kv_cache_memory",
     "prefix_cache_slots",
     "cuda_graphs",
@@ -222,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens prefilled together in one step (default 8192)",
     )
     model.add_argument(
+        "--prefill-chunk-tokens",
+        metavar="TOKENS",
+        type=int,
+        help="while other requests decode, prompt tokens prefilled per step: a longer prompt is prefilled "
+        "in chunks between their steps (default 2048 on CUDA, 512 on CPU; 0: whole prompts)",
+    )
+    model.add_argument(
         "--kv-cache-memory",
         metavar="SIZE",
         help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"); caps the '
@@ -339,7 +347,14 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
 
     env = {env_name("model_path"): model, "TRITONVLM_LOG_LEVEL": args.log_level.upper()}
     keys = ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype")
-    for key in (*keys, "prefix_cache_slots", "cuda_graphs", "image_cache_memory", "max_image_pixels"):
+    for key in (
+        *keys,
+        "prefill_chunk_tokens",
+        "prefix_cache_slots",
+        "cuda_graphs",
+        "image_cache_memory",
+        "max_image_pixels",
+    ):
         value = getattr(args, key)
         if value is not None:
             env[env_name(key)] = str(value)
@@ -524,7 +539,10 @@ def serve(args: argparse.Namespace) -> int:
         triton.metrics_url,
     )
     args.batch_state_dir = args.batch_state_dir or state / "batches"
-    args.batch_concurrency = args.batch_concurrency or args.max_num_seqs or 16
+    if not args.batch_concurrency:
+        from tritonvlm.batch.launch import default_max_num_seqs
+
+        args.batch_concurrency = args.max_num_seqs or default_max_num_seqs(args.device)
     try:
         run_frontend(args, triton.grpc_url, served_name)
     except (KeyboardInterrupt, Terminated):

@@ -130,7 +130,7 @@ class Engine:
         """Start tritonserver with ``model`` (default: the built-in demo model) and the engine settings
         of ``tritonvlm serve`` (``None``: their defaults), or use the Triton at ``triton_url``
         (``HOST:PORT``, gRPC). ``concurrency``: requests in flight (default 2 x ``max_num_seqs``)."""
-        from tritonvlm.batch.launch import DEFAULT_MAX_NUM_SEQS, TritonOptions, resolve_model, start_triton
+        from tritonvlm.batch.launch import TritonOptions, default_max_num_seqs, resolve_model, start_triton
         from tritonvlm.frontend.app import FrontendSettings
 
         logging.getLogger("tritonvlm.frontend").setLevel(max(logging.ERROR, logging.getLogger().level))
@@ -154,7 +154,7 @@ class Engine:
         else:
             served = served_model_name or model or "tritonvlm"
         self.model = served
-        self.concurrency = concurrency or 2 * (max_num_seqs or DEFAULT_MAX_NUM_SEQS)
+        self.concurrency = concurrency or 2 * (max_num_seqs or default_max_num_seqs(device))
         self.settings = FrontendSettings(
             triton_grpc_url=triton_url,
             served_model_name=served,

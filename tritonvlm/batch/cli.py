@@ -84,7 +84,8 @@ def add_run_batch_parser(sub: argparse._SubParsersAction, serve: argparse.Argume
         "--concurrency",
         type=int,
         metavar="N",
-        help="requests in flight (default: 2 x --max-num-seqs, i.e. 32 with the engine's default)",
+        help="requests in flight (default: 2 x --max-num-seqs; with the engine's default 512 on CUDA, "
+        "32 on CPU)",
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is printed)")
     batch.add_argument(
@@ -121,7 +122,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """``tritonvlm run-batch``: returns the exit status (0 done, 2 unusable files, 3 Triton unavailable,
     130 interrupted)."""
     from tritonvlm.batch.inprocess import BackendUnavailable
-    from tritonvlm.batch.launch import DEFAULT_MAX_NUM_SEQS, TritonOptions, resolve_model, start_triton
+    from tritonvlm.batch.launch import TritonOptions, default_max_num_seqs, resolve_model, start_triton
     from tritonvlm.batch.run_batch import BatchFileError, prepare
     from tritonvlm.cli import DEFAULT_MODEL_NAME, TRITON_LAUNCH_FLAGS, _frontend_settings
 
@@ -134,7 +135,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     except BatchFileError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    concurrency = args.concurrency or 2 * (args.max_num_seqs or DEFAULT_MAX_NUM_SEQS)
+    concurrency = args.concurrency or 2 * (args.max_num_seqs or default_max_num_seqs(args.device))
     if concurrency < 1:
         log.error("--concurrency must be at least 1")
         return EXIT_BAD_INPUT

@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tritonvlm.batch")
 
-DEFAULT_MAX_NUM_SEQS = 16  # the engine's default (model_repository/vlm/config.pbtxt)
 ENGINE_KEYS = (
     "max_num_seqs",
     "max_model_len",
     "max_prefill_tokens",
+    "prefill_chunk_tokens",
     "kv_cache_memory",
     "prefix_cache_slots",
     "cuda_graphs",
@@ -42,6 +42,7 @@ class TritonOptions:
     max_num_seqs: int | None = None
     max_model_len: int | None = None
     max_prefill_tokens: int | None = None
+    prefill_chunk_tokens: int | None = None
     kv_cache_memory: str | None = None
     prefix_cache_slots: int | None = None
     cuda_graphs: str | None = None
@@ -56,6 +57,16 @@ class TritonOptions:
     triton_metrics_port: int | None = None
     startup_timeout: float | None = None
     state_dir: Path | None = None
+
+
+def default_max_num_seqs(device: str | None) -> int:
+    """The engine's ``max_num_seqs`` when none is given, on the device it will run on (``--device``,
+    ``auto``: CUDA when this machine has it): 256 on CUDA, 16 on CPU."""
+    from tritonvlm.engine.llm_engine import AUTO_MAX_NUM_SEQS
+    from tritonvlm.modeling.device import resolve_device
+
+    dev, _ = resolve_device(device or "auto")
+    return AUTO_MAX_NUM_SEQS.get(dev.type, 16)
 
 
 def resolve_model(model: str | None, served_model_name: str | None) -> tuple[str, str]:

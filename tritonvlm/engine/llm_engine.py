@@ -18,7 +18,8 @@ from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_cache import SlotKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
-from tritonvlm.engine.prefix_cache import PrefixCache, first_placeholder, mm_digest
+from tritonvlm.engine.prefix_cache import PrefixCache, first_placeholder
+from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
 from tritonvlm.engine.scheduler import Scheduler
@@ -36,6 +37,11 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_model_len: int = 4096
     max_prefill_tokens: int = 8192
+    # While other sequences are decoding, a step prefills at most this many prompt tokens (a longer
+    # prompt is prefilled in chunks, one per step, between their decode steps); 0: no limit. Alone, a
+    # prompt is prefilled in one pass. Families with sliding-window or cross-attention layers prefill
+    # whole prompts.
+    prefill_chunk_tokens: int = 512
     # KV memory budget: "" reserves max_num_seqs slots; a size ("4GiB", "512MB") or a fraction of the
     # device's free memory at start-up ("0.5") caps the slots to what fits.
     kv_cache_memory: str = ""
@@ -50,6 +56,7 @@ class EngineConfig:
 # Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
 AUTO_MAX_NUM_SEQS = {"cuda": 256, "cpu": 16}
 AUTO_KV_CACHE_MEMORY = {"cuda": "0.6", "cpu": ""}
+AUTO_PREFILL_CHUNK = {"cuda": 2048, "cpu": 512}
 
 
 def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
@@ -60,6 +67,10 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
         max_num_seqs=int(params.get("max_num_seqs") or AUTO_MAX_NUM_SEQS.get(device_type, 16)),
         max_model_len=int(params.get("max_model_len") or EngineConfig.max_model_len),
         max_prefill_tokens=int(params.get("max_prefill_tokens") or EngineConfig.max_prefill_tokens),
+        prefill_chunk_tokens=int(
+            params.get("prefill_chunk_tokens")
+            or AUTO_PREFILL_CHUNK.get(device_type, EngineConfig.prefill_chunk_tokens)
+        ),
         kv_cache_memory=params.get("kv_cache_memory") or AUTO_KV_CACHE_MEMORY.get(device_type, ""),
         prefix_cache_slots=int(params.get("prefix_cache_slots") or EngineConfig.prefix_cache_slots),
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
@@ -199,6 +210,8 @@ class LLMEngine:
             self.runner.cache.nbytes / 2**20,
         )
         self.scheduler = Scheduler(slots, self.config.max_prefill_tokens, self.runner.cache.move)
+        # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
+        self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(range(slots, slots + prefix_rows), self.runner.cache.move)
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])
@@ -260,9 +273,12 @@ class LLMEngine:
         on_output: OutputCallback,
         mm: dict[str, torch.Tensor] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        mm_digest: bytes | None = None,
     ) -> None:
         """Queue a request. ``mm``: the family's multimodal tensors from the vision encoder (image
-        embeddings and what else the decoder needs). Raises InvalidRequestError if it can never be served."""
+        embeddings and what else the decoder needs); ``mm_digest``: a digest that is equal only for
+        equal ``mm`` (e.g. of the encoder's input), else the prefix cache hashes ``mm`` itself.
+        Raises InvalidRequestError if it can never be served."""
         mm = mm or {}
         self.validate(prompt_ids, params, mm)
         seq = Sequence(
@@ -277,7 +293,8 @@ class LLMEngine:
             guide=None if params.guided is None else self.guided.start(params.guided),
         )
         if self.prefix_cache.enabled:  # here, on the caller's thread: hashing images takes a while
-            seq.mm_digest = mm_digest(seq.mm)
+            given = mm_digest if seq.mm else None
+            seq.mm_digest = given if given is not None else tensors_digest(seq.mm)
             seq.first_image = first_placeholder(seq.prompt_ids, self._placeholders)
         self._incoming.put(seq)
         self._wakeup.set()
@@ -333,14 +350,19 @@ class LLMEngine:
                 for seq in list(self.scheduler.running):
                     self._finish(seq, "error", error="internal error in the decoding engine")
                 self.scheduler.retire(list(self.scheduler.running))
+                partial, self.scheduler.prefilling = self.scheduler.prefilling, None
+                if partial is not None:
+                    self._finish(partial, "error", error="internal error in the decoding engine")
 
     def step(self) -> None:
         """One iteration: take arrivals and cancellations, prefill what fits, decode everyone once."""
         self._take_incoming()
         self._drop_cancelled()
-        new = self.scheduler.schedule_prefill()
+        # With decodes running, a step's prefill is bounded so that they are not stalled for long.
+        budget = self._chunk if self.scheduler.running and self._chunk else None
+        new = self.scheduler.schedule_prefill(budget)
         if new:
-            self._prefill(new)
+            self._prefill(new, budget)
         running = self.scheduler.running
         if running:
             started = time.monotonic()
@@ -379,6 +401,11 @@ class LLMEngine:
                     self._early_cancels.pop(next(iter(self._early_cancels)))
 
     def _drop_cancelled(self) -> None:
+        partial = self.scheduler.prefilling
+        if partial is not None and partial.wants_cancel():
+            self.scheduler.prefilling = None
+            partial.slot = -1
+            self._finish(partial, "cancelled")
         for seq in [s for s in self.scheduler.waiting if s.wants_cancel()]:
             self.scheduler.drop_waiting(seq)
             self._finish(seq, "cancelled")
@@ -396,28 +423,45 @@ class LLMEngine:
         if match is not None:
             self.runner.cache.move(match.row, seq.slot, match.length)
             seq.cached_len = match.length
+        seq.prefilled = seq.cached_len
 
     def _remember(self, seq: Sequence) -> None:
         """Keep a finished sequence's keys/values (prompt and output fed back) in the prefix cache."""
         held = seq.prompt_ids + seq.output_ids[:-1]  # the last token was sampled, never fed back
         self.prefix_cache.store(seq.slot, held, seq.mm_digest, seq.first_image)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence], budget: int | None = None) -> None:
+        """Prefill ``seqs`` (from their cached prefixes); those whose prompt is done join the running
+        batch with their first token. A single prompt longer than ``budget`` gets its next chunk only."""
         started = time.monotonic()
-        self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs)
+        chunked = self.scheduler.prefilling is not None
+        if not chunked:
+            self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs)
         try:
-            if self.prefix_cache.enabled:
+            if self.prefix_cache.enabled and not chunked:
                 for seq in seqs:
                     self._start_from_cache(seq)
+            for seq in seqs:
+                seq.prefill_end = seq.prompt_len
+            first = seqs[0]
+            if len(seqs) == 1 and budget and self._chunk and first.prompt_len - first.prefilled > budget:
+                first.prefill_end = first.prefilled + budget
+                self.scheduler.prefilling = first
             logits = self.runner.prefill(seqs, seqs[0].slot)
         except Exception as exc:
             log.exception("prefill failed for %s", [s.request_id for s in seqs])
+            self.scheduler.prefilling = None
             for seq in seqs:
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
         self.stats.prefill_steps += 1
-        self.stats.prefill_tokens += sum(s.prompt_len - s.cached_len for s in seqs)
+        self.stats.prefill_tokens += sum(s.prefill_end - s.prefilled for s in seqs)
+        for seq in seqs:
+            seq.prefilled = seq.prefill_end
+        if seqs[0].prefilled < seqs[0].prompt_len:  # a chunk of a long prompt: the rest in later steps
+            self.stats.prefill_step_seconds.append(time.monotonic() - started)
+            return
         self.scheduler.admit(seqs)
         failures: dict[int, str] = {}
         tokens = sample(logits, seqs, failures)
@@ -529,7 +573,8 @@ class LLMEngine:
         self.stats.num_running = len(self.scheduler.running)
         self.stats.num_waiting = len(self.scheduler.waiting)
         running = self.scheduler.running
-        self.stats.kv_tokens_used = sum(s.num_tokens for s in running)
+        partial = self.scheduler.prefilling
+        self.stats.kv_tokens_used = sum(s.num_tokens for s in running) + (partial.prefilled if partial else 0)
         self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(s.num_tokens) for s in running)
         self.stats.kv_bytes_capacity = self.runner.cache.nbytes
         self.stats.extra_state_bytes = sum(

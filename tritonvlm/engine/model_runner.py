@@ -70,24 +70,26 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], first_slot: int) -> torch.Tensor:
         """Run the prompts of ``seqs`` (right-padded into one batch) and store their keys/values in
-        slots ``first_slot ..``. Returns the logits of each prompt's last token, ``[len(seqs), vocab]``.
+        slots ``first_slot ..``. Returns the logits of each row's last computed token, ``[len(seqs), vocab]``.
 
-        A sequence with ``cached_len`` k > 0 has its first k keys/values in its slot already (copied
-        from the prefix cache): only its tokens from k on are computed, attending to the cached ones."""
-        starts = [s.cached_len for s in seqs]
-        lens = [s.prompt_len - k for s, k in zip(seqs, starts, strict=True)]  # tokens computed now
+        Row i computes prompt tokens ``seqs[i].prefill_range`` ``[k, e)``: with k > 0 its first k
+        keys/values are in its slot already (copied from the prefix cache, or an earlier chunk of a long
+        prompt) and the new tokens attend to them; with e < prompt length the rest comes in a later call."""
+        ranges = [s.prefill_range for s in seqs]
+        starts = [k for k, _ in ranges]
+        lens = [e - k for k, e in ranges]  # tokens computed now
         lengths = torch.tensor(lens, device=self.device)
         length = self._bucket(max(lens))
         hidden = self.embed_tokens.embedding_dim
         embeds = torch.zeros(len(seqs), length, hidden, dtype=self.dtype, device=self.device)
         dims = self.family.position_dims
         positions = torch.zeros(dims, len(seqs), length, dtype=torch.long, device=self.device)
-        for i, (seq, k) in enumerate(zip(seqs, starts, strict=True)):
-            embeds[i, : lens[i]] = self.family.prompt_embeds(seq, self.embed_tokens, self.device)[k:]
+        for i, (seq, (k, e)) in enumerate(zip(seqs, ranges, strict=True)):
+            embeds[i, : lens[i]] = self.family.prompt_embeds(seq, self.embed_tokens, self.device)[k:e]
             pos, seq.next_position = self.family.prompt_positions(seq, self.device)
-            positions[:, i, : lens[i]] = pos[:, k:]
+            positions[:, i, : lens[i]] = pos[:, k:e]
         if any(starts):
-            masks, kv_len = self._offset_prefill_masks(seqs, starts, length)
+            masks, kv_len = self._offset_prefill_masks(ranges, length)
         else:
             masks, kv_len = self._prefill_masks(lengths, length), 0
         states = [self.family.cross_state_length(s) for s in seqs]
@@ -116,17 +118,17 @@ class ModelRunner:
         return masks
 
     def _offset_prefill_masks(
-        self, seqs: list[Sequence], starts: list[int], length: int
+        self, ranges: list[tuple[int, int]], length: int
     ) -> tuple[dict[str, torch.Tensor], int]:
-        """Masks for a prefill after cached prefixes: row i's query j is prompt position
-        ``starts[i] + j`` and attends to the slot's columns up to it; and the key span."""
-        kv_len = self._bucket(max(s.prompt_len for s in seqs))
-        start = torch.tensor(starts, device=self.device)
-        total = torch.tensor([s.prompt_len for s in seqs], device=self.device)
+        """Masks for a prefill after keys already in the slots: row i's query j is prompt position
+        ``ranges[i][0] + j`` and attends to the slot's columns up to it; and the key span."""
+        kv_len = self._bucket(max(e for _, e in ranges))
+        start = torch.tensor([k for k, _ in ranges], device=self.device)
+        end = torch.tensor([e for _, e in ranges], device=self.device)
         query_pos = start[:, None] + torch.arange(length, device=self.device)[None, :]  # [rows, query]
         cols = torch.arange(kv_len, device=self.device)
         keys = cols[None, None, :]
-        allowed = (keys <= query_pos[:, :, None]) & (keys < total[:, None, None])
+        allowed = (keys <= query_pos[:, :, None]) & (keys < end[:, None, None])
         return {"full_attention": allowed[:, None]}, kv_len
 
     @torch.inference_mode()

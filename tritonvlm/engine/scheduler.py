@@ -25,22 +25,28 @@ class Scheduler:
         self.move_slot = move_slot
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # A long prompt being prefilled in chunks (its slot is past the running ones; see admit).
+        self.prefilling: Sequence | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
-    def schedule_prefill(self) -> list[Sequence]:
-        """Admit waiting sequences (FIFO) into free slots, within the prefill token budget; the first
-        one is always admitted when a slot is free, however long its prompt."""
+    def schedule_prefill(self, budget: int | None = None) -> list[Sequence]:
+        """The prompts to prefill now: the one being prefilled in chunks, if any, alone; otherwise
+        waiting sequences (FIFO) in free slots, within ``budget`` prompt tokens (default: the prefill
+        token budget). The first one is always taken when a slot is free, however long its prompt."""
+        if self.prefilling is not None:
+            return [self.prefilling]
+        budget = self.max_prefill_tokens if budget is None else budget
         batch: list[Sequence] = []
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
-            if batch and tokens + seq.prompt_len > self.max_prefill_tokens:
+            if batch and tokens + seq.prompt_len > budget:
                 break
             self.waiting.popleft()
             seq.slot = len(self.running) + len(batch)
@@ -49,8 +55,15 @@ class Scheduler:
         return batch
 
     def admit(self, seqs: list[Sequence]) -> None:
-        """Prefilled sequences join the running batch (their slots were given by schedule_prefill)."""
+        """Prefilled sequences join the running batch (their slots were given by schedule_prefill). A
+        sequence prefilled in chunks may have been left past the end of the batch by sequences that
+        finished meanwhile: its keys move down to the next running slot."""
+        if self.prefilling is not None and self.prefilling in seqs:
+            self.prefilling = None
         for seq in seqs:
+            if seq.slot != len(self.running):
+                self.move_slot(seq.slot, len(self.running), seq.prefilled)
+                seq.slot = len(self.running)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
 

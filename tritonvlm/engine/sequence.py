@@ -68,10 +68,19 @@ class Sequence:
     mm_digest: bytes | None = None
     first_image: int = 0
     cached_len: int = 0
+    # Prefill progress: prompt tokens whose keys/values are in the slot, and where the next prefill
+    # forward stops (``prompt_len`` unless a long prompt is prefilled in chunks).
+    prefilled: int = 0
+    prefill_end: int = 0
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def prefill_range(self) -> tuple[int, int]:
+        """The prompt tokens the next prefill forward computes: ``[start, end)``."""
+        return self.prefilled, self.prefill_end or self.prompt_len
 
     @property
     def num_tokens(self) -> int:

@@ -328,8 +328,9 @@ class Family:
     def supports_prefix_cache(self) -> bool:
         """Whether a prompt may start from another sequence's cached keys/values: only when every layer
         attends fully (a sliding ring has lost the early keys; cross layers hold per-image states).
-        A family whose ``attention_mask`` or ``prefill_kwargs`` assume a prefill from position 0 must
-        honour ``seq.cached_len`` (the prompt tokens already cached) or say False."""
+        The same families get long prompts prefilled in chunks. A family whose ``attention_mask`` or
+        ``prefill_kwargs`` assume a prefill of the whole prompt from position 0 must honour
+        ``seq.prefill_range`` (the prompt tokens a prefill computes) or say False."""
         return all(kind.is_full for kind in self.layer_kinds())
 
     def cross_state_length(self, seq: Sequence) -> int:

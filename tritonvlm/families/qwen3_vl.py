@@ -86,17 +86,19 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
         if not rows or not self.deepstack_levels:
             return {}
         mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=device)
-        skipped = {}  # image tokens already in a row's cached prefix: their levels are not needed
+        chunks = {}  # the image rows of each prompt's computed range (earlier ones are in the cache)
         for i in rows:
             ids = torch.tensor(seqs[i].prompt_ids, device=device)
-            start = seqs[i].cached_len
-            mask[i, : len(ids) - start] = ids[start:] == self.image_token_id
-            skipped[i] = int((ids[:start] == self.image_token_id).sum())
+            start, end = seqs[i].prefill_range
+            here = ids[start:end] == self.image_token_id
+            mask[i, : end - start] = here
+            skipped = int((ids[:start] == self.image_token_id).sum())
+            chunks[i] = slice(skipped, skipped + int(here.sum()))
         if not bool(mask.any()):
             return {}
         dtype = self._dtype
         levels = [
-            torch.cat([seqs[i].mm[DEEPSTACK.format(k)][skipped[i] :] for i in rows]).to(device, dtype)
+            torch.cat([seqs[i].mm[DEEPSTACK.format(k)][chunks[i]] for i in rows]).to(device, dtype)
             for k in range(self.deepstack_levels)
         ]
         return {"visual_pos_masks": mask, "deepstack_visual_embeds": levels}

@@ -26,9 +26,11 @@ class StageError(Exception):
 
 def model_inputs(
     given: dict[str, np.ndarray | None], call: ModelCall, image_cache: ImageCache | None = None
-) -> tuple[list[int], dict[str, np.ndarray]]:
-    """``(prompt token ids, multimodal tensors)`` for one request. ``given`` maps the `vlm` input names
-    (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent. With an enabled
+) -> tuple[list[int], dict[str, np.ndarray], bytes | None]:
+    """``(prompt token ids, multimodal tensors, their key)`` for one request. ``given`` maps the `vlm`
+    input names (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent.
+    The key is a digest of the encoder's input (None without images): equal keys, equal tensors, so
+    the engine's prefix cache can use it instead of hashing the tensors again. With an enabled
     ``image_cache``, an encoder input seen before is not encoded again (the returned arrays are then
     shared and read-only)."""
     forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
@@ -39,7 +41,7 @@ def model_inputs(
         if images is not None:
             raise InvalidRequestError("INPUT_IDS cannot carry images", "images")
         ids = np.asarray(given[wire.INPUT_IDS]).reshape(-1).astype(np.int64)
-        return ids.tolist(), {}
+        return ids.tolist(), {}, None
     pre_inputs = {forms[0]: given[forms[0]]}
     if images is not None:
         pre_inputs[wire.IMAGES] = images
@@ -49,7 +51,7 @@ def model_inputs(
     ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
     packed = first_bytes(pre[wire.MM_INPUTS])
     if not packed:
-        return ids, {}
+        return ids, {}, None
 
     def encode() -> dict[str, np.ndarray]:
         enc = call(
@@ -59,6 +61,7 @@ def model_inputs(
         )
         return wire.unpack_tensors(first_bytes(enc[wire.MM_EMBEDS]))
 
+    key = content_key(packed)
     if image_cache is None or not image_cache.enabled:
-        return ids, encode()
-    return ids, image_cache.get_or_compute(content_key(packed), encode)
+        return ids, encode(), key
+    return ids, image_cache.get_or_compute(key, encode), key

@@ -135,7 +135,7 @@ class TritonPythonModel:
                 raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
             sampling = SamplingParams.from_dict(params)
             given = {name: _numpy(request, name) for name in PROMPT_INPUTS}
-            ids, mm = model_inputs(given, call_model, self.image_cache)
+            ids, mm, mm_key = model_inputs(given, call_model, self.image_cache)
             if tracked.poll_cancelled():
                 self._close(tracked, "cancelled before decoding")
                 return
@@ -149,6 +149,7 @@ class TritonPythonModel:
                 sampling,
                 on_output=lambda out: self.streamer.put(tracked, out),
                 mm={name: torch.from_numpy(np.array(value)) for name, value in mm.items()},
+                mm_digest=mm_key,
             )
         except wire.InvalidRequestError as exc:
             self._fail(tracked, exc.to_wire(), f"rejected: {exc.message}")
