@@ -39,7 +39,7 @@ def one_pass(engine: Any, args: Any, long_prompt: list[int], short_prompt: list[
         if out.token_ids:
             stamps.setdefault(out.request_id, []).append(time.perf_counter())
 
-    decode = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    decode = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
     for i in range(args.running):
         engine.add_request(f"{tag}-run{i}", short_prompt, decode, sink)
     for _ in range(args.lead_steps):
