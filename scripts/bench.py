@@ -517,10 +517,11 @@ def stage_view(
     view["engine_queue_ms"] = mean_ms("tritonvlm_engine_queue_seconds")
     view["prefill_step_ms"] = mean_ms("tritonvlm_engine_prefill_step_seconds")
     view["decode_step_ms"] = mean_ms("tritonvlm_engine_decode_step_seconds")
-    view["send_ms"] = mean_ms("tritonvlm_vlm_response_send_seconds")
-    sends = delta("tritonvlm_vlm_response_send_seconds_count")
+    sends = delta("tritonvlm_vlm_responses_total")
+    send_seconds = delta("tritonvlm_vlm_response_send_seconds_total")
+    view["send_ms"] = round(1000 * send_seconds / sends, 2) if sends else None
     view["responses_per_request"] = round(sends / requests, 1) if requests else None
-    view["send_ms_per_request"] = round(1000 * delta("tritonvlm_vlm_response_send_seconds_sum") / requests, 2)
+    view["send_ms_per_request"] = round(1000 * send_seconds / requests, 2) if requests else None
     return {k: v for k, v in view.items() if v is not None}
 
 

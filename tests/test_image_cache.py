@@ -304,10 +304,11 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
 
 class FakeMetric:
     def __init__(self, labels: dict[str, str]) -> None:
-        self.labels, self.value = labels, 0.0
+        self.labels, self.value, self.calls = labels, 0.0, 0
 
     def set(self, value: float) -> None:
         self.value = value
+        self.calls += 1
 
     def increment(self, value: float) -> None:
         assert value > 0
@@ -354,3 +355,32 @@ def test_image_cache_metrics_follow_the_cache() -> None:
     metrics.update(EngineStats(), force=True)
     metrics.update(EngineStats(), force=True)  # counters advance by the gain only
     assert value("tritonvlm_image_cache_hits_total") == 2
+
+
+def test_engine_metrics_publish_only_changes_and_sum_responses() -> None:
+    """Each metric update is an IPC round trip holding the GIL: an unchanged gauge is not set again,
+    and sent responses add up in two counters instead of one histogram sample each."""
+    metrics = EngineMetrics(FakePbUtils, model="vlm")
+    stats = EngineStats(num_running=3, kv_bytes_capacity=1000)
+    metrics.update(stats, force=True)
+    gauge = next(
+        m for m in FakeFamily.created["tritonvlm_engine_sequences"].metrics if m.labels["state"] == "running"
+    )
+    capacity = next(
+        m
+        for m in FakeFamily.created["tritonvlm_engine_kv_cache_bytes"].metrics
+        if m.labels["state"] == "capacity"
+    )
+    assert (gauge.value, gauge.calls, capacity.value) == (3, 1, 1000)
+    stats.num_running = 4
+    metrics.update(stats, force=True)
+    assert (gauge.value, gauge.calls, capacity.calls) == (4, 2, 1)
+    for seconds in (0.001, 0.002, 0.003):
+        metrics.add_response(seconds)
+    metrics.update(stats)  # within the publish interval: nothing yet
+    assert value("tritonvlm_vlm_responses_total") == 0
+    metrics.update(stats, force=True)
+    assert value("tritonvlm_vlm_responses_total") == 3
+    assert value("tritonvlm_vlm_response_send_seconds_total") == pytest.approx(0.006)
+    metrics.update(stats, force=True)
+    assert value("tritonvlm_vlm_responses_total") == 3

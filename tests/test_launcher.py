@@ -139,6 +139,12 @@ def test_server_environment(triton_available: None) -> None:
     for d in install.lib_dirs:
         assert str(d) in ld
     assert env["TRITONVLM_MODEL"] == "/x"
+    assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def test_a_users_omp_wait_policy_is_kept(triton_available: None, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert server_environment(find_tritonserver())["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_backend_directory_symlinks_idempotent(triton_available: None, tmp_path: Path) -> None:

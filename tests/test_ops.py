@@ -100,7 +100,7 @@ def test_triton_metrics_move(server) -> None:
     def delta(samples: dict, name: str, **labels: str) -> float:
         return value(samples, name, **labels) - value(before, name, **labels)
 
-    deadline = time.monotonic() + 10  # the engine's series are refreshed every 50 ms
+    deadline = time.monotonic() + 10  # the engine's series are refreshed every 250 ms
     after = scrape(server.metrics_url)
     while time.monotonic() < deadline and (
         delta(after, tokens, phase="decode") < 5 or delta(after, success, model="vlm") < 1

@@ -164,7 +164,7 @@ class TritonPythonModel:
         started = time.monotonic()
         if not out.finished:
             tracked.send(output_response(out))
-            self.metrics.record("tritonvlm_vlm_response_send_seconds", time.monotonic() - started)
+            self.metrics.add_response(time.monotonic() - started)
             return
         self.monitor.forget(tracked.engine_id)
         if out.finish_reason == "cancelled":
