@@ -50,6 +50,12 @@ if [ -z "${SKIP_CHUNKED:-}" ]; then
     --json "$OUT/bench_chunked_prefill.json" 2>&1 | tee "$OUT/bench_chunked_prefill.txt" | tail -8 \
     || log "chunked-prefill benchmark failed or timed out"
 fi
+if [ -z "${SKIP_VISION:-}" ]; then
+  log "vision tower: Qwen2.5-VL-7B shape, bf16, per-window loop vs varlen attention, 448/896/1344 and a batch"
+  timeout "${VISION_TIMEOUT:-90}" $PY scripts/bench_vision.py --shape qwen2.5-vl-7b \
+    --json "$OUT/bench_vision.json" 2>&1 | tee "$OUT/bench_vision.txt" | tail -8 \
+    || log "vision benchmark failed or timed out"
+fi
 if [ -n "${MLLAMA:-}" ]; then
   log "Llama 3.2 Vision: 11B shape, bf16 (KV and cross-attention state bytes, text/image/mixed batches)"
   timeout "${MLLAMA_TIMEOUT:-80}" $PY scripts/bench_mllama.py --shape 11b --batches 1 16 64 2>&1 \

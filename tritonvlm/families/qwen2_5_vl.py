@@ -16,6 +16,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
 from tritonvlm.families.base import IMAGE_EMBEDS, Family
+from tritonvlm.modeling.varlen_attention import use_varlen_attention
 
 if TYPE_CHECKING:  # pragma: no cover
     from tritonvlm.engine.sequence import Sequence
@@ -46,6 +47,13 @@ class Qwen2_5_VLFamily(Family):
             "pixel_values": np.asarray(encoded["pixel_values"], dtype=np.float32),
             GRID: np.asarray(encoded[GRID], dtype=np.int64).reshape(-1, 3),
         }
+
+    def strip_for_vision(self, model: Any) -> Any:
+        """The tower alone, its windows and images attended in one SDPA call per length instead of one
+        call per window (:mod:`tritonvlm.modeling.varlen_attention`)."""
+        model = super().strip_for_vision(model)
+        use_varlen_attention(model.model.visual.config)
+        return model
 
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
