@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 STREAMS = 16
 DROPPED = 8
-KEPT_TOKENS = 400
+KEPT_TOKENS = 1500  # long enough to be seen running after the drop (the gauge refreshes every 250 ms)
 
 
 def body(i: int, max_tokens: int) -> dict:
@@ -99,5 +99,5 @@ def test_dropped_streams_leave_the_engine_and_the_rest_finish(server):
     )
     # Had the dropped sequences kept decoding, they would have produced 8 x 2000 tokens.
     decoded = metric(server, "tritonvlm_engine_tokens_total", phase="decode") - decode_before
-    assert decoded < DROPPED * KEPT_TOKENS + DROPPED * 300, decoded
+    assert decoded < DROPPED * KEPT_TOKENS + DROPPED * 1000, decoded  # each dropped one: < 1000 of its 2000
     assert running(server) == 0

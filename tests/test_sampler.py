@@ -124,3 +124,48 @@ def test_edge_seeds_seed_a_generator() -> None:
     for value in (MIN_SEED, MAX_SEED, wrap_seed(MAX_SEED + 3)):
         sampler.make_generator(value, torch.device("cpu"))
     assert wrap_seed(MAX_SEED + 1) == 0 and wrap_seed(5) == 5
+
+
+SHARED = [
+    {"temperature": 0.7},
+    {"temperature": 1.3, "top_k": 5},
+    {"temperature": 1.0, "top_p": 0.5},
+    {"temperature": 0.9, "top_k": 10, "top_p": 0.8},
+]
+
+
+@pytest.mark.parametrize("params", SHARED)
+def test_shared_draws_follow_each_rows_own_distribution(params: dict[str, Any]) -> None:
+    """Unseeded rows are drawn together in one batched pass: its frequencies match the distribution a
+    row alone is drawn from (:func:`sampler.row_probabilities`), and tokens that distribution excludes
+    (top-k, top-p) never come out."""
+    row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(5)) * 2
+    p = SamplingParams(**params)
+    expected = sampler.row_probabilities(row.clone(), p)
+    expected = expected / expected.sum()  # what torch.multinomial draws from
+    draws = 20_000
+    drawn = sampler.sample_shared(row.expand(draws, VOCAB).clone(), [p] * draws)
+    counts = torch.bincount(torch.tensor(list(drawn.values())), minlength=VOCAB).float() / draws
+    assert len(drawn) == draws
+    assert counts[expected == 0].sum() == 0
+    assert (counts - expected).abs().max() < 0.015, (counts - expected).abs().max()
+
+
+def test_unseeded_rows_share_a_draw_seeded_rows_keep_their_own_and_a_bad_row_fails_alone() -> None:
+    logits = batch(6)
+    rows = [
+        seq("a", temperature=0.8),
+        seq("b", temperature=0.8, top_k=3),
+        seq("c", temperature=0.7, seed=3),
+        seq("d", temperature=1.0, top_p=0.5, frequency_penalty=0.5, outputs=2),
+        seq("e", temperature=0.9),
+        seq("f", temperature=0.9),
+    ]
+    assert [sampler.shares_a_draw(s.params) for s in rows] == [True, True, False, False, True, True]
+    seeded_alone = sampler.sample(logits[2:3].clone(), [seq("c", temperature=0.7, seed=3)])
+    logits[4, 1] = float("nan")
+    failures: dict[int, str] = {}
+    tokens = sampler.sample(logits.clone(), rows, failures)
+    assert list(failures) == [4]
+    assert tokens[2] == seeded_alone[0]  # the shared draw did not touch the seeded row's stream
+    assert tokens[1] in torch.topk(logits[1], 3).indices.tolist()
