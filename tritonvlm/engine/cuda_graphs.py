@@ -4,8 +4,10 @@ batch is hundreds of small kernels launched one by one from Python; a replay lau
 once, so the step costs about what the GPU needs to read the weights.
 
 The inputs live in static buffers (token, cache position and rope position per row); a batch smaller
-than its bucket is padded with dummy rows that write one key into column 0 of a free slot (never read:
-a slot's columns are rewritten before they are attended) and attend to it alone. Everything the
+than its bucket is padded with dummy rows, which sit in the slots after the running ones and write
+their key into the last column of the slot, ``max_len - 1``: no sequence ever writes that column (the
+last token of a sequence of ``max_len`` tokens is sampled, never fed back), so a slot past the batch
+may hold keys that must survive the step (a long prompt being prefilled in chunks). Everything the
 forward computes from the inputs (masks, positions, the KV cache writes) is recorded in the graph.
 
 Capturing needs a forward with no host synchronisation; if a model's forward has one, capture fails
@@ -36,8 +38,9 @@ def batch_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Captures and replays ``forward`` for decode steps of up to ``max_batch`` rows."""
 
-    def __init__(self, forward: DecodeForward, max_batch: int, device: torch.device) -> None:
+    def __init__(self, forward: DecodeForward, max_batch: int, device: torch.device, max_len: int) -> None:
         self.forward = forward
+        self.spare_column = max_len - 1  # where dummy rows write (see the module docstring)
         self.sizes = batch_buckets(max_batch)
         self.device = device
         self.inputs = torch.zeros(3, self.sizes[-1], dtype=torch.long, device=device)
@@ -61,7 +64,8 @@ class DecodeGraphs:
         if self.failed or b is None:
             return None
         host = self._host
-        host[:, n:b] = 0  # dummy rows: token 0 at position 0
+        host[:, n:b] = 0  # dummy rows: token 0, rope position 0, key in the spare column
+        host[1, n:b] = self.spare_column
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(cache_pos)
         host[2, :n] = torch.tensor(rope)

@@ -61,7 +61,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         plain_decode = type(family).decode_kwargs is Family.decode_kwargs
         if cuda_graphs and self.device.type == "cuda" and plain_decode:
-            self.graphs = DecodeGraphs(self._decode_forward, max_batch or max_slots, self.device)
+            self.graphs = DecodeGraphs(self._decode_forward, max_batch or max_slots, self.device, max_len)
 
     def _bucket(self, length: int) -> int:
         bucket = self.length_bucket
