@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import build_model, log, sync, tokenizer_dir  # noqa: E402
+from bench_engine import (  # noqa: E402
+    add_device_arguments,
+    load_decoder,
+    log,
+    setup_device,
+    sync,
+    synthetic_prompt,
+)
 
 
 def one_pass(engine: Any, args: Any, long_prompt: list[int], short_prompt: list[int], tag: str) -> dict:
@@ -84,38 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         "--lead-steps", type=int, default=8, help="decode steps before the long prompt arrives"
     )
     parser.add_argument("--tail-steps", type=int, default=8, help="decode steps after its first token")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
-    parser.add_argument(
-        "--workdir", type=Path, help="where the medium test model is built (default: temporary)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from tritonvlm.engine import EngineConfig, LLMEngine
-    from tritonvlm.families import family_for_config
-    from tritonvlm.modeling.device import resolve_device
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    gpu = device.type == "cuda"
-    torch.set_num_threads(args.threads)
+    device, dtype, gpu = setup_device(args)
     args.shape = args.shape or ("qwen2.5-vl-7b" if gpu else "medium")
     args.running = args.running or (32 if gpu else 4)
     args.long_tokens = args.long_tokens or (8000 if gpu else 2048)
     chunks = [int(c) for c in (args.chunks or ("0,2048,512" if gpu else "0,512,256")).split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        medium = tokenizer_dir(args.workdir or Path(tmp))
-        tokenizer = AutoTokenizer.from_pretrained(medium)
-        log(f"building {args.shape} on {device} ({dtype})")
-        model = build_model(args.shape, medium, device, dtype)
-        family = family_for_config(model.config)
-        family.strip_for_decoder(model)
-        vocab = int(model.config.get_text_config().vocab_size)
-        long_prompt = [(7 + 31 * i) % (vocab - 512) + 256 for i in range(args.long_tokens)]
+        model, family, tokenizer = load_decoder(args.shape, args.workdir or Path(tmp), device, dtype)
+        long_prompt = synthetic_prompt(model, args.long_tokens)
         short_prompt = long_prompt[:32]
         for chunk in chunks:
             config = EngineConfig(

@@ -63,6 +63,26 @@ def log(msg: str) -> None:
     print(f"[bench-engine {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every engine-level benchmark shares: device, dtype, threads, workdir, JSON output."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
+    parser.add_argument(
+        "--workdir", type=Path, help="where the medium test model is built (default: temporary)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+
+def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, bool]:
+    """``(device, dtype, on a GPU)`` from the shared options; sets torch's CPU threads."""
+    from tritonvlm.modeling.device import resolve_device
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    torch.set_num_threads(args.threads)
+    return device, dtype, device.type == "cuda"
+
+
 def tokenizer_dir(workdir: Path) -> Path:
     """The medium Qwen2.5-VL test model (vocabulary 32,768): its tokenizer serves every shape."""
     from tritonvlm.testmodels.qwen2_5_vl import build_test_model
@@ -96,6 +116,27 @@ def build_model(shape: str, medium_dir: Path, device: torch.device, dtype: torch
     with torch.device(device):
         model = family.model_class._from_config(config, dtype=dtype)
     return model.eval()
+
+
+def load_decoder(shape: str, workdir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """``(model stripped for decoding, its family, the medium model's tokenizer)`` of ``shape``."""
+    from transformers import AutoTokenizer
+
+    from tritonvlm.families import family_for_config
+
+    medium = tokenizer_dir(workdir)
+    tokenizer = AutoTokenizer.from_pretrained(medium)
+    log(f"building {shape} on {device} ({dtype})")
+    model = build_model(shape, medium, device, dtype)
+    family = family_for_config(model.config)
+    family.strip_for_decoder(model)
+    return model, family, tokenizer
+
+
+def synthetic_prompt(model: Any, tokens: int) -> list[int]:
+    """A fixed prompt of ``tokens`` ordinary token ids of ``model``'s vocabulary."""
+    vocab = int(model.config.get_text_config().vocab_size)
+    return [(7 + 31 * i) % (vocab - 512) + 256 for i in range(tokens)]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -221,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-prefill-tokens", type=int, default=65536, help="prompt tokens per prefill step"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
+    add_device_arguments(parser)
     parser.add_argument("--skip-generate", action="store_true", help="do not run transformers generate()")
     parser.add_argument(
         "--cuda-graphs",
@@ -231,35 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         default="true",
         help="on CUDA: decode from CUDA graphs (true), eagerly (false), or both side by side (compare)",
     )
-    parser.add_argument(
-        "--workdir", type=Path, help="where the medium test model is built (default: temporary)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    from tritonvlm.families import family_for_config
-    from tritonvlm.modeling.device import resolve_device
-
-    device, dtype = resolve_device(args.device, args.dtype)
-    gpu = device.type == "cuda"
-    torch.set_num_threads(args.threads)
+    device, dtype, gpu = setup_device(args)
     args.shape = args.shape or ("qwen2.5-vl-7b" if gpu else "medium")
     batches = [int(b) for b in (args.batches or ("1,16,64,128,256" if gpu else "1,4,8,16")).split(",")]
     args.prompt_tokens = args.prompt_tokens or (256 if gpu else 64)
     args.output_tokens = args.output_tokens or (256 if gpu else 32)
 
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir or Path(tmp)
-        medium = tokenizer_dir(workdir)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(medium)
-        log(f"building {args.shape} on {device} ({dtype})")
-        model = build_model(args.shape, medium, device, dtype)
-        family = family_for_config(model.config)
-        family.strip_for_decoder(model)
-        vocab = int(model.config.get_text_config().vocab_size)
-        prompt = [(7 + 31 * i) % (vocab - 512) + 256 for i in range(args.prompt_tokens)]
+        model, family, tokenizer = load_decoder(args.shape, args.workdir or Path(tmp), device, dtype)
+        prompt = synthetic_prompt(model, args.prompt_tokens)
         weight_bytes = step_weight_bytes(model, family)
         bandwidth = copy_bandwidth(device)
         floor_s = weight_bytes / bandwidth

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import log, sync, tokenizer_dir  # noqa: E402
+from bench_engine import add_device_arguments, log, setup_device, sync, tokenizer_dir  # noqa: E402
 
 VISION_7B = {
     "depth": 32,
@@ -99,21 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="448,896,1344", help="square image sides in pixels")
     parser.add_argument("--batch", type=int, default=4, help="images of 448² encoded together (0: skip)")
     parser.add_argument("--repeat", type=int, default=None, help="timed forwards per case (GPU 10, CPU 1)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--workdir", type=Path, help="where the medium test model is built (default: temporary)"
-    )
-    parser.add_argument("--json", type=Path)
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
 
-    from tritonvlm.modeling.device import resolve_device
     from tritonvlm.modeling.varlen_attention import NAME, use_varlen_attention
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    gpu = device.type == "cuda"
-    torch.set_num_threads(args.threads)
+    device, dtype, gpu = setup_device(args)
     args.shape = args.shape or ("qwen2.5-vl-7b" if gpu else "medium")
     repeat = args.repeat or (10 if gpu else 1)
     log(f"building the {args.shape} vision tower on {device} ({dtype})")
