@@ -7,6 +7,22 @@ from typing import Any
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def _decode_stream(tokenizer: Any) -> tuple[Any, Any] | None:
+    """``(tokenizers' Rust DecodeStream, the backend tokenizer)`` for a fast tokenizer whose decode
+    needs no Python post-processing, else None."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    try:
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers < 0.21
+        return None
+    if not isinstance(backend, Tokenizer):
+        return None
+    return DecodeStream(skip_special_tokens=True), backend
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
@@ -15,6 +31,9 @@ class IncrementalDetokenizer:
     prefix already produced, holding back while the tail is an incomplete character (U+FFFD).
     Stop strings are matched on the whole text, so they are found across token boundaries, and any
     text that could still become a stop string is held back until it cannot.
+
+    With a fast tokenizer the window work is done by tokenizers' own ``DecodeStream`` (Rust, ~1 µs a
+    token instead of two Python ``decode`` calls, ~7 µs: at 256 sequences a step that is milliseconds).
     """
 
     def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
@@ -27,6 +46,8 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text (cut at a stop string once one is found)
         self._sent = 0  # characters of self.text already handed out
         self.stopped = False
+        self._stream = _decode_stream(tokenizer)
+        self._pending = 0  # with the stream: index of the first token not yet in self.text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -36,6 +57,13 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.token_ids.append(token_id)
+        if self._stream is not None:
+            stream, backend = self._stream
+            piece = stream.step(backend, token_id)
+            if piece is not None:
+                self.text += piece
+                self._pending = len(self.token_ids)
+            return self._release(final=False)
         prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self.token_ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
@@ -46,7 +74,13 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """The text still held back, to be sent with the final response."""
-        if not self.stopped:
+        if not self.stopped and self._stream is not None:
+            if self._pending < len(self.token_ids):  # an incomplete character: decoded as is
+                whole = self._decode(self.token_ids)
+                if whole.startswith(self.text):
+                    self.text = whole
+            self._check_stop()
+        elif not self.stopped:
             # Whatever is left undecoded (an incomplete character) is decoded as is.
             tail = self._decode(self.token_ids[self._prefix_offset :])
             head = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
