@@ -525,6 +525,9 @@ def stage_view(
     return {k: v for k, v in view.items() if v is not None}
 
 
+KV_SERIES = 'tritonvlm_engine_kv_cache_{kind}{{model="vlm",state="{state}"}}'
+
+
 def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """What the engine saw during a level (from the metrics' deltas): steps, batch, step time, TTFT."""
 
@@ -545,6 +548,14 @@ def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         "mean_decode_batch": round(decode_tokens / decode_steps, 2),
         "mean_step_interval_ms": round(1000 * itl_sum / itl_n, 2) if itl_n else None,
         "mean_engine_ttft_ms": round(1000 * ttft_sum / ttft_n, 2) if ttft_n else None,
+        # High-water marks since the server started (levels run in increasing concurrency).
+        "kv_peak_tokens": int(after.get('tritonvlm_engine_kv_cache_tokens{model="vlm",state="peak"}', 0)),
+        "kv_peak_mib": round(
+            after.get('tritonvlm_engine_kv_cache_bytes{model="vlm",state="peak"}', 0) / 2**20, 1
+        ),
+        "kv_capacity_mib": round(
+            after.get('tritonvlm_engine_kv_cache_bytes{model="vlm",state="capacity"}', 0) / 2**20, 1
+        ),
     }
 
 

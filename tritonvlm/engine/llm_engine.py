@@ -94,6 +94,8 @@ class EngineStats:
     kv_tokens_used: int = 0
     kv_bytes_used: int = 0  # keys/values the running sequences hold (sliding layers: their window)
     kv_bytes_capacity: int = 0  # what the KV cache reserves
+    kv_tokens_peak: int = 0  # the most tokens / bytes the running sequences held at once, since start
+    kv_bytes_peak: int = 0
     extra_state_bytes: int = 0  # per-sequence state held besides keys/values (e.g. cross-attention states)
     prefix_cache_queries: int = 0  # prompts looked up in the prefix cache
     prefix_cache_hits: int = 0  # ... that started from a cached prefix
@@ -577,6 +579,8 @@ class LLMEngine:
         self.stats.kv_tokens_used = sum(s.num_tokens for s in running) + (partial.prefilled if partial else 0)
         self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(s.num_tokens) for s in running)
         self.stats.kv_bytes_capacity = self.runner.cache.nbytes
+        self.stats.kv_tokens_peak = max(self.stats.kv_tokens_peak, self.stats.kv_tokens_used)
+        self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self.stats.kv_bytes_used)
         self.stats.extra_state_bytes = sum(
             self.family.sequence_state_bytes(s) for s in running
         ) + self.runner.cache.state_bytes_held(len(running))

@@ -26,10 +26,18 @@ GAUGES = {
         "Sequences in the engine by state (running, waiting)",
         {"num_running": {"state": "running"}, "num_waiting": {"state": "waiting"}},
     ),
-    "tritonvlm_engine_kv_cache_tokens": ("Tokens held in the KV cache", {"kv_tokens_used": {}}),
+    "tritonvlm_engine_kv_cache_tokens": (
+        "Tokens held in the KV cache: now (used) and the most at once since start (peak)",
+        {"kv_tokens_used": {"state": "used"}, "kv_tokens_peak": {"state": "peak"}},
+    ),
     "tritonvlm_engine_kv_cache_bytes": (
-        "KV cache memory: held by the running sequences (used) and reserved (capacity)",
-        {"kv_bytes_used": {"state": "used"}, "kv_bytes_capacity": {"state": "capacity"}},
+        "KV cache memory: held by the running sequences now (used), the most at once since start (peak), "
+        "and reserved (capacity)",
+        {
+            "kv_bytes_used": {"state": "used"},
+            "kv_bytes_peak": {"state": "peak"},
+            "kv_bytes_capacity": {"state": "capacity"},
+        },
     ),
     "tritonvlm_engine_extra_state_bytes": (
         "Per-sequence decoder state besides keys/values held by running sequences (e.g. Mllama's "
