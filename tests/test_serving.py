@@ -186,3 +186,26 @@ def test_cancel_monitor_reports_each_client_that_left_once() -> None:
         assert monitor.watched == 0
     finally:
         monitor.stop()
+
+
+def test_cancel_monitor_stretches_its_interval_when_checks_are_slow() -> None:
+    """Each check is an IPC round trip: when a round of them takes long, the monitor waits longer
+    (at most a fifth of its time checking), never less than the configured interval."""
+    monitor = CancelMonitor(0.02, lambda t: None)
+    try:
+        assert monitor.next_interval(0.001) == 0.02
+        assert monitor.next_interval(0.05) == pytest.approx(0.2)
+
+        class SlowSender(FakeSender):
+            def is_cancelled(self) -> bool:
+                time.sleep(0.01)
+                return False
+
+        for i in range(5):
+            monitor.watch(TrackedSender(SlowSender(), f"r{i}", FINAL))
+        deadline = time.monotonic() + 5
+        while monitor.interval < 0.15 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert monitor.interval >= 0.15  # five 10 ms checks a round: ~200 ms between rounds
+    finally:
+        monitor.stop()

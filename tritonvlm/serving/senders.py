@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -154,11 +155,18 @@ class CancelMonitor:
     """Polls the senders of the requests in flight and reports those whose client left.
 
     One thread for all requests, so no cancellation check (an IPC round trip each) sits on the
-    engine's hot path; a cancelled request is dropped within a poll interval plus a decode step.
+    engine's hot path; a cancelled request is dropped within a poll interval plus a decode step. The
+    interval stretches with the time a round of checks takes (at most ``busy_share`` of the thread's
+    time goes to checking), so many requests in flight do not keep a core of a small machine busy
+    answering ``is_cancelled`` round trips.
     """
 
-    def __init__(self, poll_seconds: float, on_cancel: Callable[[TrackedSender], None]) -> None:
+    def __init__(
+        self, poll_seconds: float, on_cancel: Callable[[TrackedSender], None], busy_share: float = 0.2
+    ) -> None:
         self._poll_seconds = poll_seconds
+        self._busy_share = busy_share
+        self.interval = poll_seconds  # the current wait between two rounds
         self._on_cancel = on_cancel
         self._active: dict[str, TrackedSender] = {}
         self._lock = threading.Lock()
@@ -190,9 +198,15 @@ class CancelMonitor:
                 except Exception:
                     log.exception("could not cancel %s", tracked.engine_id)
 
+    def next_interval(self, round_seconds: float) -> float:
+        """The wait after a round of checks that took ``round_seconds``."""
+        return max(self._poll_seconds, round_seconds * (1 - self._busy_share) / self._busy_share)
+
     def _run(self) -> None:
-        while not self._stop.wait(self._poll_seconds):
+        while not self._stop.wait(self.interval):
+            started = time.monotonic()
             self.poll_once()
+            self.interval = self.next_interval(time.monotonic() - started)
 
     def stop(self) -> None:
         self._stop.set()
