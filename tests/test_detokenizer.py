@@ -63,3 +63,18 @@ def test_stop_strings_cut_across_tokens(tokenizer, fast):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     deltas, final = stream(tokenizer, ids, fast=fast, stop=["STOP"])
     assert "".join(deltas) == final == "The answer is forty-two. "
+
+
+def test_random_tokens_never_break_the_stream(tokenizer):
+    """A random model emits any token, bytes that are not UTF-8 included (tokenizers' DecodeStream
+    raises on some): the detokenizer goes on (the window path takes over) and the text is what the
+    window path alone makes of the same tokens."""
+    import random
+
+    rng = random.Random(7)
+    vocab = len(tokenizer)
+    for _ in range(20):
+        ids = [rng.randrange(vocab) for _ in range(40)]
+        fast, _ = stream(tokenizer, ids, fast=True)
+        slow, _ = stream(tokenizer, ids, fast=False)
+        assert "".join(fast) == "".join(slow), ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
+WINDOW_CONTEXT = 6  # tokens decoded before the new ones when the window path takes over mid-stream
 
 
 def _decode_stream(tokenizer: Any) -> tuple[Any, Any] | None:
@@ -59,11 +60,17 @@ class IncrementalDetokenizer:
         self.token_ids.append(token_id)
         if self._stream is not None:
             stream, backend = self._stream
-            piece = stream.step(backend, token_id)
-            if piece is not None:
-                self.text += piece
-                self._pending = len(self.token_ids)
-            return self._release(final=False)
+            try:
+                piece = stream.step(backend, token_id)
+            except Exception:  # e.g. "Invalid prefix" after bytes that are not UTF-8: the window path
+                self._stream = None
+                self._read_offset = self._pending
+                self._prefix_offset = max(0, self._pending - WINDOW_CONTEXT)
+            else:
+                if piece is not None:
+                    self.text += piece
+                    self._pending = len(self.token_ids)
+                return self._release(final=False)
         prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self.token_ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
