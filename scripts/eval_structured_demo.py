@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "tritonvlm-shapes-demo")
     p.add_argument("--n", type=int, default=100, help="held-out pictures")
     p.add_argument("--seed", type=int, default=424_242)
-    p.add_argument("--question", default="What is in this image? Answer with the shape and its colour.")
+    p.add_argument("--question", default=None, help="default: the training data's JSON question")
     p.add_argument("--batch", type=int, default=16, help="requests decoded together")
     args = p.parse_args(argv)
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     family.strip_for_vision(encoder)
     family.strip_for_decoder(model)
     engine = LLMEngine(model, preprocess.processor.tokenizer, EngineConfig(max_num_seqs=args.batch), family)
+    args.question = args.question or synthetic.CANONICAL_QUESTIONS["json"]
     rng = random.Random(args.seed)
     scenes = [synthetic.random_scene(rng, n_shapes=1) for _ in range(args.n)]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]

@@ -26,11 +26,15 @@ The output is a normal ``from_pretrained`` directory (``config.json``, ``model.s
 ``chat_template.jinja``, ``preprocessor_config.json``) plus ``training.json`` (arguments, steps, time,
 held-out accuracies). Other files in the directory (its README.md) are left alone.
 
-Reproduce the committed model (its first stage is the first demo model, commit 315ebdd)::
+Reproduce the committed model from its stage-2 weights (commit 3982b9c; the README's "built-in demo
+model" section has the whole history)::
 
-    git archive 315ebdd models/tritonvlm-shapes-demo | tar -x -C /tmp
-    python scripts/train_demo_model.py --init-from /tmp/models/tritonvlm-shapes-demo \
-        --out models/tritonvlm-shapes-demo
+    git archive 3982b9c models/tritonvlm-shapes-demo | tar -x -C /tmp
+    python scripts/train_demo_model.py --init-from /tmp/models/tritonvlm-shapes-demo --out /tmp/stage3 \
+        --data-offset 20000 --lr 3e-4 --vision-lr 6e-4 --budget-minutes 56
+    python scripts/train_demo_model.py --init-from /tmp/stage3 --out models/tritonvlm-shapes-demo \
+        --data-offset 60000 --lr 1.5e-4 --vision-lr 3e-4 --warmup 20 --mix 4,1,2,1,6,1 \
+        --budget-minutes 27 --reserve-minutes 2.5
 
 Seeded: the same arguments give the same data and initial weights; the updates are the same only when
 the lr schedule does not depend on time (``--budget-minutes 0 --steps N``).
@@ -141,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=4, help="length-sorted chunks per step")
     p.add_argument(
         "--mix",
-        default="3,1,2,1,4",
+        default="3,1,2,1,5,2",
         help="weights of the question types " + ",".join(synthetic.QUESTION_TYPES),
     )
     p.add_argument(
@@ -150,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="weight of the auxiliary per-vision-token shape/colour loss (0: off; the head is not saved)",
     )
-    p.add_argument("--paraphrase-frac", type=float, default=0.4, help="share of reworded questions")
+    p.add_argument("--paraphrase-frac", type=float, default=0.5, help="share of reworded questions")
     p.add_argument(
         "--classic-frac",
         type=float,

@@ -179,3 +179,36 @@ def test_pictures_outside_its_world_get_short_well_formed_answers(demo_client):
     for answer in answers:
         assert answer and not eval_renderer.repeats_too_much(answer), answers
         assert len(answer.split()) <= 30, answers
+
+
+def test_structured_output_reads_the_picture(demo_client):
+    """A JSON schema with the shape and colour enums (issue 13's demo case), through the SDK's
+    ``parse``: the values are the drawn ones, on the separate renderer's pictures."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Shape(BaseModel):
+        shape: Literal["circle", "square", "triangle", "star"]
+        colour: Literal["red", "green", "blue", "yellow", "purple", "orange"]
+
+    wrong = []
+    samples = [eval_renderer.eval_sample(77, i, "json") for i in range(6)]
+    for sample in samples:
+        (picture,) = sample.pictures
+        (figure,) = picture.figures
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url(picture)}},
+            {"type": "text", "text": sample.question},
+        ]
+        completion = demo_client.beta.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            response_format=Shape,
+            temperature=0,
+            max_tokens=32,
+        )
+        parsed = completion.choices[0].message.parsed
+        if (parsed.shape, parsed.colour) != (figure.kind, figure.colour):
+            wrong.append((figure.colour, figure.kind, parsed))
+    assert len(wrong) <= 1, wrong

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import random
 import re
 
@@ -121,12 +122,24 @@ def test_answers_follow_the_drawn_scene(qtype):
             others = scene.shapes[:idx] if side == "left" else scene.shapes[idx + 1 :]
             assert len(others) == 1  # only questions with one right answer are asked
             assert sample.answer == f"The {others[0].colour} {others[0].kind}."
+        elif qtype == "json":
+            (shape,) = scene.shapes
+            assert json.loads(sample.answer) == {"shape": shape.kind, "colour": shape.colour}
+            assert sample.answer == f'{{"shape": "{shape.kind}", "colour": "{shape.colour}"}}'
         else:
             assert len(sample.scenes) == 2
             first, second = sample.answer.split(". The second image shows ")
             assert first.startswith("The first image shows ")
             assert PAIR.findall(first) == pairs
             assert PAIR.findall(second) == [(s.colour, s.kind) for s in sample.scenes[1].shapes]
+
+
+def test_reworded_two_image_questions_are_often_the_seeds_request():
+    samples = [make_sample(9, i, "two_images", paraphrase=True, varied=True) for i in range(200)]
+    seed_share = sum(s.question == synthetic.SEED_TWO_IMAGE_PROMPT for s in samples) / len(samples)
+    assert 0.45 <= seed_share <= 0.75  # half directly, plus its place among the other wordings
+    three = sum(len(sc.shapes) == 3 for s in samples for sc in s.scenes) / (2 * len(samples))
+    assert three > 0.4  # drawn twice as often as one or two shapes
 
 
 def _fields(question: str, qtype: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ well-formed (see :func:`repeats_too_much`).
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -94,7 +95,15 @@ SEED_TWO_IMAGE_PROMPT = (
     "one sentence, and then describe the second image in another sentence."
 )
 
-EVAL_TYPES: tuple[str, ...] = ("describe", "colour", "count", "position", "two_images", "two_images_seed")
+EVAL_TYPES: tuple[str, ...] = (
+    "describe",
+    "colour",
+    "count",
+    "position",
+    "two_images",
+    "two_images_seed",
+    "json",
+)
 
 _QUESTIONS = {
     "describe": "What is in this image?",
@@ -105,6 +114,7 @@ _QUESTIONS = {
         "Describe the first image in one sentence, and then describe the second image in another sentence."
     ),
     "two_images_seed": SEED_TWO_IMAGE_PROMPT,
+    "json": "What is in this image? Answer in JSON with the shape and its colour.",
 }
 
 _WIDTHS = (100, 120, 150, 160, 180, 200, 240, 250, 256, 300, 320, 333, 360, 400, 450, 480, 500, 512, 600, 640)
@@ -406,6 +416,12 @@ def eval_sample(seed: int, index: int, qtype: str) -> EvalSample:
         answer = f"The first image shows {first.describe()}. The second image shows {second.describe()}."
         # The seed sent the two images first and its request after them.
         return EvalSample(qtype, _QUESTIONS[qtype], answer, (first, second), qtype == "two_images")
+    if qtype == "json":
+        pic = random_picture(rng, n=1)
+        (fig,) = pic.figures
+        return EvalSample(
+            qtype, _QUESTIONS[qtype], json.dumps({"shape": fig.kind, "colour": fig.colour}), (pic,)
+        )
     raise ValueError(f"unknown question type {qtype!r}; use one of {EVAL_TYPES}")
 
 

@@ -33,13 +33,18 @@ Question types (:data:`QUESTION_TYPES`), with their canonical questions:
 - ``position``: "Which shape is to the left of the square?" → "The red circle."
 - ``two_images``: "Describe the first image in one sentence, and then describe the second image in
   another sentence." → "The first image shows a red circle. The second image shows a green star and a
-  blue square."
+  blue square." (reworded, half of the questions are the seed's own request, :data:`SEED_TWO_IMAGE_PROMPT`;
+  three-shape pictures are drawn twice as often as in the other types)
+- ``json``: "What is in this image? Answer in JSON with the shape and its colour." →
+  ``{"shape": "circle", "colour": "red"}`` (one shape per picture; the layout a JSON-schema constraint
+  with these two keys allows, so constrained decoding and the model agree)
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -91,7 +96,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "pale blue": (228, 236, 244),
 }
 
-QUESTION_TYPES: tuple[str, ...] = ("describe", "colour", "count", "position", "two_images")
+QUESTION_TYPES: tuple[str, ...] = ("describe", "colour", "count", "position", "two_images", "json")
 
 CANONICAL_QUESTIONS: dict[str, str] = {
     "describe": "What is in this image?",
@@ -101,6 +106,7 @@ CANONICAL_QUESTIONS: dict[str, str] = {
     "two_images": (
         "Describe the first image in one sentence, and then describe the second image in another sentence."
     ),
+    "json": "What is in this image? Answer in JSON with the shape and its colour.",
 }
 
 # The seed's own two-image request (its second example), verbatim.
@@ -148,7 +154,17 @@ _PARAPHRASES: dict[str, tuple[str, ...]] = {
         "What is in these two pictures?",
         "I have two images. Please describe the first one, and then the second one.",
     ),
+    "json": (
+        "What is in this image? Answer in JSON with the shape and its colour.",
+        "What shape is in this picture, and what colour is it? Reply in JSON.",
+        "Return a JSON object with the shape and its colour.",
+        "Describe the shape in this image as JSON, with its shape and colour.",
+        "Answer in JSON: which shape is this and what colour?",
+    ),
 }
+
+# Share of reworded two-image questions that are the seed's own request (its most common first use).
+_SEED_TWO_IMAGE_SHARE = 0.5
 
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
@@ -597,9 +613,23 @@ def make_sample(
         other = shapes[ref - 1] if side == "left" else shapes[ref + 1]
         question = _question(rng, kind, paraphrase, side=side, shape=shapes[ref].kind)
         return Sample(kind, question, f"The {other.phrase}.", (picture,), order)
-    first, second = scene(crowd=0.04, empty=0.02), scene(crowd=0.04, empty=0.02)
+    if kind == "json":
+        picture = scene(1)
+        shape = picture.shapes[0]
+        answer = json.dumps({"shape": shape.kind, "colour": shape.colour})
+        return Sample(kind, _question(rng, kind, paraphrase), answer, (picture,), order)
+
+    def pair_scene() -> Scene:
+        # Three-shape pictures are where two-image answers go wrong: draw them twice as often.
+        return scene(rng.choice((1, 2, 3, 3)), crowd=0.04, empty=0.02)
+
+    first, second = pair_scene(), pair_scene()
     answer = f"The first image shows {first.describe()}. The second image shows {second.describe()}."
-    return Sample(kind, _question(rng, kind, paraphrase), answer, (first, second), order)
+    if paraphrase and rng.random() < _SEED_TWO_IMAGE_SHARE:
+        question = SEED_TWO_IMAGE_PROMPT
+    else:
+        question = _question(rng, kind, paraphrase)
+    return Sample(kind, question, answer, (first, second), order)
 
 
 def generate(seed: int, n: int, qtype: str | None = None, paraphrase: bool = False) -> list[Sample]:
