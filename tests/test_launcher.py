@@ -139,12 +139,13 @@ def test_server_environment(triton_available: None) -> None:
     for d in install.lib_dirs:
         assert str(d) in ld
     assert env["TRITONVLM_MODEL"] == "/x"
-    assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def test_a_users_omp_wait_policy_is_kept(triton_available: None, monkeypatch) -> None:
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert server_environment(find_tritonserver())["OMP_WAIT_POLICY"] == "ACTIVE"
+def test_thread_settings_pass_through_to_the_models(triton_available: None, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    env = server_environment(find_tritonserver())
+    assert (env["OMP_WAIT_POLICY"], env["OMP_NUM_THREADS"]) == ("PASSIVE", "1")
 
 
 def test_backend_directory_symlinks_idempotent(triton_available: None, tmp_path: Path) -> None:

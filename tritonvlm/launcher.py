@@ -190,14 +190,11 @@ def server_environment(install: TritonInstall, extra: Mapping[str, str] | None =
     The stub runs an embedded Python in isolated mode (``PYTHONPATH`` is ignored): putting the venv's
     ``bin/`` first on ``PATH`` makes it find and use this virtualenv; the interpreter's ``LIBDIR`` on
     ``LD_LIBRARY_PATH`` makes it load the matching ``libpython``; the wheel's ``nvidia_pytriton.libs``
-    is added too. The models' OpenMP threads sleep when they wait instead of spinning
-    (``OMP_WAIT_POLICY=PASSIVE``, unless set): on a CPU the decoder's threads share the cores with
-    tritonserver, the frontend and the other models, and a spinning or preempted thread holds the
-    others at every barrier (a decode step measured 6x slower with one core busy, see the README).
-    ``extra`` entries override the result.
+    is added too. Thread settings (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``: see the README's
+    Benchmarking section for when ``PASSIVE`` helps) pass through from this environment. ``extra``
+    entries override the result.
     """
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PATH"] = _prepend([os.path.dirname(sys.executable)], env.get("PATH"))
     lib_dirs: list[str] = []
     libdir = sysconfig.get_config_var("LIBDIR")
