@@ -58,14 +58,8 @@ DEFAULT_STARTUP_TIMEOUT = 300.0
 PROMPT_CHARS_PER_TOKEN = 32
 # serve flags that only configure the tritonserver `serve` starts (and its models): unused with
 # --triton-url. All default to None, so that a given one can be reported as ignored.
-TRITON_LAUNCH_FLAGS = (
-    "model_repository",
-    "triton_host",
-    "triton_http_port",
-    "triton_grpc_port",
-    "triton_metrics_port",
-    "startup_timeout",
-    "state_dir",
+# The model and engine settings `serve` hands to the Triton models (TRITONVLM_<KEY> variables).
+ENGINE_SETTINGS = (
     "max_num_seqs",
     "max_model_len",
     "max_prefill_tokens",
@@ -76,6 +70,16 @@ TRITON_LAUNCH_FLAGS = (
     "image_cache_memory",
     "device",
     "dtype",
+)
+TRITON_LAUNCH_FLAGS = (
+    "model_repository",
+    "triton_host",
+    "triton_http_port",
+    "triton_grpc_port",
+    "triton_metrics_port",
+    "startup_timeout",
+    "state_dir",
+    *ENGINE_SETTINGS,
 )
 
 
@@ -346,15 +350,7 @@ def triton_env(args: argparse.Namespace, model: str) -> dict[str, str]:
     from tritonvlm.triton_utils import env_name
 
     env = {env_name("model_path"): model, "TRITONVLM_LOG_LEVEL": args.log_level.upper()}
-    keys = ("max_num_seqs", "max_model_len", "max_prefill_tokens", "kv_cache_memory", "device", "dtype")
-    for key in (
-        *keys,
-        "prefill_chunk_tokens",
-        "prefix_cache_slots",
-        "cuda_graphs",
-        "image_cache_memory",
-        "max_image_pixels",
-    ):
+    for key in (*ENGINE_SETTINGS, "max_image_pixels"):  # the pixel limit is the frontend's too
         value = getattr(args, key)
         if value is not None:
             env[env_name(key)] = str(value)

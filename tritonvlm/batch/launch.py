@@ -19,19 +19,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tritonvlm.batch")
 
-ENGINE_KEYS = (
-    "max_num_seqs",
-    "max_model_len",
-    "max_prefill_tokens",
-    "prefill_chunk_tokens",
-    "kv_cache_memory",
-    "prefix_cache_slots",
-    "cuda_graphs",
-    "image_cache_memory",
-    "device",
-    "dtype",
-)
-
 
 @dataclass
 class TritonOptions:

@@ -446,7 +446,7 @@ class LLMEngine:
             for seq in seqs:
                 seq.prefill_end = seq.prompt_len
             first = seqs[0]
-            if len(seqs) == 1 and budget and self._chunk and first.prompt_len - first.prefilled > budget:
+            if len(seqs) == 1 and budget and first.prompt_len - first.prefilled > budget:
                 first.prefill_end = first.prefilled + budget
                 self.scheduler.prefilling = first
             logits = self.runner.prefill(seqs, seqs[0].slot)
@@ -576,8 +576,9 @@ class LLMEngine:
         self.stats.num_waiting = len(self.scheduler.waiting)
         running = self.scheduler.running
         partial = self.scheduler.prefilling
-        self.stats.kv_tokens_used = sum(s.num_tokens for s in running) + (partial.prefilled if partial else 0)
-        self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(s.num_tokens) for s in running)
+        held = [s.num_tokens for s in running] + ([partial.prefilled] if partial else [])
+        self.stats.kv_tokens_used = sum(held)
+        self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(n) for n in held)
         self.stats.kv_bytes_capacity = self.runner.cache.nbytes
         self.stats.kv_tokens_peak = max(self.stats.kv_tokens_peak, self.stats.kv_tokens_used)
         self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self.stats.kv_bytes_used)

@@ -49,6 +49,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
+def has_penalties(p: Any) -> bool:
+    """Whether sampling params ``p`` ask for a repetition, presence or frequency penalty."""
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """Repetition (HF semantics, over prompt + output), presence and frequency (OpenAI, over output)."""
     p = seq.params
@@ -72,7 +77,7 @@ def sample_row(logits: torch.Tensor, seq: Sequence) -> int:
     Raises RowSamplingError when the row (after penalties and temperature) is not a distribution.
     """
     p = seq.params
-    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+    if has_penalties(p):
         logits = apply_penalties(logits.clone(), seq)
     if p.greedy:
         if torch.isnan(logits).any():
@@ -103,13 +108,7 @@ def row_probabilities(logits: torch.Tensor, p: Any) -> torch.Tensor:
 
 def shares_a_draw(p: Any) -> bool:
     """Whether a row may be sampled together with others: temperature > 0, no seed, no penalties."""
-    return (
-        not p.greedy
-        and p.seed is None
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
-    )
+    return not p.greedy and p.seed is None and not has_penalties(p)
 
 
 _shared_generators: dict[str, torch.Generator] = {}
@@ -199,13 +198,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], failures: dict[int, str] 
         logits = _poison(logits, seqs)
     # +inf and NaN are never valid logits (-inf is: a masked token). One batched check, row-wise.
     bad_rows = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
-    plain_greedy = [
-        s.params.greedy
-        and s.params.repetition_penalty == 1.0
-        and not s.params.presence_penalty
-        and not s.params.frequency_penalty
-        for s in seqs
-    ]
+    plain_greedy = [s.params.greedy and not has_penalties(s.params) for s in seqs]
     argmax = torch.argmax(logits, dim=-1).tolist() if any(plain_greedy) else None
     bad = bad_rows.tolist()
     shared = [i for i, s in enumerate(seqs) if not bad[i] and shares_a_draw(s.params)]

@@ -249,17 +249,15 @@ def publish(
     gauges: dict[str, Any],
     counters: dict[str, Any],
     last: dict[str, int],
-    gauge_values: dict[int, float] | None = None,
+    gauge_values: dict[int, float],
 ) -> None:
-    """Set the gauges (those whose value changed since ``gauge_values``, when given) and advance the
-    counters (by what they gained since ``last``) from ``stats``."""
+    """Set the gauges whose value changed since ``gauge_values`` (``id(gauge)`` → the value last set)
+    and advance the counters (by what they gained since ``last``) from ``stats``."""
     for field_name, gauge in gauges.items():
         value = getattr(stats, field_name)
-        if gauge_values is not None:
-            if gauge_values.get(id(gauge)) == value:
-                continue
+        if gauge_values.get(id(gauge)) != value:
             gauge_values[id(gauge)] = value
-        gauge.set(value)
+            gauge.set(value)
     for field_name, counter in counters.items():
         value = getattr(stats, field_name)
         if value != last[field_name]:
