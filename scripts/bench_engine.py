@@ -10,11 +10,15 @@ each batch size, every request is started at once (text prompts of ``--prompt-to
 
 The floor is the memory-bandwidth bound of a decode step: the bytes of weights one step reads (every
 parameter but the input embedding table) over the device's copy bandwidth, measured here with a large
-``copy_``; one step cannot be faster than that, so ``floor tok/s = batch / floor step time``.
+``copy_``; one step cannot be faster than that, so ``floor tok/s = batch / floor step time``. A second
+table gives the KV memory of each pass: the most tokens the sequences held at once, the bytes of their
+KV blocks then, and what the cache reserves (``--kv-cache-memory`` sets it; by default room for the
+batch at its full length).
 
     python scripts/bench_engine.py                                   # CPU: medium test model, batch 1,4,8,16
     python scripts/bench_engine.py --shape qwen2.5-vl-7b --batches 1,16,64,128,256   # on a GPU
     python scripts/bench_engine.py --skip-generate --json out.json
+    python scripts/bench_engine.py --batches 16 --kv-cache-memory 8MiB   # 16 sequences in a small budget
 """
 
 from __future__ import annotations
@@ -192,10 +196,19 @@ def bench_engine(
         max_prefill_tokens=args.max_prefill_tokens,
         prefix_cache_slots=0,  # identical prompts: the cache would skip the prefill being measured
         cuda_graphs=cuda_graphs,
+        kv_cache_memory=args.kv_cache_memory or "",
     )
     engine = LLMEngine(model, tokenizer, config, family)
     engine_pass(engine, prompt, batch, args, "warm")
-    return engine_pass(engine, prompt, batch, args, "run")
+    result = engine_pass(engine, prompt, batch, args, "run")
+    stats = engine.stats
+    return {
+        **result,
+        "max_running": stats.max_decode_batch,
+        "kv_peak_tokens": stats.kv_tokens_peak,
+        "kv_peak_mib": stats.kv_bytes_peak / 2**20,
+        "kv_capacity_mib": stats.kv_bytes_capacity / 2**20,
+    }
 
 
 def engine_pass(engine: Any, prompt: list[int], batch: int, args: Any, tag: str) -> dict:
@@ -264,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_device_arguments(parser)
     parser.add_argument("--skip-generate", action="store_true", help="do not run transformers generate()")
+    parser.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help='KV budget of the engine ("8MiB", "0.5"); default: room for the batch at full length',
+    )
     parser.add_argument(
         "--cuda-graphs",
         choices=("true", "false", "compare"),
@@ -335,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             cells += [f"{row.get('eager_tok_s', 0):,.1f}", f"{row.get('eager_ms_per_step', 0):.2f}"]
         cells += [f"{row['floor_tok_s']:,.0f}", f"{step / (1000 * floor_s):.1f}x"]
         print("| " + " | ".join(cells) + " |")
+    print("\n| batch | sequences at once | KV peak tokens | KV peak MiB (blocks held) | KV capacity MiB |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['batch']} | {row['max_running']} | {row['kv_peak_tokens']:,} | "
+            f"{row['kv_peak_mib']:,.1f} | {row['kv_capacity_mib']:,.1f} |"
+        )
     if args.json:
         info = {"shape": args.shape, "device": str(device), "dtype": str(dtype), "floor_ms": 1000 * floor_s}
         args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2))

@@ -20,7 +20,7 @@ import torch
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.sampling_params import SamplingParams
 from tritonvlm.engine.sequence import Sequence
@@ -115,8 +115,8 @@ def main() -> None:
 
     kv_heads, head_dim = family.kv_geometry()
     self_layers = config.text_config.num_hidden_layers - len(family.cross_layers)
-    per_token = SlotKVCache.bytes_per_token(self_layers, kv_heads, head_dim, dtype)
-    per_state = SlotKVCache.bytes_per_token(len(family.cross_layers), kv_heads, head_dim, dtype)
+    per_token = PagedKVCache.bytes_per_token(self_layers, kv_heads, head_dim, dtype)
+    per_state = PagedKVCache.bytes_per_token(len(family.cross_layers), kv_heads, head_dim, dtype)
     cross = family.states_per_image * per_state
     print(
         f"self-attention KV: {per_token} bytes/token ({self_layers} layers, {kv_heads} kv heads x {head_dim})"
@@ -152,6 +152,9 @@ def main() -> None:
             if mix == "mixed" and batch_size == 1:
                 continue
             seqs = [make_seq(i, family, i < images, args.prompt_len, states) for i in range(batch_size)]
+            for slot in range(batch_size):  # the blocks for the prompt and every decode step
+                runner.cache.release(slot)
+                runner.cache.grow(slot, args.prompt_len + args.steps + 1)
             sync(device)
             t = time.perf_counter()
             logits = runner.prefill(seqs, 0)

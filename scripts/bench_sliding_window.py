@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
-from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.families import family_for_config
 from tritonvlm.families.base import FULL, Family
 
@@ -44,7 +44,7 @@ def kv_table(family: Family, contexts: list[int], dtype: torch.dtype) -> None:
     heads, dim = family.kv_geometry()
     windows = sorted({k.window for k in kinds if k.is_sliding})
     sliding = sum(k.is_sliding for k in kinds)
-    full_per_token = SlotKVCache.bytes_per_token(len(kinds), heads, dim, dtype)
+    full_per_token = PagedKVCache.bytes_per_token(len(kinds), heads, dim, dtype)
     print(
         f"{family.name}: {len(kinds)} layers ({sliding} sliding, window {windows or '-'}), {heads} kv heads "
         f"x {dim}, {dtype}: {full_per_token} bytes per token with every layer full-length"
@@ -52,8 +52,8 @@ def kv_table(family: Family, contexts: list[int], dtype: torch.dtype) -> None:
     print("| context | full-length, every layer | engine (window ring) | saved | engine bytes/token |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for n in contexts:
-        full = SlotKVCache.bytes_per_sequence([FULL] * len(kinds), heads, dim, n, dtype)
-        ring = SlotKVCache.bytes_per_sequence(kinds, heads, dim, n, dtype)
+        full = PagedKVCache.bytes_per_sequence([FULL] * len(kinds), heads, dim, n, dtype)
+        ring = PagedKVCache.bytes_per_sequence(kinds, heads, dim, n, dtype)
         saved = 1 - ring / full
         print(f"| {n} | {size(full)} | {size(ring)} | {saved:.1%} | {ring // n:,} |")
 
@@ -157,7 +157,8 @@ def decode_times(model: Any, family: Family, context: int, batches: list[int], s
         cache = engine.runner.cache
         print(
             f"decode, context {context}, batch {batch}: {ms:.1f} ms/step; KV cache allocated "
-            f"{size(cache.nbytes)} for {cache.max_slots} slots x {cache.max_len} tokens"
+            f"{size(cache.nbytes)}: {cache.num_blocks} blocks of {cache.block_size} tokens, "
+            f"{cache.max_slots} slots' rings"
         )
         del engine
 

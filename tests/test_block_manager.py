@@ -1,88 +1,42 @@
-"""KV blocks by use and the prefix cache's bookkeeping."""
+"""KV block bookkeeping: reference counts, free blocks, no overcommit."""
 
 from __future__ import annotations
 
 import pytest
 
-from tritonvlm.engine.block_manager import BlockManager
+from tritonvlm.engine.block_manager import BlockAllocator
 
 
-def test_blocks_follow_the_tokens_held_and_come_back_on_free() -> None:
-    bm = BlockManager(num_blocks=8, block_size=4)
-    table = bm.allocate(10)
-    assert len(table.blocks) == 3 and bm.free_blocks == 5 and table.cached_tokens == 0
-    bm.append(table, 12)
-    assert len(table.blocks) == 3  # still fits the third block
-    bm.append(table, 13)
-    assert len(table.blocks) == 4 and bm.used_blocks == 4
-    bm.free(table)
-    assert bm.free_blocks == 8 and table.blocks == []
+def test_blocks_come_back_when_their_last_holder_releases_them() -> None:
+    pool = BlockAllocator(4)
+    a = pool.allocate(3)
+    assert len(set(a)) == 3 and pool.free_blocks == 1 and pool.used_blocks == 3
+    pool.share(a[:2])  # a second holder (a prefix-cache entry, a sequence starting from it)
+    pool.release(a)
+    assert pool.free_blocks == 2 and [pool.ref_counts[b] for b in a] == [1, 1, 0]
+    pool.release(a[:2])
+    assert pool.free_blocks == 4 and pool.used_blocks == 0
 
 
-def test_out_of_blocks_is_reported_not_overcommitted() -> None:
-    bm = BlockManager(num_blocks=2, block_size=4)
-    assert not bm.can_allocate(9)
+def test_the_most_recently_freed_block_is_reused_first() -> None:
+    pool = BlockAllocator(4)
+    a = pool.allocate(2)
+    pool.release([a[1]])
+    assert pool.allocate(1) == [a[1]]
+
+
+def test_no_overcommit_and_no_double_release() -> None:
+    pool = BlockAllocator(2)
     with pytest.raises(MemoryError):
-        bm.allocate(9)
-    table = bm.allocate(8)
-    assert not bm.can_append(table, 9)
+        pool.allocate(3)
+    blocks = pool.allocate(2)
+    assert pool.free_blocks == 0
     with pytest.raises(MemoryError):
-        bm.append(table, 9)
-
-
-def test_a_shared_prefix_reuses_full_blocks_only() -> None:
-    bm = BlockManager(num_blocks=16, block_size=4)
-    system = list(range(100, 110))  # 10 tokens: two full blocks and a partial one
-    first_ids = system + [1, 2, 3]
-    hashes = bm.prompt_hashes(first_ids)
-    assert len(hashes) == 3  # 13 tokens: three full blocks
-    first = bm.allocate(len(first_ids), hashes, reusable_tokens=len(first_ids) - 1)
-    assert first.cached_tokens == 0
-    bm.register_prompt(first, hashes)
-    second_ids = system + [7, 8, 9, 9]
-    second_hashes = bm.prompt_hashes(second_ids)
-    second = bm.allocate(len(second_ids), second_hashes, reusable_tokens=len(second_ids) - 1)
-    assert second.cached_tokens == 8 and second.blocks[:2] == first.blocks[:2]
-    assert second.blocks[2] != first.blocks[2]
-    assert bm.blocks[first.blocks[0]].ref_count == 2
-    assert bm.hits == 8 and bm.queries == len(first_ids) + len(second_ids)
-
-
-def test_extras_such_as_image_hashes_change_the_identity() -> None:
-    bm = BlockManager(num_blocks=8, block_size=4)
-    ids = [5, 5, 5, 5, 6, 6, 6, 6]
-    assert bm.prompt_hashes(ids, [b"img-a"]) != bm.prompt_hashes(ids, [b"img-b"])
-    assert bm.prompt_hashes(ids)[1:] != bm.prompt_hashes([9, 5, 5, 5, 6, 6, 6, 6])[1:]  # chained
-
-
-def test_freed_cached_blocks_stay_findable_until_reused_least_recent_first() -> None:
-    bm = BlockManager(num_blocks=4, block_size=2)
-    ids = [1, 2, 3, 4, 5]
-    hashes = bm.prompt_hashes(ids)
-    table = bm.allocate(len(ids), hashes, len(ids) - 1)
-    bm.register_prompt(table, hashes)
-    cached = list(table.blocks[:2])
-    bm.free(table)
-    again = bm.allocate(len(ids), hashes, len(ids) - 1)
-    assert again.blocks[:2] == cached and again.cached_tokens == 4
-    bm.free(again)
-    # Use up every block with unrelated prompts: the cached ones are reused and forgotten.
-    other = bm.allocate(8)
-    assert bm.cached_prefix(hashes, len(ids) - 1) == []
-    bm.free(other)
-
-
-def test_a_fully_cached_prompt_still_computes_its_last_token() -> None:
-    bm = BlockManager(num_blocks=4, block_size=2)
-    ids = [1, 2, 3, 4]
-    hashes = bm.prompt_hashes(ids)
-    bm.register_prompt(bm.allocate(4, hashes, 3), hashes)
-    table = bm.allocate(4, hashes, reusable_tokens=3)
-    assert table.cached_tokens == 2  # the block holding the last token is recomputed
-
-
-def test_prefix_cache_off() -> None:
-    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_cache=False)
-    hashes = bm.prompt_hashes([1, 2, 3, 4])
-    bm.register_prompt(bm.allocate(4, hashes, 3), hashes)
-    assert bm.allocate(4, hashes, 3).cached_tokens == 0
+        pool.allocate(1)
+    pool.release(blocks)
+    with pytest.raises(ValueError, match="released more often"):
+        pool.release(blocks[:1])
+    with pytest.raises(ValueError, match="is free"):
+        pool.share(blocks[:1])
+    with pytest.raises(ValueError):
+        BlockAllocator(0)

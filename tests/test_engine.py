@@ -147,20 +147,69 @@ def test_too_long_request_is_refused(kit, prepared):
     assert info.value.param == "max_tokens"
 
 
-def test_memory_budget_caps_the_slots(kit):
-    from tritonvlm.engine.llm_engine import kv_slots, parse_memory, sequence_bytes
+def test_memory_budget_sizes_the_blocks(kit):
+    from tritonvlm.engine.llm_engine import kv_layout, kv_slots, parse_memory, sequence_bytes
 
     assert parse_memory("", 1000) is None
     assert parse_memory("0.5", 1000) == 500
     assert parse_memory("4GiB", 0) == 4 * 2**30 and parse_memory("512MB", 0) == 512 * 10**6
     per_seq = sequence_bytes(kit.family, 512, torch.float32)
-    config = EngineConfig(max_num_seqs=16, max_model_len=512, kv_cache_memory=str(per_seq * 3 + 1))
-    assert kv_slots(kit.hf_model, kit.family, config) == 3
+    budget = per_seq * 3 + 1
+    config = EngineConfig(max_num_seqs=16, max_model_len=512, kv_cache_memory=str(budget))
+    slots, blocks = kv_layout(kit.hf_model, kit.family, config)
     engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
-    assert engine.runner.cache.max_slots == 3 and engine.scheduler.max_num_seqs == 3
-    assert engine.runner.cache.nbytes <= per_seq * 3
+    cache = engine.runner.cache
+    assert cache.max_slots == slots == engine.scheduler.max_num_seqs and cache.num_blocks == blocks
+    assert cache.nbytes <= budget
+    if any(not kind.is_full for kind in kit.family.layer_kinds()):
+        # Each slot's window / cross rows are fixed: the slots come first, the blocks get the rest
+        # (at least a max-length sequence's worth).
+        assert 3 <= slots <= 16 and 512 <= blocks * cache.block_size < 3 * 512
+    else:  # blocks only: as many sequences as hold what they write
+        assert slots == 16 and blocks == 3 * 512 // cache.block_size - 1  # (one: the scratch block)
     with pytest.raises(ValueError, match="cannot hold one sequence"):
         kv_slots(kit.hf_model, kit.family, EngineConfig(max_model_len=512, kv_cache_memory="100"))
+
+
+def test_sequences_hold_blocks_by_use_and_wait_for_room(kit, prepared):
+    """Blocks for one sequence of max_model_len: short requests run together, a long one waits until
+    the blocks it may need are free, and every request gets generate()'s tokens; then all blocks are
+    back."""
+    from tritonvlm.engine.kv_cache import PagedKVCache
+
+    max_len, f32 = 512, torch.float32
+    kinds, (heads, dim) = kit.family.layer_kinds(), kit.family.kv_geometry()
+    per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, f32) + kit.family.extra_state_bytes(f32)
+    per_block = 16 * PagedKVCache.bytes_per_token(sum(k.is_full for k in kinds), heads, dim, f32)
+    budget = 8 * per_slot + (max_len // 16 + 1) * per_block  # 8 slots, one sequence's blocks + scratch
+    config = EngineConfig(
+        max_num_seqs=8, max_model_len=max_len, kv_cache_memory=str(budget), prefix_cache_slots=0
+    )
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    cache = engine.runner.cache
+    assert cache.max_slots == 8 and cache.num_blocks * cache.block_size == max_len
+    sink = Collector()
+    name, ids, mm, ref = prepared[0]
+    long_tokens = max_len - len(ids)  # this one may need every block
+    for k in range(3):
+        engine.add_request(f"short{k}", ids, greedy(), sink, mm)
+    engine.add_request("long", ids, SamplingParams(max_tokens=long_tokens, temperature=0.0), sink, mm)
+    engine.add_request("after", ids, greedy(), sink, mm)
+    engine.step()
+    assert {s.request_id for s in engine.scheduler.running} == {"short0", "short1", "short2"}
+    held = sum(len(cache.slot_blocks[s.slot]) for s in engine.scheduler.running)
+    assert held == 3 * cache.blocks_for(len(ids) + 1)  # what they wrote, not max_model_len each
+    steps = 0
+    while not all(sink.finished(r) for r in ("short0", "short1", "short2", "long", "after")):
+        engine.step()
+        running = {s.request_id for s in engine.scheduler.running}
+        assert "long" not in running or running <= {"long"}, running  # the long one runs alone
+        steps += 1
+        assert steps < 2000
+    for rid in ("short0", "short1", "short2", "after"):
+        assert sink.tokens(rid) == ref, rid
+    assert sink.tokens("long")[: len(ref)] == ref
+    assert cache.allocator.free_blocks == cache.num_blocks
 
 
 def test_requests_wait_for_a_free_slot_and_all_finish_correctly(kit, prepared):

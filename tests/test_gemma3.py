@@ -96,7 +96,10 @@ def test_prompts_and_generations_longer_than_the_window_match_generate(kit, wind
     engine = LLMEngine(model, kit.tokenizer, EngineConfig(max_model_len=256, max_num_seqs=4), family)
     cache = engine.runner.cache
     for kind, keys in zip(family.layer_kinds(), cache.keys, strict=True):
-        assert keys.shape[2] == (window if kind.is_sliding else 256)  # sliding layers: a ring of the window
+        if kind.is_sliding:  # sliding layers: a ring of the window per slot
+            assert keys.shape == (4, cache.heads, window, cache.head_dim)
+        else:  # full layers: blocks taken by use
+            assert keys.shape == (cache.num_blocks + 1, cache.block_size, cache.heads, cache.head_dim)
     cases = long_cases()
     requests = [kit.engine_inputs(case) for case in cases]
     prompt_lens = {case.name: len(ids) for case, (ids, _) in zip(cases, requests, strict=True)}

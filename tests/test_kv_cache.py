@@ -1,16 +1,18 @@
-"""The slot KV cache on its own: full layers hold every position, sliding-window layers a ring of the
-last ``window`` positions, and attention over the ring (with the runner's masks) equals attention over
-the whole history restricted to the window."""
+"""The KV cache on its own: full layers hold every position in blocks taken as sequences grow (shared
+by reference, moved between slots without a copy), sliding-window layers a ring of the last ``window``
+positions per slot, and attention over either (with the runner's masks) equals attention over the
+whole history (restricted to the window)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.families.base import FULL, LayerKind
 
-HEADS, DIM, WINDOW, MAX_LEN = 2, 8, 4, 32
+HEADS, DIM, WINDOW, MAX_LEN, BLOCK = 2, 8, 4, 32, 4
+CPU = torch.device("cpu")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,9 +24,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def test_sliding_ring_matches_windowed_attention_over_the_whole_history() -> None:
     torch.manual_seed(0)
     kinds = [FULL, LayerKind("sliding", WINDOW)]
-    cache = SlotKVCache(2, HEADS, DIM, 2, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
-    assert cache.keys[0].shape[2] == MAX_LEN and cache.keys[1].shape[2] == WINDOW
+    cache = PagedKVCache(2, HEADS, DIM, 2, MAX_LEN, torch.float32, CPU, kinds, block_size=BLOCK)
+    assert cache.keys[0].shape == (2 * MAX_LEN // BLOCK + 1, BLOCK, HEADS, DIM)  # blocks (+ scratch)
+    assert cache.keys[1].shape[2] == WINDOW
     lengths = [6, 3]
+    for slot, n in enumerate(lengths):
+        cache.grow(slot, n)
     history = [torch.randn(HEADS, n, DIM) for n in lengths]  # keys; values = keys * 2
     padded = torch.zeros(2, HEADS, 6, DIM)
     for i, h in enumerate(history):
@@ -37,6 +42,9 @@ def test_sliding_ring_matches_windowed_attention_over_the_whole_history() -> Non
         new = torch.randn(2, HEADS, 1, DIM)
         positions = torch.tensor([h.shape[1] for h in history])
         kv_len = int(positions.max()) + 1
+        for slot, p in enumerate(positions.tolist()):
+            cache.grow(slot, p + 1)
+        cache.sync_tables()
         cache.prepare_decode(positions, kv_len)
         full_k, full_v = cache.update(new, new * 2, 0)
         ring_k, ring_v = cache.update(new, new * 2, 1)
@@ -53,18 +61,57 @@ def test_sliding_ring_matches_windowed_attention_over_the_whole_history() -> Non
             assert torch.allclose(got_full, attend(q, h, h * 2, torch.ones(n, dtype=torch.bool)), atol=1e-5)
 
 
-def test_move_copies_every_layer_kind_and_sizes_count_the_window() -> None:
+def test_blocks_are_taken_by_use_shared_by_reference_and_moved_without_a_copy() -> None:
+    torch.manual_seed(0)
+    cache = PagedKVCache(1, HEADS, DIM, 3, MAX_LEN, torch.float32, torch.device("cpu"), None, 6, BLOCK)
+    # Two sequences growing in turn: their blocks interleave in the pool.
+    for n in range(1, 9):
+        cache.grow(0, n)
+        cache.grow(2, n)
+    assert cache.slot_blocks[0] == [0, 2] and cache.slot_blocks[2] == [1, 3]
+    assert cache.allocator.free_blocks == 2 and cache.bytes_held(5) == 2 * cache.block_bytes
+    history = torch.randn(1, HEADS, 8, DIM)
+    cache.prepare_prefill(2, 1, 8, [8])
+    cache.update(history, history * 2, 0)
+    assert torch.equal(cache.keys[0][1].transpose(0, 1), history[0, :, :4])  # positions 0-3: block 1
+    # A prefill after the slot's first 4 positions attends over them, read from the blocks in order.
+    cache.prepare_prefill(2, 1, 4, [4], offsets=[4], kv_len=8)
+    k, v = cache.update(history[:, :, 4:], history[:, :, 4:] * 2, 0)
+    assert torch.equal(k, history) and torch.equal(v, history * 2)
+    # Moving slot 2 into slot 0 hands over the table row and releases slot 0's blocks.
+    cache.move(2, 0, 8)
+    assert cache.slot_blocks[0] == [1, 3] and cache.slot_blocks[2] == []
+    assert cache.allocator.free_blocks == 4
+    assert cache.tables[2].tolist() == [cache.scratch] * (MAX_LEN // BLOCK)
+    # Sharing: another slot adopts the first block, copies 2 positions of the second into its own.
+    cache.adopt(1, [1])
+    cache.grow(1, 7)
+    cache.copy_positions(3, cache.slot_blocks[1][1], 2)
+    assert cache.allocator.ref_counts[1] == 2
+    cache.sync_tables()
+    cache.prepare_decode(torch.tensor([8, 6]), 7)
+    k, _ = cache.update(torch.zeros(2, HEADS, 1, DIM), torch.zeros(2, HEADS, 1, DIM), 0)
+    assert torch.equal(k[1, :, :6], history[0, :, :6])  # 4 shared + 2 copied positions
+    cache.release(0)
+    assert cache.allocator.ref_counts[1] == 1 and cache.slot_blocks[1][0] == 1
+    cache.release(1)
+    assert cache.allocator.free_blocks == 6
+    with pytest.raises(MemoryError):
+        cache.grow(0, 7 * BLOCK)
+
+
+def test_sizes_count_blocks_and_the_window_and_a_move_copies_the_ring() -> None:
     kinds = [FULL, LayerKind("sliding", WINDOW)]
-    cache = SlotKVCache(2, HEADS, DIM, 3, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
-    for layer in range(2):
-        cache.keys[layer][2].normal_()
-        cache.values[layer][2].normal_()
+    cache = PagedKVCache(2, HEADS, DIM, 3, MAX_LEN, torch.float32, CPU, kinds, block_size=BLOCK)
+    cache.keys[1][2].normal_()
+    cache.values[1][2].normal_()
     cache.move(2, 0, 10)
-    assert torch.equal(cache.keys[0][0, :, :10], cache.keys[0][2, :, :10])
-    assert torch.equal(cache.keys[1][0], cache.keys[1][2])  # the whole ring
-    per_seq = SlotKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
+    assert torch.equal(cache.keys[1][0], cache.keys[1][2])
+    assert torch.equal(cache.values[1][0], cache.values[1][2])
+    per_seq = PagedKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
     assert per_seq == 2 * HEADS * DIM * 4 * (MAX_LEN + WINDOW)
-    assert cache.nbytes == 3 * per_seq
+    assert PagedKVCache.slot_bytes(kinds, HEADS, DIM, MAX_LEN, torch.float32) == 2 * HEADS * DIM * 4 * WINDOW
+    assert cache.nbytes == 3 * per_seq + cache.block_bytes  # three sequences' blocks by default, scratch
 
 
 STATES = 6
@@ -75,7 +122,7 @@ def test_cross_layers_hold_each_slots_states_and_zeros_past_them() -> None:
     later step, zero past a row's own states (a text-only row holds none), moved with the slot."""
     torch.manual_seed(0)
     kinds = [FULL, LayerKind("cross", states=STATES)]
-    cache = SlotKVCache(2, HEADS, DIM, 3, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
+    cache = PagedKVCache(2, HEADS, DIM, 3, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
     assert cache.keys[1].shape == (3, HEADS, STATES, DIM) and cache.max_states == STATES
     # A previous occupant left states in slot 1: a text-only prompt there must not see them.
     cache.keys[1][1].normal_()
@@ -83,6 +130,9 @@ def test_cross_layers_hold_each_slots_states_and_zeros_past_them() -> None:
     cache.state_lengths[1] = STATES
     image = torch.randn(1, HEADS, STATES, DIM)
     states = torch.cat([image, torch.randn(1, HEADS, STATES, DIM)])  # row 1's are padding: not stored
+    cache.grow(0, 6)
+    cache.grow(1, 6)
+    cache.grow(2, 6)
     cache.prepare_prefill(0, 2, 5, [5, 3], [STATES, 0])
     assert cache.layers[1].is_initialized and cache.layers[1].keys.shape == (2, HEADS, STATES, DIM)
     k, v = cache.update(states, states * 2, 1)
@@ -100,6 +150,7 @@ def test_cross_layers_hold_each_slots_states_and_zeros_past_them() -> None:
     assert cache.layers[1].keys.numel() == 0  # only text-only rows: the model skips its cross layers
     assert not cache.keys[1][0].any() and cache.state_lengths[0] == 0
     # An image prompt moving into a slot keeps its states.
+    cache.grow(1, 4)
     cache.prepare_prefill(1, 1, 4, [4], [STATES])
     cache.update(image, image * 2, 1)
     cache.move(1, 0, 4)
@@ -108,12 +159,14 @@ def test_cross_layers_hold_each_slots_states_and_zeros_past_them() -> None:
 
 def test_cross_states_count_in_the_budget_and_the_held_bytes() -> None:
     kinds = [FULL, LayerKind("cross", states=STATES), FULL]
-    per_seq = SlotKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
+    per_seq = PagedKVCache.bytes_per_sequence(kinds, HEADS, DIM, MAX_LEN, torch.float32)
     per_column = 2 * HEADS * DIM * 4
     assert per_seq == per_column * (2 * MAX_LEN + STATES)
-    cache = SlotKVCache(3, HEADS, DIM, 2, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
-    assert cache.nbytes == 2 * per_seq
-    assert cache.bytes_held(10) == per_column * 2 * 10  # token layers only
+    cache = PagedKVCache(3, HEADS, DIM, 2, MAX_LEN, torch.float32, torch.device("cpu"), kinds)
+    assert cache.nbytes == 2 * per_seq + cache.block_bytes  # (the scratch block)
+    assert cache.bytes_held(16) == per_column * 2 * 16  # token layers only: one block of 16
+    cache.grow(0, 4)
+    cache.grow(1, 4)
     cache.prepare_prefill(0, 2, 4, [4, 4], [STATES, 0])
     assert cache.state_bytes_held(2) == per_column * STATES and cache.state_bytes_held(0) == 0
     with pytest.raises(ValueError, match="cross-attention states"):

@@ -11,7 +11,7 @@ from conftest import make_image
 from family_harness import Case, conversation
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
-from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.llm_engine import sequence_bytes
 from tritonvlm.families.mllama import MASK, STATES, MllamaFamily
 from tritonvlm.testmodels.mllama import IMAGE_TOKEN, SIZES
@@ -172,6 +172,8 @@ def test_images_change_the_logits(kit) -> None:
     firsts = []
     for color in ("red", "blue"):
         ids, mm = kit.engine_inputs(image_case(color))
+        engine.runner.cache.release(0)
+        engine.runner.cache.grow(0, len(ids))
         seq_logits = engine.runner.prefill([_seq(engine, ids, mm)], 0)
         firsts.append(seq_logits[0])
     assert not torch.allclose(firsts[0], firsts[1])
@@ -192,7 +194,7 @@ def test_kv_budget_counts_the_cross_states(kit) -> None:
     family = kit.family
     kv_heads, head_dim = family.kv_geometry()
     self_layers = len(family.layer_kinds()) - len(family.cross_layers)
-    per_token = SlotKVCache.bytes_per_token(self_layers, kv_heads, head_dim, torch.float32)
+    per_token = PagedKVCache.bytes_per_token(self_layers, kv_heads, head_dim, torch.float32)
     cross = family.states_per_image * per_state_bytes(family, torch.float32)
     assert (per_token, cross) == (1024, 69632)  # tiny, float32: 2 self layers; 2 cross layers x 68 states
     assert sequence_bytes(family, 512, torch.float32) == 512 * per_token + cross
@@ -207,7 +209,7 @@ def test_llama_3_2_11b_shape() -> None:
     assert [i for i, k in enumerate(kinds) if k.is_cross] == [3, 8, 13, 18, 23, 28, 33, 38]
     assert family.states_per_image == 4 * 1601 and kinds[3].states == 6404
     assert family.kv_geometry() == (8, 128)
-    per_token = SlotKVCache.bytes_per_token(32, 8, 128, torch.bfloat16)
+    per_token = PagedKVCache.bytes_per_token(32, 8, 128, torch.bfloat16)
     assert per_token == 131072  # 128 KiB per token (32 self-attention layers)
     cross = family.states_per_image * per_state_bytes(family, torch.bfloat16)
     assert cross == 209_846_272  # 200.1 MiB of image keys/values per sequence

@@ -11,6 +11,7 @@ from family_harness import FAMILIES, Case, conversation
 from test_engine import Collector
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+from tritonvlm.engine.block_manager import BlockAllocator
 from tritonvlm.engine.prefix_cache import MIN_MATCH_TOKENS, PrefixCache, first_placeholder, mm_digest
 
 MAX_NEW = 8
@@ -19,59 +20,75 @@ IMAGE_B = make_image(64, 48, "blue", "square")  # same size: the same placeholde
 
 
 # ---- bookkeeping ------------------------------------------------------------------------------------
-class Copies:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int, int]] = []
+BLOCK = 4
 
-    def __call__(self, src: int, dst: int, length: int) -> None:
-        self.calls.append((src, dst, length))
+
+def stored(
+    cache: PrefixCache, pool: BlockAllocator, tokens: list[int], digest=None, first_image=None
+) -> list[int]:
+    """Store ``tokens`` as a finished sequence would: from blocks it holds, which it then releases."""
+    blocks = pool.allocate(-(-len(tokens) // BLOCK) + 1)  # (a sequence may hold one block more)
+    cache.store(blocks, tokens, digest, len(tokens) if first_image is None else first_image)
+    pool.release(blocks)
+    return blocks
 
 
 def test_longest_match_wins_and_the_last_prompt_token_is_always_computed():
-    copies = Copies()
-    cache = PrefixCache([10, 11], copies)
+    pool = BlockAllocator(64)
+    cache = PrefixCache(2, pool, BLOCK)
     short, long = list(range(20)), list(range(40))
-    cache.store(0, short, None, 20)
-    cache.store(1, long + [99], None, 41)
-    assert len(copies.calls) == 2 and copies.calls[1][0] == 1
+    stored(cache, pool, short)
+    blocks = stored(cache, pool, long + [99])
+    assert len(cache.entries) == 1  # the longer one supersedes the one it extends
+    assert cache.entries[0].blocks == blocks[:11]  # 41 tokens: 11 blocks kept, the spare one freed
+    assert pool.free_blocks == 64 - 11
+    stored(cache, pool, list(range(25)) + [5] * 10)
     match = cache.match(list(range(30)) + [7], None, 31)
-    assert match is not None and match.length == 30 and match.row == copies.calls[1][1]
+    assert match is not None and match.length == 30 and match.entry is cache.entries[0]
     # The whole prompt is cached: all but its last token are taken.
     assert cache.match(list(range(40)), None, 40).length == 39
     assert cache.hits == 2 and cache.hit_tokens == 69 and cache.queries == 2
+    assert cache.lookup(list(range(40)), None, 40).length == 39 and cache.queries == 2  # lookup: no count
 
 
-def test_short_matches_are_not_worth_a_copy():
-    cache = PrefixCache([5], Copies())
-    cache.store(0, list(range(30)), None, 30)
+def test_short_matches_are_not_worth_it():
+    pool = BlockAllocator(64)
+    cache = PrefixCache(1, pool, BLOCK)
+    stored(cache, pool, list(range(30)))
     assert cache.match(list(range(MIN_MATCH_TOKENS - 1)) + [1000, 1001], None, 10) is None
     assert cache.match(list(range(MIN_MATCH_TOKENS)) + [1000], None, 10).length == MIN_MATCH_TOKENS
 
 
 def test_other_images_match_only_up_to_the_first_placeholder():
-    cache = PrefixCache([5], Copies())
+    pool = BlockAllocator(64)
+    cache = PrefixCache(1, pool, BLOCK)
     tokens = list(range(12)) + [7] * 10 + list(range(50, 60))  # placeholders (7) from index 12
-    cache.store(0, tokens, b"image-a", 12)
+    stored(cache, pool, tokens, b"image-a", 12)
     assert cache.match(tokens + [1], b"image-a", 12).length == len(tokens)
     assert cache.match(tokens + [1], b"image-b", 12).length == 12
     assert cache.match(tokens + [1], None, len(tokens) + 1).length == 12
 
 
-def test_lru_eviction_and_superseded_entries_reuse_rows():
-    copies = Copies()
-    cache = PrefixCache([1, 2], copies)
+def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
+    pool = BlockAllocator(64)
+    cache = PrefixCache(2, pool, BLOCK)
     a, b, c = [1] * 20, [2] * 20, [3] * 20
-    cache.store(0, a, None, 20)
-    cache.store(0, b, None, 20)
+    stored(cache, pool, a)
+    stored(cache, pool, b)
+    assert pool.used_blocks == 10
     cache.match(a + [5], None, 21)  # a is now more recent than b
-    cache.store(0, c, None, 20)  # evicts b
-    assert sorted(e.tokens[0] for e in cache.entries) == [1, 3]
-    row_a = next(e.row for e in cache.entries if e.tokens[0] == 1)
-    cache.store(0, a + [9] * 5, None, 25)  # a longer a supersedes a, in a's row
-    assert len(cache.entries) == 2 and any(e.row == row_a and len(e.tokens) == 25 for e in cache.entries)
-    calls = len(copies.calls)
-    cache.store(0, a, None, 20)  # already covered: no copy
-    assert len(copies.calls) == calls
+    stored(cache, pool, c)  # the cache is full: b (least recently used) goes, with its blocks
+    assert sorted(e.tokens[0] for e in cache.entries) == [1, 3] and pool.used_blocks == 10
+    stored(cache, pool, a + [9] * 5)  # a longer a supersedes a
+    assert len(cache.entries) == 2 and any(len(e.tokens) == 25 for e in cache.entries)
+    assert pool.used_blocks == 5 + 7
+    used = pool.used_blocks
+    stored(cache, pool, a)  # already covered: nothing new kept
+    assert pool.used_blocks == used and len(cache.entries) == 2
+    longer_a = next(e for e in cache.entries if e.tokens[0] == 1)
+    assert cache.evict(keep=longer_a) and cache.entries == [longer_a]  # the others go first
+    assert cache.evict(keep=longer_a) and cache.entries == [] and pool.used_blocks == 0
+    assert not cache.evict()
 
 
 def test_digest_and_placeholder_helpers():
@@ -86,9 +103,11 @@ def test_digest_and_placeholder_helpers():
 
 
 def test_disabled_cache_matches_nothing():
-    cache = PrefixCache([], Copies())
-    cache.store(0, list(range(30)), None, 30)
+    pool = BlockAllocator(16)
+    cache = PrefixCache(0, pool, BLOCK)
+    stored(cache, pool, list(range(30)))
     assert not cache.enabled and cache.match(list(range(30)), None, 30) is None and not cache.entries
+    assert pool.used_blocks == 0
 
 
 # ---- in the engine ------------------------------------------------------------------------------------
@@ -183,20 +202,34 @@ def test_eviction_under_pressure_loses_no_request(kit):
         assert engine.prefix_cache.hits >= 1
 
 
-def test_prefix_rows_come_from_what_the_budget_leaves(kit):
-    from tritonvlm.engine.llm_engine import kv_rows, sequence_bytes
-
-    per_seq = sequence_bytes(kit.family, 512, torch.float32)
-    wanted = 4 if kit.family.supports_prefix_cache else 0
-
-    def rows(max_num_seqs: int, budget_rows: int | None) -> tuple[int, int]:
-        budget = "" if budget_rows is None else str(per_seq * budget_rows + 1)
-        config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=512, kv_cache_memory=budget)
-        return kv_rows(kit.hf_model, kit.family, config)
-
-    assert rows(2, None) == (2, wanted)  # no budget: max_num_seqs slots and the configured rows
-    assert rows(2, 5) == (2, min(wanted, 3))  # the budget's rows after the running slots
-    assert rows(8, 5) == (5, 0)  # running sequences first
+def test_entries_give_their_blocks_back_to_a_sequence_that_needs_them(kit):
+    """Blocks for one max-length sequence: a finished request's entry holds blocks; a request that may
+    need them all is admitted once the entry lets go of them, and gets generate()'s tokens."""
+    max_len = 512
+    config = EngineConfig(max_model_len=max_len, max_num_seqs=2)
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    cache = engine.runner.cache
+    # Shrink the pool to one sequence's blocks: take the rest away from the allocator.
+    spare = cache.allocator.allocate(cache.num_blocks - max_len // cache.block_size)
+    sink = Collector()
+    first = Case("first", conversation("Tell me a story about a cat.", 0))
+    run(engine, sink, "first", first, kit)
+    held = cache.allocator.used_blocks - len(spare)
+    kept = cache.blocks_for(len(kit.engine_inputs(first)[0]) + MAX_NEW - 1)  # prompt + fed-back tokens
+    assert held == (kept if engine.prefix_cache.enabled else 0)
+    long = Case("long", conversation("Write a poem about the sea.", 0))
+    ids, mm = kit.engine_inputs(long)
+    params = SamplingParams(max_tokens=max_len - len(ids), temperature=0.0)
+    engine.add_request("long", ids, params, sink, mm)
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["long"]
+    assert not engine.prefix_cache.entries
+    for _ in range(MAX_NEW):
+        engine.step()
+    engine.cancel("long")
+    engine.step()
+    assert sink.tokens("long")[:MAX_NEW] == kit.reference_tokens(long, MAX_NEW)
+    assert cache.allocator.used_blocks == len(spare)
 
 
 def test_engine_config_defaults_by_device():

@@ -236,16 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--kv-cache-memory",
         metavar="SIZE",
-        help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"); caps the '
-        "sequences that run at once (default on CUDA: 0.6 of the free memory after the weights; on CPU: "
-        "max-num-seqs slots of max-model-len tokens)",
+        help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"), in blocks of '
+        "16 tokens that requests take as they grow; a request waits until prompt + max_tokens fit "
+        "(default on CUDA: 0.6 of the free memory after the weights; on CPU: room for max-num-seqs + "
+        "prefix-cache-slots sequences of max-model-len tokens)",
     )
     model.add_argument(
         "--prefix-cache-slots",
         metavar="N",
         type=int,
-        help="finished sequences whose keys/values are kept for prompts that start the same way (each "
-        "takes one sequence's KV memory, from the budget); 0 turns the prefix cache off (default 4)",
+        help="finished sequences whose keys/values (KV blocks) are kept for prompts that start the same "
+        "way, given back when a new request needs the blocks; 0 turns the prefix cache off (default 4)",
     )
     model.add_argument(
         "--cuda-graphs",

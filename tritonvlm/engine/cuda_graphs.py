@@ -3,12 +3,15 @@ captured the first time that shape is met, then replayed with new inputs. A deco
 batch is hundreds of small kernels launched one by one from Python; a replay launches them all at
 once, so the step costs about what the GPU needs to read the weights.
 
-The inputs live in static buffers (token, cache position and rope position per row); a batch smaller
-than its bucket is padded with dummy rows, which sit in the slots after the running ones and write
-their key into the last column of the slot, ``max_len - 1``: no sequence ever writes that column (the
-last token of a sequence of ``max_len`` tokens is sampled, never fed back), so a slot past the batch
-may hold keys that must survive the step (a long prompt being prefilled in chunks). Everything the
-forward computes from the inputs (masks, positions, the KV cache writes) is recorded in the graph.
+The inputs live in static buffers (token, cache position and rope position per row; the KV cache's
+block table is a static device tensor the graph reads); a batch smaller than its bucket is padded
+with dummy rows, which sit in the slots after the running ones and write their key at position
+``max_len - 1``. No sequence ever writes that position (the last token of a sequence of ``max_len``
+tokens is sampled, never fed back): in the full-attention layers it falls in the scratch block the
+table points at for blocks a slot does not hold, or in a block of a long prompt being prefilled in
+chunks at a position it never uses, so the keys such a slot holds survive the step. Everything the
+forward computes from the inputs (masks, positions, block lookups, the KV cache writes) is recorded
+in the graph.
 
 Capturing needs a forward with no host synchronisation; if a model's forward has one, capture fails
 once, a warning is logged and the engine decodes eagerly from then on.

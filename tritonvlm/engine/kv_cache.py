@@ -1,26 +1,29 @@
-"""A preallocated KV cache with one slot (row) per running sequence.
+"""The KV cache: full-attention layers in blocks held by use, window and cross layers in per-slot rows.
 
-Running sequences always occupy slots ``0 .. n-1``: a leaving sequence's slot is filled by moving the
-last one into it. A decode step then attends over the view ``keys[:n, :, :kv_len]`` of the buffer,
-so neither a join nor a decode step copies the other sequences' cache (a join-by-padding cache
-rebuilds every running sequence's cache on each join, and a concatenating cache copies it every step).
+Running sequences occupy slots ``0 .. n-1`` (a leaving sequence's slot is taken by the last one). A
+slot is a row of the block table and, for the layers whose memory per sequence is bounded anyway, a
+row of their buffers:
 
-Layers of a sliding-window kind (Gemma 3's local layers) keep only their window: a ring of ``window``
-columns where the key of position ``p`` lives in column ``p % window``. Attention does not care about
-the order of keys (their positions are already rotated in), so the ring is attended as is, with a
-mask of the columns written so far.
-
-Layers of the ``cross`` kind (Mllama's cross-attention layers) hold a fixed set of encoder states per
-sequence (its image's keys/values, up to ``states`` columns) instead of one column per token. They are
-written once, at prefill, and read at every decode step. Each slot records how many such columns it
-holds (0 for a text-only prompt) and columns past that count are kept zero, so one batch can mix rows
-with and without images: a row with fewer states sees zero keys and values there (the family's mask
-decides what they weigh). They move with their slot and are released with it.
+- **Full-attention layers** keep keys/values in a pool of blocks of ``block_size`` positions,
+  ``[num_blocks + 1, block_size, kv_heads, head_dim]``. A sequence holds the blocks its tokens need
+  (``grow``), listed in its slot's row of the block table; the key of position ``p`` lives at
+  ``table[p // block_size]``, offset ``p % block_size``. Blocks are reference counted: a prefix-cache
+  entry and the sequences that start from it share the blocks of their common start (never written
+  again: a sequence writes only past its shared blocks). Attention reads a row's blocks gathered in
+  position order. Table entries a slot does not hold point at the pool's last block, a scratch block
+  that belongs to no one (CUDA-graph dummy rows write there).
+- **Sliding-window layers** (Gemma 3's local layers) keep only their window: a ring of ``window``
+  columns per slot where position ``p`` lives in column ``p % window``, attended as is with a mask of
+  the columns written so far (attention does not care about key order; positions are rotated in).
+- **Cross layers** (Mllama's cross-attention layers) hold a fixed set of encoder states per slot (its
+  image's keys/values, up to ``states`` columns), written once at prefill and read at every decode
+  step. Each slot records how many it holds (0 for a text-only prompt) and columns past that count are
+  kept zero, so one batch can mix rows with and without images.
 
 The object plays the role of transformers' ``Cache`` for the decoder layers, which call
 ``update(key_states, value_states, layer_idx)`` and, for cross layers, read ``layers[i].keys`` /
-``.values`` (the current batch's view): before each forward the runner says where the new keys go
-(``prepare_prefill`` / ``prepare_decode``).
+``.values``: before each forward the runner says where the new keys go (``prepare_prefill`` /
+``prepare_decode``).
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from collections.abc import Sequence
 
 import torch
 
+from tritonvlm.engine.block_manager import BlockAllocator
 from tritonvlm.families.base import FULL, LayerKind
+
+DEFAULT_BLOCK_SIZE = 16
 
 
 class CacheLayerView:
     """``cache.layers[i]`` as transformers' cache layers expose it: the keys/values of layer ``i`` that
     the next forward attends over (decode: the running slots; prefill: the prompts' slots)."""
 
-    def __init__(self, cache: SlotKVCache, layer_idx: int) -> None:
+    def __init__(self, cache: PagedKVCache, layer_idx: int) -> None:
         self._cache = cache
         self._layer = layer_idx
 
@@ -53,10 +59,9 @@ class CacheLayerView:
         return self._cache.view(self._cache.values[self._layer], self._layer)
 
 
-class SlotKVCache:
-    """Key/value buffers of shape ``[max_slots, kv_heads, columns, head_dim]`` for every layer:
-    ``columns`` is ``max_len`` for full-attention layers, ``min(window, max_len)`` for sliding ones and
-    ``states`` for cross layers."""
+class PagedKVCache:
+    """Keys/values of every layer for up to ``max_slots`` sequences of at most ``max_len`` tokens, the
+    full-attention layers' in ``num_blocks`` shared blocks (see the module docstring)."""
 
     def __init__(
         self,
@@ -68,14 +73,30 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device,
         layer_kinds: Sequence[LayerKind] | None = None,
+        num_blocks: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self.kinds = list(layer_kinds) if layer_kinds is not None else [FULL] * num_layers
         if len(self.kinds) != num_layers:
             raise ValueError(f"{len(self.kinds)} layer kinds for {num_layers} layers")
+        self.block_size = block_size
+        self.max_blocks = -(-max_len // block_size)  # table columns: blocks of a max_len sequence
+        if num_blocks is None:
+            num_blocks = max_slots * self.max_blocks
+        self.num_blocks = num_blocks
+        self.scratch = num_blocks  # the pool's extra last block
+        self.heads, self.head_dim = num_kv_heads, head_dim
         self.columns = [self.layer_columns(kind, max_len) for kind in self.kinds]
+        self.paged = [kind.is_full for kind in self.kinds]
         self.keys = [
-            torch.zeros((max_slots, num_kv_heads, cols, head_dim), dtype=dtype, device=device)
-            for cols in self.columns
+            torch.zeros(
+                (num_blocks + 1, block_size, num_kv_heads, head_dim)
+                if paged
+                else (max_slots, num_kv_heads, cols, head_dim),
+                dtype=dtype,
+                device=device,
+            )
+            for cols, paged in zip(self.columns, self.paged, strict=True)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.layers = [CacheLayerView(self, i) for i in range(num_layers)]
@@ -83,10 +104,16 @@ class SlotKVCache:
         self.max_slots = max_slots
         self.max_len = max_len
         self.device = device
+        self.allocator = BlockAllocator(num_blocks)
+        self.slot_blocks: list[list[int]] = [[] for _ in range(max_slots)]
+        self.tables = torch.full((max_slots, self.max_blocks), self.scratch, dtype=torch.long, device=device)
+        # Edited on the host, copied to the device before a forward that reads it (sync_tables).
+        self._host_tables = self.tables if device.type == "cpu" else self.tables.cpu().pin_memory()
+        self._tables_dirty = False
         self.sliding_window = min((k.window for k in self.kinds if k.is_sliding), default=None)
         self.cross_layers = [i for i, kind in enumerate(self.kinds) if kind.is_cross]
         self.max_states = min((self.columns[i] for i in self.cross_layers), default=0)
-        self._token_columns = [c for c, k in zip(self.columns, self.kinds, strict=True) if not k.is_cross]
+        self._sliding_columns = [c for c, k in zip(self.columns, self.kinds, strict=True) if k.is_sliding]
         # Cross-layer columns each slot holds; in a free slot, the columns it may still hold (not zero).
         self.state_lengths = [0] * max_slots
         self._mode = ""
@@ -99,10 +126,14 @@ class SlotKVCache:
         self._kv_len = 0
         self._rows: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        self._write_at: torch.Tensor | None = None  # flat pool index of each new key (full layers)
+        self._prompt_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (row, token) of each prompt key
+        self._read_blocks: torch.Tensor | None = None  # [rows, blocks] attended in position order
 
+    # ---- sizes -------------------------------------------------------------------------------------------
     @staticmethod
     def layer_columns(kind: LayerKind, max_len: int) -> int:
-        """Cache columns one sequence holds in a layer of ``kind``."""
+        """Cache columns one sequence holds at most in a layer of ``kind``."""
         if kind.is_cross:
             return int(kind.states or 0)
         return min(kind.window, max_len) if kind.is_sliding and kind.window else max_len
@@ -111,19 +142,38 @@ class SlotKVCache:
     def bytes_per_sequence(
         kinds: Sequence[LayerKind], num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype
     ) -> int:
-        """Memory of one slot across all layers (keys and values; cross layers' states included)."""
+        """Memory a sequence of ``max_len`` tokens holds across all layers (keys and values; cross
+        layers' states included)."""
         per_column = 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-        return sum(SlotKVCache.layer_columns(kind, max_len) for kind in kinds) * per_column
+        return sum(PagedKVCache.layer_columns(kind, max_len) for kind in kinds) * per_column
+
+    @staticmethod
+    def slot_bytes(
+        kinds: Sequence[LayerKind], num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype
+    ) -> int:
+        """Memory each slot reserves whatever it holds: its sliding rings and cross-layer states."""
+        rows = [kind for kind in kinds if not kind.is_full]
+        return PagedKVCache.bytes_per_sequence(rows, num_kv_heads, head_dim, max_len, dtype)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Memory one cached token takes across ``num_layers`` full-attention layers (keys and values)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
+    @property
+    def block_bytes(self) -> int:
+        """Memory of one block across the full-attention layers."""
+        return self.block_size * sum(self.paged) * self._per_column
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
     def bytes_held(self, num_tokens: int) -> int:
-        """Memory the keys/values of a sequence of ``num_tokens`` tokens occupy across the token layers
-        (full and sliding; cross layers' states: :meth:`state_bytes_held`)."""
-        return sum(min(num_tokens, cols) for cols in self._token_columns) * self._per_column
+        """Memory the keys/values of a sequence of ``num_tokens`` tokens occupy across the token layers:
+        its blocks in the full layers, the used part of its ring in the sliding ones (cross layers'
+        states: :meth:`state_bytes_held`)."""
+        sliding = sum(min(num_tokens, cols) for cols in self._sliding_columns) * self._per_column
+        return self.blocks_for(num_tokens) * self.block_bytes + sliding
 
     def state_bytes_held(self, num_rows: int) -> int:
         """Memory the cross layers' states of the sequences in slots ``0 .. num_rows-1`` occupy."""
@@ -141,6 +191,52 @@ class SlotKVCache:
         """Ring columns a decode step over ``kv_len`` tokens attends in the sliding layers."""
         return min(self.sliding_window or kv_len, kv_len)
 
+    # ---- blocks of a slot ------------------------------------------------------------------------------
+    def grow(self, slot: int, num_tokens: int) -> None:
+        """Give ``slot`` the blocks to hold ``num_tokens`` positions. Raises ``MemoryError`` if too few
+        are free (the engine reserves them before it admits a sequence)."""
+        held = self.slot_blocks[slot]
+        need = self.blocks_for(num_tokens) - len(held)
+        if need > 0:
+            new = self.allocator.allocate(need)
+            self._host_tables[slot, len(held) : len(held) + need] = torch.tensor(new)
+            held.extend(new)
+            self._tables_dirty = True
+
+    def adopt(self, slot: int, blocks: Sequence[int]) -> None:
+        """``slot`` (empty) starts with ``blocks`` (shared: never written through this slot)."""
+        if self.slot_blocks[slot]:
+            raise ValueError(f"slot {slot} already holds blocks")
+        self.allocator.share(blocks)
+        self.slot_blocks[slot] = list(blocks)
+        if blocks:
+            self._host_tables[slot, : len(blocks)] = torch.tensor(list(blocks))
+            self._tables_dirty = True
+
+    def release(self, slot: int) -> None:
+        """``slot``'s sequence is gone: its blocks lose a holder; its table row points at scratch."""
+        held = self.slot_blocks[slot]
+        if held:
+            self.allocator.release(held)
+            self._host_tables[slot, : len(held)] = self.scratch
+            self.slot_blocks[slot] = []
+            self._tables_dirty = True
+
+    def copy_positions(self, src_block: int, dst_block: int, n: int) -> None:
+        """Copy the first ``n`` positions of block ``src_block`` into ``dst_block`` in every full layer."""
+        for layer, paged in enumerate(self.paged):
+            if paged:
+                self.keys[layer][dst_block, :n] = self.keys[layer][src_block, :n]
+                self.values[layer][dst_block, :n] = self.values[layer][src_block, :n]
+
+    def sync_tables(self) -> None:
+        """Make the device's block table match the host's edits (before a forward reads it)."""
+        if self._tables_dirty:
+            if self.tables is not self._host_tables:
+                self.tables.copy_(self._host_tables, non_blocking=True)
+            self._tables_dirty = False
+
+    # ---- forwards ----------------------------------------------------------------------------------------
     def prepare_prefill(
         self,
         first_slot: int,
@@ -153,11 +249,11 @@ class SlotKVCache:
     ) -> None:
         """The next forward is a prefill of ``num_rows`` prompts (right-padded to ``length``; row i has
         ``lengths[i]`` real tokens and ``state_lengths[i]`` cross-layer states) whose keys go to slots
-        ``first_slot ..``; attention sees only the prompts' own keys.
+        ``first_slot ..`` (which hold the blocks for them); attention sees only the prompts' own keys.
 
-        With ``offsets`` (a prefix-cache hit), row i's slot already holds the keys of its first
-        ``offsets[i]`` prompt tokens: the new tokens' keys go after them and attention spans the slot's
-        columns ``0 .. kv_len-1`` (full-attention layers only)."""
+        With ``offsets`` (a prefix-cache hit, a later chunk), row i's slot already holds the keys of its
+        first ``offsets[i]`` prompt tokens: the new tokens' keys go after them and attention spans
+        positions ``0 .. kv_len-1`` of the slot (full-attention layers only)."""
         states = list(state_lengths) if state_lengths is not None else [0] * num_rows
         for i, n in enumerate(states):
             if not 0 <= n <= self.max_states:
@@ -171,19 +267,54 @@ class SlotKVCache:
         if self._offsets is not None and any(not kind.is_full for kind in self.kinds):
             raise ValueError("a prefill after cached keys needs full-attention layers only")
         self._kv_len = kv_len
+        starts = self._offsets or [0] * num_rows
+        rows, tokens, write_at = [], [], []
+        for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+            positions = torch.arange(start, start + n)
+            table = self._host_tables[first_slot + i]
+            if self.blocks_for(start + n) > len(self.slot_blocks[first_slot + i]):
+                raise RuntimeError(f"slot {first_slot + i} holds too few blocks for {start + n} tokens")
+            rows.append(torch.full((n,), i))
+            tokens.append(torch.arange(n))
+            block = table[positions // self.block_size]
+            write_at.append(block * self.block_size + positions % self.block_size)
+        self._prompt_rows = (torch.cat(rows).to(self.device), torch.cat(tokens).to(self.device))
+        self._write_at = torch.cat(write_at).to(self.device)
+        self.sync_tables()
+        if self._offsets is not None:
+            blocks = self.blocks_for(kv_len)
+            self._read_blocks = self.tables[first_slot : first_slot + num_rows, :blocks]
 
     def prepare_decode(self, positions: torch.Tensor, kv_len: int) -> None:
         """The next forward decodes one token for slots ``0 .. len(positions)-1``; row i's new key is
-        at cache position ``positions[i]`` and attention spans positions ``0 .. kv_len-1``."""
+        at cache position ``positions[i]`` and attention spans positions ``0 .. kv_len-1``. Tensor
+        operations only (a CUDA graph records them): the block table must be synced before."""
         self._mode = "decode"
-        self._num_rows = int(positions.shape[0])
-        self._rows = torch.arange(self._num_rows, device=self.device)
+        n = int(positions.shape[0])
+        self._num_rows = n
+        self._rows = torch.arange(n, device=self.device)
         self._positions = positions.to(self.device)
         self._length = kv_len
-        self._state_width = max(self.state_lengths[: self._num_rows], default=0)
+        self._state_width = max(self.state_lengths[:n], default=0)
+        tables = self.tables[:n]
+        block = tables.gather(1, (self._positions // self.block_size)[:, None])[:, 0]
+        self._write_at = block * self.block_size + self._positions % self.block_size
+        self._read_blocks = tables[:, : self.blocks_for(kv_len)]
+
+    def _gather(self, pool: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """``[rows, heads, kv_len, dim]``: the prepared rows' blocks of ``pool`` in position order."""
+        blocks = self._read_blocks
+        rows, count = blocks.shape
+        flat = pool[blocks].view(rows, count * self.block_size, self.heads, self.head_dim)
+        return flat[:, :kv_len].transpose(1, 2)
 
     def view(self, buffer: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """What attention sees of ``buffer`` (a layer's keys or values) in the prepared forward."""
+        if self.paged[layer_idx]:
+            span = self._kv_len if self._mode == "prefill" else self._length
+            if self._read_blocks is None or (self._mode == "prefill" and self._offsets is None):
+                return buffer.new_zeros(self._num_rows, self.heads, 0, self.head_dim)
+            return self._gather(buffer, span)
         if self._mode == "prefill":
             rows = slice(self._first_slot, self._first_slot + self._num_rows)
         else:
@@ -198,39 +329,51 @@ class SlotKVCache:
         """Store the new keys/values of one layer and return what attention must see."""
         if self.kinds[layer_idx].is_cross:
             return self._update_cross(key_states, value_states, layer_idx)
+        if not self._mode:
+            raise RuntimeError("PagedKVCache.update called before prepare_prefill/prepare_decode")
+        if self.paged[layer_idx]:
+            return self._update_paged(key_states, value_states, layer_idx)
+        return self._update_ring(key_states, value_states, layer_idx)
+
+    def _update_paged(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.keys[layer_idx].view(-1, self.heads, self.head_dim)
+        v = self.values[layer_idx].view(-1, self.heads, self.head_dim)
+        if self._mode == "decode":
+            k.index_copy_(0, self._write_at, key_states[:, :, 0])
+            v.index_copy_(0, self._write_at, value_states[:, :, 0])
+            return (
+                self._gather(self.keys[layer_idx], self._length),
+                self._gather(self.values[layer_idx], self._length),
+            )
+        rows, tokens = self._prompt_rows
+        k.index_copy_(0, self._write_at, key_states.transpose(1, 2)[rows, tokens])
+        v.index_copy_(0, self._write_at, value_states.transpose(1, 2)[rows, tokens])
+        if self._offsets is None:
+            return key_states, value_states
+        return (
+            self._gather(self.keys[layer_idx], self._kv_len),
+            self._gather(self.values[layer_idx], self._kv_len),
+        )
+
+    def _update_ring(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sliding layer: the last ``window`` positions of each slot, position p in column p % window."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
         cols = self.columns[layer_idx]
-        sliding = self.kinds[layer_idx].is_sliding and cols < self.max_len
         if self._mode == "prefill":
             first = self._first_slot
-            if self._offsets is not None:
-                for i, (start, n) in enumerate(zip(self._offsets, self._lengths, strict=True)):
-                    k[first + i, :, start : start + n] = key_states[i, :, :n]
-                    v[first + i, :, start : start + n] = value_states[i, :, :n]
-                rows = slice(first, first + self._num_rows)
-                return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
-            if not sliding:
-                rows = slice(first, first + self._num_rows)
-                k[rows, :, : self._length] = key_states
-                v[rows, :, : self._length] = value_states
-            else:
-                for i, n in enumerate(self._lengths):
-                    keep = torch.arange(max(0, n - cols), n, device=self.device)
-                    k[first + i, :, keep % cols] = key_states[i, :, keep]
-                    v[first + i, :, keep % cols] = value_states[i, :, keep]
+            for i, n in enumerate(self._lengths):
+                keep = torch.arange(max(0, n - cols), n, device=self.device)
+                k[first + i, :, keep % cols] = key_states[i, :, keep]
+                v[first + i, :, keep % cols] = value_states[i, :, keep]
             return key_states, value_states
-        if self._mode == "decode":
-            n = self._num_rows
-            span = self._length
-            if sliding:
-                k[self._rows, :, self._positions % cols] = key_states[:, :, 0]
-                v[self._rows, :, self._positions % cols] = value_states[:, :, 0]
-                span = self.sliding_columns(self._length)
-            else:
-                k[self._rows, :, self._positions] = key_states[:, :, 0]
-                v[self._rows, :, self._positions] = value_states[:, :, 0]
-            return k[:n, :, :span], v[:n, :, :span]
-        raise RuntimeError("SlotKVCache.update called before prepare_prefill/prepare_decode")
+        k[self._rows, :, self._positions % cols] = key_states[:, :, 0]
+        v[self._rows, :, self._positions % cols] = value_states[:, :, 0]
+        span = self.sliding_columns(self._length)
+        return k[: self._num_rows, :, :span], v[: self._num_rows, :, :span]
 
     def _update_cross(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
@@ -258,9 +401,17 @@ class SlotKVCache:
         self.state_lengths[slot] = n
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s cache of a sequence holding ``length`` tokens into slot ``dst``."""
+        """Slot ``src``'s sequence (holding ``length`` tokens) moves to slot ``dst``: its blocks change
+        rows in the table (no copy; what ``dst`` held is released), its rings and states are copied."""
         if src == dst:
             return
+        self.release(dst)
+        blocks = self.slot_blocks[src]
+        self.slot_blocks[dst], self.slot_blocks[src] = blocks, []
+        if blocks:
+            self._host_tables[dst, : len(blocks)] = self._host_tables[src, : len(blocks)]
+            self._host_tables[src, : len(blocks)] = self.scratch
+            self._tables_dirty = True
         n = self.state_lengths[src]
         self._set_state_length(dst, n)
         for layer in self.cross_layers:
@@ -269,8 +420,7 @@ class SlotKVCache:
         if length <= 0:
             return
         for k, v, cols, kind in zip(self.keys, self.values, self.columns, self.kinds, strict=True):
-            if kind.is_cross:
-                continue
-            used = min(length, cols)
-            k[dst, :, :used] = k[src, :, :used]
-            v[dst, :, :used] = v[src, :, :used]
+            if kind.is_sliding:
+                used = min(length, cols)
+                k[dst, :, :used] = k[src, :, :used]
+                v[dst, :, :used] = v[src, :, :used]

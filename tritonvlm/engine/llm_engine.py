@@ -15,7 +15,7 @@ import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
 from tritonvlm.engine.guided import GuidedDecoding
-from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.prefix_cache import PrefixCache, first_placeholder
@@ -32,7 +32,7 @@ log = logging.getLogger("tritonvlm.engine")
 
 @dataclass
 class EngineConfig:
-    """Engine limits. ``max_model_len`` is the KV slot length: prompt + max_tokens must fit in it."""
+    """Engine limits. ``max_model_len``: the most tokens (prompt + max_tokens) one sequence may hold."""
 
     max_num_seqs: int = 16
     max_model_len: int = 4096
@@ -42,12 +42,15 @@ class EngineConfig:
     # prompt is prefilled in one pass. Families with sliding-window or cross-attention layers prefill
     # whole prompts.
     prefill_chunk_tokens: int = 512
-    # KV memory budget: "" reserves max_num_seqs slots; a size ("4GiB", "512MB") or a fraction of the
-    # device's free memory at start-up ("0.5") caps the slots to what fits.
+    # KV memory budget: "" makes room for max_num_seqs (+ prefix_cache_slots) sequences of
+    # max_model_len tokens; a size ("4GiB", "512MB") or a fraction of the device's free memory at
+    # start-up ("0.5") is what the KV blocks (and the per-sequence rows of sliding/cross layers) get.
+    # Sequences hold blocks as they grow; a sequence is admitted when the blocks it may need (prompt +
+    # max_tokens) are free.
     kv_cache_memory: str = ""
-    # Finished sequences whose keys/values are kept for later prompts with the same start (each takes
-    # one slot's memory, counted in the budget); 0 turns the prefix cache off. Families with sliding-
-    # window or cross-attention layers have none.
+    # Finished sequences whose keys/values (their KV blocks) are kept for later prompts with the same
+    # start; they give their blocks back when a new sequence needs them. 0 turns the prefix cache off.
+    # Families with sliding-window or cross-attention layers have none.
     prefix_cache_slots: int = 4
     # On CUDA, replay decode steps from CUDA graphs (captured per batch/length bucket on first use).
     cuda_graphs: bool = True
@@ -62,7 +65,7 @@ AUTO_PREFILL_CHUNK = {"cuda": 2048, "cpu": 512}
 def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
     """The engine settings of a model's parameters (strings, empty for "not given"); unset ones take
     the device's defaults: on CUDA up to 256 sequences within 60% of the free memory after the
-    weights, on CPU 16 sequences with a full-length slot each."""
+    weights, on CPU 16 sequences with room for a full-length one each."""
     return EngineConfig(
         max_num_seqs=int(params.get("max_num_seqs") or AUTO_MAX_NUM_SEQS.get(device_type, 16)),
         max_model_len=int(params.get("max_model_len") or EngineConfig.max_model_len),
@@ -92,8 +95,10 @@ class EngineStats:
     requests_cancelled: int = 0
     requests_failed: int = 0
     kv_tokens_used: int = 0
-    kv_bytes_used: int = 0  # keys/values the running sequences hold (sliding layers: their window)
+    kv_bytes_used: int = 0  # keys/values the running sequences hold (their blocks; sliding layers: window)
     kv_bytes_capacity: int = 0  # what the KV cache reserves
+    kv_blocks_used: int = 0  # KV blocks held by sequences or prefix-cache entries
+    kv_blocks_free: int = 0
     kv_tokens_peak: int = 0  # the most tokens / bytes the running sequences held at once, since start
     kv_bytes_peak: int = 0
     extra_state_bytes: int = 0  # per-sequence state held besides keys/values (e.g. cross-attention states)
@@ -149,35 +154,46 @@ def free_memory(device: torch.device) -> int:
 
 
 def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> int:
-    """How many sequences get a KV slot: ``max_num_seqs``, capped by the memory budget (which counts a
-    slot's keys/values in every layer, sliding layers holding only their window and cross layers their
-    encoder states, plus the family's per-sequence state)."""
-    return kv_rows(model, family, config)[0]
+    """How many sequences may run at once: ``max_num_seqs``, capped by the memory budget where each
+    slot's fixed rows (sliding windows, cross-attention states, the family's state) need it."""
+    return kv_layout(model, family, config)[0]
 
 
-def kv_rows(model: torch.nn.Module, family: Family, config: EngineConfig) -> tuple[int, int]:
-    """``(sequence slots, prefix-cache rows)`` that fit the memory budget: the running sequences come
-    first; the prefix cache gets what is left, up to ``prefix_cache_slots``."""
-    wanted = max(0, config.prefix_cache_slots) if family.supports_prefix_cache else 0
-    budget = parse_memory(config.kv_cache_memory, free_memory(next(model.parameters()).device))
+def kv_layout(model: torch.nn.Module, family: Family, config: EngineConfig) -> tuple[int, int]:
+    """``(sequence slots, KV blocks)`` for the memory budget. Without one: ``max_num_seqs`` slots and
+    blocks for ``max_num_seqs`` + ``prefix_cache_slots`` sequences of ``max_model_len`` tokens. With
+    one: the slots' fixed rows first, the rest in blocks, at least one max-length sequence's worth."""
+    param = next(model.parameters())
+    kinds = family.layer_kinds()
+    heads, head_dim = family.kv_geometry()
+    full_layers = sum(1 for kind in kinds if kind.is_full)
+    per_block = DEFAULT_BLOCK_SIZE * PagedKVCache.bytes_per_token(full_layers, heads, head_dim, param.dtype)
+    per_slot = PagedKVCache.slot_bytes(kinds, heads, head_dim, config.max_model_len, param.dtype)
+    per_slot += family.extra_state_bytes(param.dtype)
+    one_sequence = -(-config.max_model_len // DEFAULT_BLOCK_SIZE)
+    entries = max(0, config.prefix_cache_slots) if family.supports_prefix_cache else 0
+    budget = parse_memory(config.kv_cache_memory, free_memory(param.device))
     if budget is None:
-        return config.max_num_seqs, wanted
-    per_seq = sequence_bytes(family, config.max_model_len, next(model.parameters()).dtype)
-    rows = budget // per_seq
-    slots = min(config.max_num_seqs, rows)
-    if slots < 1:
+        return config.max_num_seqs, (config.max_num_seqs + entries) * one_sequence
+    slots = config.max_num_seqs
+    if per_slot:
+        slots = min(slots, (budget - (one_sequence + 1) * per_block) // per_slot)
+    # (+1 and -1: the pool's scratch block)
+    blocks = (budget - max(slots, 0) * per_slot) // per_block - 1 if per_block else one_sequence
+    if slots < 1 or blocks < one_sequence:
         raise ValueError(
             f"kv_cache_memory={config.kv_cache_memory!r} ({budget} bytes) cannot hold one sequence of "
-            f"max_model_len={config.max_model_len} tokens ({per_seq} bytes)"
+            f"max_model_len={config.max_model_len} tokens "
+            f"({sequence_bytes(family, config.max_model_len, param.dtype)} bytes)"
         )
-    return slots, min(wanted, rows - slots)
+    return slots, blocks
 
 
 def sequence_bytes(family: Family, max_len: int, dtype: torch.dtype) -> int:
-    """Memory one sequence slot reserves: its KV cache across all layers (cross layers' encoder states
-    included) and the family's extra state."""
+    """Memory one sequence of ``max_len`` tokens holds: its keys/values across all layers (cross
+    layers' encoder states included) and the family's extra state."""
     kv_heads, head_dim = family.kv_geometry()
-    kv = SlotKVCache.bytes_per_sequence(family.layer_kinds(), kv_heads, head_dim, max_len, dtype)
+    kv = PagedKVCache.bytes_per_sequence(family.layer_kinds(), kv_heads, head_dim, max_len, dtype)
     return kv + family.extra_state_bytes(dtype)
 
 
@@ -194,27 +210,34 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         self.family = family or family_for_config(model.config)
-        slots, prefix_rows = kv_rows(model, self.family, self.config)
+        slots, blocks = kv_layout(model, self.family, self.config)
         self.runner = ModelRunner(
             model,
             self.family,
-            slots + prefix_rows,
+            slots,
             self.config.max_model_len,
             max_batch=slots,
             cuda_graphs=self.config.cuda_graphs,
+            num_blocks=blocks,
         )
+        cache = self.runner.cache
         log.info(
-            "%s: KV cache %d slots + %d prefix-cache rows x %d tokens, %.1f MiB",
+            "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB",
             self.family.name,
+            blocks,
+            cache.block_size,
+            blocks * cache.block_size,
             slots,
-            prefix_rows,
-            self.config.max_model_len,
-            self.runner.cache.nbytes / 2**20,
+            cache.nbytes / 2**20,
         )
-        self.scheduler = Scheduler(slots, self.config.max_prefill_tokens, self.runner.cache.move)
+        self.scheduler = Scheduler(
+            slots, self.config.max_prefill_tokens, cache.move, release=self._release, reserve=self._reserve
+        )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0
-        self.prefix_cache = PrefixCache(range(slots, slots + prefix_rows), self.runner.cache.move)
+        entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
+        self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
+        self._holders: dict[int, Sequence] = {}  # sequences holding KV blocks, by id()
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -354,6 +377,7 @@ class LLMEngine:
                 self.scheduler.retire(list(self.scheduler.running))
                 partial, self.scheduler.prefilling = self.scheduler.prefilling, None
                 if partial is not None:
+                    self._release(partial)
                     self._finish(partial, "error", error="internal error in the decoding engine")
 
     def step(self) -> None:
@@ -368,6 +392,8 @@ class LLMEngine:
         running = self.scheduler.running
         if running:
             started = time.monotonic()
+            for seq in running:  # the block for the key written this step (reserved at admission)
+                self.runner.cache.grow(seq.slot, seq.num_tokens)
             logits = self.runner.decode(running)
             failures: dict[int, str] = {}
             tokens = sample(logits, running, failures)
@@ -406,6 +432,7 @@ class LLMEngine:
         partial = self.scheduler.prefilling
         if partial is not None and partial.wants_cancel():
             self.scheduler.prefilling = None
+            self._release(partial)
             partial.slot = -1
             self._finish(partial, "cancelled")
         for seq in [s for s in self.scheduler.waiting if s.wants_cancel()]:
@@ -418,19 +445,51 @@ class LLMEngine:
                 log.info("dropped cancelled request %s after %d tokens", seq.request_id, len(seq.output_ids))
                 self._finish(seq, "cancelled")
 
-    def _start_from_cache(self, seq: Sequence) -> None:
-        """Copy the longest cached prefix of ``seq``'s prompt into its slot (``seq.cached_len``)."""
-        match = self.prefix_cache.match(seq.prompt_ids, seq.mm_digest, seq.first_image)
+    def _outstanding_blocks(self) -> int:
+        """Blocks the sequences holding KV memory may still take (up to prompt + max_tokens each)."""
+        cache = self.runner.cache
+        return sum(
+            max(0, cache.blocks_for(s.prompt_len + s.params.max_tokens) - len(cache.slot_blocks[s.slot]))
+            for s in self._holders.values()
+        )
+
+    def _reserve(self, seq: Sequence, slot: int) -> bool:
+        """Give ``seq`` slot ``slot`` and its prompt's blocks (the longest cached prefix shared) if the
+        blocks it may need in all are free besides what the others may still take; prefix-cache
+        entries give theirs back, least recently used first, until they are. False: not now."""
+        cache = self.runner.cache
+        while True:
+            match = self.prefix_cache.lookup(seq.prompt_ids, seq.mm_digest, seq.first_image)
+            shared = match.length // cache.block_size if match else 0
+            need = cache.blocks_for(seq.prompt_len + seq.params.max_tokens) - shared
+            if need <= cache.allocator.free_blocks - self._outstanding_blocks():
+                break
+            if not self.prefix_cache.evict(keep=match.entry if match else None):
+                return False
+        self.prefix_cache.record(seq.prompt_len, match)
+        seq.slot = slot
+        self._holders[id(seq)] = seq
         seq.cached_len = 0
         if match is not None:
-            self.runner.cache.move(match.row, seq.slot, match.length)
+            cache.adopt(slot, match.entry.blocks[:shared])
             seq.cached_len = match.length
+        cache.grow(slot, seq.prompt_len)
+        tail = seq.cached_len - shared * cache.block_size
+        if tail:  # the partly matched block: its positions copied into the sequence's own block
+            cache.copy_positions(match.entry.blocks[shared], cache.slot_blocks[slot][shared], tail)
         seq.prefilled = seq.cached_len
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        """``seq`` gives its KV blocks back (it is leaving; its slot is still set)."""
+        if self._holders.pop(id(seq), None) is not None:
+            self.runner.cache.release(seq.slot)
 
     def _remember(self, seq: Sequence) -> None:
         """Keep a finished sequence's keys/values (prompt and output fed back) in the prefix cache."""
         held = seq.prompt_ids + seq.output_ids[:-1]  # the last token was sampled, never fed back
-        self.prefix_cache.store(seq.slot, held, seq.mm_digest, seq.first_image)
+        blocks = self.runner.cache.slot_blocks[seq.slot]
+        self.prefix_cache.store(blocks, held, seq.mm_digest, seq.first_image)
 
     def _prefill(self, seqs: list[Sequence], budget: int | None = None) -> None:
         """Prefill ``seqs`` (from their cached prefixes); those whose prompt is done join the running
@@ -440,9 +499,6 @@ class LLMEngine:
         if not chunked:
             self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs)
         try:
-            if self.prefix_cache.enabled and not chunked:
-                for seq in seqs:
-                    self._start_from_cache(seq)
             for seq in seqs:
                 seq.prefill_end = seq.prompt_len
             first = seqs[0]
@@ -454,6 +510,7 @@ class LLMEngine:
             log.exception("prefill failed for %s", [s.request_id for s in seqs])
             self.scheduler.prefilling = None
             for seq in seqs:
+                self._release(seq)
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
@@ -580,6 +637,8 @@ class LLMEngine:
         self.stats.kv_tokens_used = sum(held)
         self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(n) for n in held)
         self.stats.kv_bytes_capacity = self.runner.cache.nbytes
+        self.stats.kv_blocks_used = self.runner.cache.allocator.used_blocks
+        self.stats.kv_blocks_free = self.runner.cache.allocator.free_blocks
         self.stats.kv_tokens_peak = max(self.stats.kv_tokens_peak, self.stats.kv_tokens_used)
         self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self.stats.kv_bytes_used)
         self.stats.extra_state_bytes = sum(

@@ -1,5 +1,5 @@
 """Tensors in, logits out: prefill (image embeddings merged at their placeholders, the family's
-positions) and batched decode over the slot KV cache. Everything family-specific is a hook of the
+positions) and batched decode over the paged KV cache. Everything family-specific is a hook of the
 model's :class:`~tritonvlm.families.base.Family`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.cuda_graphs import DecodeGraphs
-from tritonvlm.engine.kv_cache import SlotKVCache
+from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
 from tritonvlm.families.base import Family
 
@@ -29,6 +29,7 @@ class ModelRunner:
         max_len: int,
         max_batch: int | None = None,
         cuda_graphs: bool = True,
+        num_blocks: int | None = None,
     ) -> None:
         self.model = model
         self.family = family
@@ -45,7 +46,7 @@ class ModelRunner:
         # every step would re-plan every step (~30 ms each on an H100). Rounding lengths up to a
         # bucket, with the padding masked, keeps the shapes few and the plans cached.
         self.length_bucket = 128 if self.device.type == "cuda" else 1
-        self.cache = SlotKVCache(
+        self.cache = PagedKVCache(
             len(self.layer_kinds),
             self.num_kv_heads,
             self.head_dim,
@@ -54,6 +55,7 @@ class ModelRunner:
             self.dtype,
             self.device,
             self.layer_kinds,
+            num_blocks=num_blocks,
         )
         # Decode steps from CUDA graphs where the family's decode forward depends on nothing but the
         # tokens and positions (a family with per-step extra inputs, e.g. Mllama's cross-attention
@@ -70,7 +72,8 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], first_slot: int) -> torch.Tensor:
         """Run the prompts of ``seqs`` (right-padded into one batch) and store their keys/values in
-        slots ``first_slot ..``. Returns the logits of each row's last computed token, ``[len(seqs), vocab]``.
+        slots ``first_slot ..`` (which hold the blocks for them). Returns the logits of each row's last
+        computed token, ``[len(seqs), vocab]``.
 
         Row i computes prompt tokens ``seqs[i].prefill_range`` ``[k, e)``: with k > 0 its first k
         keys/values are in its slot already (copied from the prefix cache, or an earlier chunk of a long
@@ -138,6 +141,7 @@ class ModelRunner:
         cache_pos = [s.num_tokens - 1 for s in seqs]  # row i has written cache positions 0 .. cache_pos[i]
         rope = [s.next_position for s in seqs]
         kv_len = self._bucket(max(cache_pos) + 1)
+        self.cache.sync_tables()
         logits = None
         if self.graphs is not None:
             logits = self.graphs.run(tokens, cache_pos, rope, kv_len)

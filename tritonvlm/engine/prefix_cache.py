@@ -1,21 +1,25 @@
-"""Prefix cache: the keys/values of recently finished sequences, kept in spare rows of the KV cache, so
-a new request whose prompt starts with the same tokens (a system prompt, the same image, the earlier
-turns of a conversation) copies them instead of computing them again.
+"""Prefix cache: the keys/values of recently finished sequences, kept as the KV blocks they wrote, so a
+new request whose prompt starts with the same tokens (a system prompt, the same image, the earlier
+turns of a conversation) starts from them instead of computing them again.
 
-An entry remembers the tokens whose keys/values its row holds (the prompt and the generated tokens
-fed back) and a digest of the sequence's multimodal tensors. Image placeholder tokens are the same
-ids whatever the image, so a match may run past a prompt's first placeholder only when both
-requests carry the same images (same digest); otherwise it stops there.
+An entry holds a reference to the blocks of the tokens whose keys/values it keeps (the prompt and the
+generated tokens fed back) and a digest of the sequence's multimodal tensors. A new sequence shares
+the matched prefix's full blocks (no copy; nothing writes to them again) and copies the positions of
+a partly matched last block into a block of its own. Image placeholder tokens are the same ids
+whatever the image, so a match may run past a prompt's first placeholder only when both requests
+carry the same images (same digest); otherwise it stops there.
 
-The cache never holds back a request: its rows are its own (counted in the KV budget), and storing a
-finished sequence overwrites the least recently used entry.
+The cache never holds back a request: when a new sequence needs the blocks its entries hold, the
+least recently used entries let go of them (``evict``), and storing past ``capacity`` entries does the
+same.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -43,9 +47,16 @@ def first_placeholder(ids: list[int], placeholder_ids: frozenset[int]) -> int:
     return len(ids)
 
 
+class Blocks(Protocol):
+    """Reference counting of KV blocks (the KV cache's allocator)."""
+
+    def share(self, blocks: Sequence[int]) -> None: ...
+    def release(self, blocks: Sequence[int]) -> None: ...
+
+
 @dataclass
 class PrefixEntry:
-    row: int  # KV cache row holding the keys/values of ``tokens``
+    blocks: list[int]  # KV blocks holding the keys/values of ``tokens`` (one reference held by the entry)
     tokens: list[int]
     digest: bytes | None
     first_image: int  # index of the first image placeholder in ``tokens`` (len(tokens) if none)
@@ -54,8 +65,8 @@ class PrefixEntry:
 
 @dataclass
 class PrefixMatch:
-    row: int
-    length: int  # leading prompt tokens whose keys/values the row holds
+    entry: PrefixEntry
+    length: int  # leading prompt tokens whose keys/values the entry's blocks hold
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -67,13 +78,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    """Entries in KV rows ``rows``; ``copy(src_row, dst_row, length)`` copies a row's first ``length``
-    columns in every layer (the KV cache's ``move``)."""
+    """At most ``capacity`` entries whose blocks are counted by ``blocks`` (0: the cache is off)."""
 
-    def __init__(self, rows: Iterable[int], copy: Callable[[int, int, int], None]) -> None:
-        self.free_rows = list(rows)
-        self.capacity = len(self.free_rows)
-        self.copy = copy
+    def __init__(self, capacity: int, blocks: Blocks, block_size: int) -> None:
+        self.capacity = max(0, capacity)
+        self.blocks = blocks
+        self.block_size = block_size
         self.entries: list[PrefixEntry] = []
         self._clock = 0
         self.queries = 0
@@ -89,54 +99,75 @@ class PrefixCache:
         self._clock += 1
         return self._clock
 
-    def match(self, prompt: list[int], digest: bytes | None, first_image: int) -> PrefixMatch | None:
+    def lookup(self, prompt: list[int], digest: bytes | None, first_image: int) -> PrefixMatch | None:
         """The longest usable cached prefix of ``prompt`` (at most all but its last token, which must
-        be computed for its logits); None below :data:`MIN_MATCH_TOKENS`."""
+        be computed for its logits); None below :data:`MIN_MATCH_TOKENS`. Changes nothing."""
         if not self.enabled:
             return None
-        self.queries += 1
-        self.query_tokens += len(prompt)
         best: PrefixMatch | None = None
-        best_entry: PrefixEntry | None = None
         for entry in self.entries:
             n = common_prefix(entry.tokens, prompt)
             if entry.digest != digest:
                 n = min(n, entry.first_image, first_image)
             n = min(n, len(prompt) - 1)
             if n >= MIN_MATCH_TOKENS and (best is None or n > best.length):
-                best, best_entry = PrefixMatch(entry.row, n), entry
-        if best_entry is not None:
-            best_entry.last_used = self._tick()
-            self.hits += 1
-            self.hit_tokens += best.length
+                best = PrefixMatch(entry, n)
         return best
 
-    def store(self, src_row: int, tokens: list[int], digest: bytes | None, first_image: int) -> None:
-        """Keep the keys/values of ``tokens`` (held in KV row ``src_row``) as an entry, unless an entry
-        already covers them; the least recently used entry makes room."""
+    def record(self, prompt_len: int, match: PrefixMatch | None) -> None:
+        """A prompt of ``prompt_len`` tokens started from ``match`` (None: from nothing)."""
+        if not self.enabled:
+            return
+        self.queries += 1
+        self.query_tokens += prompt_len
+        if match is not None:
+            match.entry.last_used = self._tick()
+            self.hits += 1
+            self.hit_tokens += match.length
+
+    def match(self, prompt: list[int], digest: bytes | None, first_image: int) -> PrefixMatch | None:
+        """:meth:`lookup` and :meth:`record` in one."""
+        found = self.lookup(prompt, digest, first_image)
+        self.record(len(prompt), found)
+        return found
+
+    def store(self, blocks: Sequence[int], tokens: list[int], digest: bytes | None, first_image: int) -> None:
+        """Keep the keys/values of ``tokens``, held in ``blocks`` (position order), as an entry, unless
+        an entry already covers them; an entry they extend, or the least recently used one when the
+        cache is full, makes room."""
         if not self.enabled or len(tokens) < MIN_MATCH_TOKENS:
             return
         for entry in self.entries:
             if entry.digest == digest and common_prefix(entry.tokens, tokens) == len(tokens):
                 entry.last_used = self._tick()
                 return
-        # An entry that is a prefix of the new tokens is superseded: reuse its row first.
         superseded = [
             e for e in self.entries if e.digest == digest and common_prefix(e.tokens, tokens) == len(e.tokens)
         ]
-        if superseded:
-            victim = superseded[0]
-            self.entries.remove(victim)
-            row = victim.row
-        elif self.free_rows:
-            row = self.free_rows.pop()
-        else:
-            victim = min(self.entries, key=lambda e: e.last_used)
-            self.entries.remove(victim)
-            row = victim.row
-        self.copy(src_row, row, len(tokens))
+        for entry in superseded:
+            self._drop(entry)
+        while len(self.entries) >= self.capacity:
+            self._drop(min(self.entries, key=lambda e: e.last_used))
+        held = list(blocks[: -(-len(tokens) // self.block_size)])
+        self.blocks.share(held)
         first_image = min(first_image, len(tokens))
-        self.entries.append(PrefixEntry(row, list(tokens), digest, first_image, self._tick()))
+        self.entries.append(PrefixEntry(held, list(tokens), digest, first_image, self._tick()))
+
+    def evict(self, keep: PrefixEntry | None = None) -> bool:
+        """Let go of the least recently used entry (``keep`` last of all); False when there is none."""
+        others = [e for e in self.entries if e is not keep]
+        if not others and not self.entries:
+            return False
+        self._drop(min(others or self.entries, key=lambda e: e.last_used))
+        return True
+
+    def clear(self) -> None:
+        for entry in list(self.entries):
+            self._drop(entry)
+
+    def _drop(self, entry: PrefixEntry) -> None:
+        self.entries.remove(entry)
+        self.blocks.release(entry.blocks)
 
     @property
     def tokens_held(self) -> int:

@@ -1,4 +1,4 @@
-"""Which sequences run next: waiting/running queues, admission within the slot and token budgets."""
+"""Which sequences run next: waiting/running queues, admission within the slot, token and KV budgets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from tritonvlm.engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     """Keeps running sequences packed in slots ``0 .. n-1`` (``running[i].slot == i``).
 
-    ``move_slot(src, dst, length)`` is called when a sequence leaves and the last one takes its slot.
+    ``move_slot(src, dst, length)`` is called when a sequence leaves and the last one takes its slot;
+    ``release(seq)`` when a running sequence leaves for good (its slot still set); ``reserve(seq,
+    slot)`` before a waiting sequence takes ``slot``: it returns False when the KV memory the sequence
+    may need is not free now (the sequence, and those behind it, wait).
     """
 
     def __init__(
@@ -19,10 +22,14 @@ class Scheduler:
         max_num_seqs: int,
         max_prefill_tokens: int,
         move_slot: Callable[[int, int, int], None],
+        release: Callable[[Sequence], None] = lambda seq: None,
+        reserve: Callable[[Sequence, int], bool] = lambda seq, slot: True,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.move_slot = move_slot
+        self.release = release
+        self.reserve = reserve
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # A long prompt being prefilled in chunks (its slot is past the running ones; see admit).
@@ -38,7 +45,8 @@ class Scheduler:
     def schedule_prefill(self, budget: int | None = None) -> list[Sequence]:
         """The prompts to prefill now: the one being prefilled in chunks, if any, alone; otherwise
         waiting sequences (FIFO) in free slots, within ``budget`` prompt tokens (default: the prefill
-        token budget). The first one is always taken when a slot is free, however long its prompt."""
+        token budget) and the KV memory ``reserve`` grants. The first one is always taken when a slot
+        and its memory are free, however long its prompt."""
         if self.prefilling is not None:
             return [self.prefilling]
         budget = self.max_prefill_tokens if budget is None else budget
@@ -48,8 +56,11 @@ class Scheduler:
             seq = self.waiting[0]
             if batch and tokens + seq.prompt_len > budget:
                 break
+            slot = len(self.running) + len(batch)
+            if not self.reserve(seq, slot):
+                break
             self.waiting.popleft()
-            seq.slot = len(self.running) + len(batch)
+            seq.slot = slot
             tokens += seq.prompt_len
             batch.append(seq)
         return batch
@@ -73,6 +84,8 @@ class Scheduler:
 
     def retire(self, leaving: list[Sequence]) -> None:
         """Remove finished or cancelled sequences from the running batch, compacting the slots."""
+        for seq in leaving:
+            self.release(seq)
         for seq in sorted(leaving, key=lambda s: s.slot, reverse=True):
             last = self.running.pop()
             if last is not seq:

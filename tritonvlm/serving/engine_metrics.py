@@ -39,6 +39,11 @@ GAUGES = {
             "kv_bytes_capacity": {"state": "capacity"},
         },
     ),
+    "tritonvlm_engine_kv_cache_blocks": (
+        "KV cache blocks (16 positions of the full-attention layers): held by sequences or prefix-cache "
+        "entries (used), and free",
+        {"kv_blocks_used": {"state": "used"}, "kv_blocks_free": {"state": "free"}},
+    ),
     "tritonvlm_engine_extra_state_bytes": (
         "Per-sequence decoder state besides keys/values held by running sequences (e.g. Mllama's "
         "cross-attention states)",
