@@ -4,7 +4,8 @@ Triton 2.51's python backend does not restart a dead stub; ``serve``'s watchdog 
 For each model of the repository: a stream in flight ends (completes, or gets an error event: never a
 hang), ``/health`` turns 503 while the model is reloaded and 200 once it is back, and then a request
 that goes through every stage (an image) succeeds, all without restarting ``serve``. The recovery
-times are printed (``-s``); ``scripts/soak.py --kill`` measures them under load.
+times are printed (``-s``); ``scripts/soak.py --kill`` measures them under load. Last, kill -9 of
+``tritonserver`` itself: ``serve`` starts it again.
 """
 
 from __future__ import annotations
@@ -111,3 +112,47 @@ def test_kill_9_of_a_stub_is_survived(model: str, fault_server: Any) -> None:
         f"\n{model}: stream in flight {ended} ({outcome['ended_at'] - killed_at:+.1f}s), "
         f"/health back after {recovered_at - killed_at:.1f}s"
     )
+
+
+def _tritonserver_pid(parent: int) -> int:
+    """The tritonserver process ``serve`` (pid ``parent``) started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == parent and name == "tritonserver":
+            return int(entry.name)
+    raise AssertionError(f"no tritonserver child of {parent}")
+
+
+def test_kill_9_of_tritonserver_itself_is_survived(fault_server: Any) -> None:
+    """The whole server dies (its python backend can abort when a stub dies holding a shared lock):
+    ``serve`` starts it again on the same ports and requests go through once it is back."""
+    server = fault_server
+    victim = _tritonserver_pid(server.proc.pid)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    seen_503, recovered_at = False, None
+    while time.monotonic() - killed_at < RECOVERY_TIMEOUT_S:
+        status = _health(server)
+        seen_503 = seen_503 or status == 503
+        if seen_503 and status == 200:
+            recovered_at = time.monotonic()
+            break
+        time.sleep(0.2)
+    assert seen_503, "/health never turned 503 after tritonserver died"
+    assert recovered_at is not None, server.log_tail()
+    assert _tritonserver_pid(server.proc.pid) != victim
+    content = [{"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "What is it?"}]
+    after = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": content}]},
+        timeout=120,
+    )
+    assert after.status_code == 200, after.text
+    print(f"\ntritonserver: /health back after {recovered_at - killed_at:.1f}s")

@@ -296,6 +296,10 @@ class StubWatchdog:
     zombie) it unloads its model and loads it again through Triton's model repository API, which starts
     fresh stubs. The model is not ready in between, which is what the frontend's ``/health`` and its
     stall check see. The server must run with ``--model-control-mode=explicit``.
+
+    If ``tritonserver`` itself exits while it should run (its python backend can abort when a stub dies
+    holding a lock shared with it: ``boost::interprocess::lock_exception``), the watchdog starts it
+    again on the same ports; the new server gets a watchdog of its own.
     """
 
     def __init__(
@@ -341,6 +345,9 @@ class StubWatchdog:
                 logger.exception("stub watchdog check failed")
 
     def _check(self) -> None:
+        if self.server.has_died():
+            self._restart_server()
+            return
         alive = find_stubs(self.server.shm_prefix)
         dead = {pid: model for pid, model in self._known.items() if pid not in alive}
         if not dead or not self.server.is_running():
@@ -352,6 +359,26 @@ class StubWatchdog:
             pid = min(p for p, m in dead.items() if m == model)
             self._recover(model, pid)
         self._known = find_stubs(self.server.shm_prefix)
+
+    def _restart_server(self) -> None:
+        server = self.server
+        record = StubRecovery("tritonserver", server.pid or -1)
+        started = time.monotonic()
+        logger.error(
+            "tritonserver (pid %s) exited with code %s: starting it again", server.pid, server.exit_code
+        )
+        server.stop()  # cleans up its stubs and shared memory; stops this watchdog (ends its loop)
+        try:
+            server.start()
+            server.wait_ready(self.load_timeout_s)  # starts the new server's watchdog
+            record.ready_after_s = time.monotonic() - started
+            logger.warning("tritonserver is back %.1fs after it died", record.ready_after_s)
+        except Exception as exc:  # noqa: BLE001 - reported; nothing more can be done here
+            record.error = str(exc)
+            logger.error("could not start tritonserver again: %s", exc)
+        self.recoveries.append(record)
+        if self.on_recovery is not None:
+            self.on_recovery(record)
 
     def _recover(self, model: str, pid: int) -> None:
         record = StubRecovery(model, pid)
@@ -456,6 +483,15 @@ class TritonServer:
     def is_running(self) -> bool:
         """True while the server process is alive."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def has_died(self) -> bool:
+        """Whether the server was started and its process has exited since (not through :meth:`stop`,
+        which stops the watchdog that asks first)."""
+        return self._proc is not None and self._proc.poll() is not None
 
     def command(self, backend_directory: str | os.PathLike[str]) -> list[str]:
         """The full ``tritonserver`` command line for this instance."""
