@@ -305,7 +305,10 @@ class PagedKVCache:
         """``[rows, heads, kv_len, dim]``: the prepared rows' blocks of ``pool`` in position order."""
         blocks = self._read_blocks
         rows, count = blocks.shape
-        flat = pool[blocks].view(rows, count * self.block_size, self.heads, self.head_dim)
+        # index_select: half the time of pool[blocks] on a CPU
+        flat = pool.index_select(0, blocks.reshape(-1)).view(
+            rows, count * self.block_size, self.heads, self.head_dim
+        )
         return flat[:, :kv_len].transpose(1, 2)
 
     def view(self, buffer: torch.Tensor, layer_idx: int) -> torch.Tensor:
