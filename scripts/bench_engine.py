@@ -18,7 +18,8 @@ batch at its full length).
     python scripts/bench_engine.py                                   # CPU: medium test model, batch 1,4,8,16
     python scripts/bench_engine.py --shape qwen2.5-vl-7b --batches 1,16,64,128,256   # on a GPU
     python scripts/bench_engine.py --skip-generate --json out.json
-    python scripts/bench_engine.py --batches 16 --kv-cache-memory 8MiB   # 16 sequences in a small budget
+    python scripts/bench_engine.py --batches 16 --max-model-len 4096 --kv-cache-memory 130MiB --skip-generate
+                                    # KV by use: 16 short requests in 4 full-length sequences' memory
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def bench_engine(
     also captures the CUDA graphs the measured pass replays)."""
     from tritonvlm.engine import EngineConfig, LLMEngine
 
-    max_len = len(prompt) + args.output_tokens + 8
+    max_len = args.max_model_len or len(prompt) + args.output_tokens + 8
     config = EngineConfig(
         max_num_seqs=batch,
         max_model_len=max_len,
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_device_arguments(parser)
     parser.add_argument("--skip-generate", action="store_true", help="do not run transformers generate()")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="engine max_model_len (default: prompt + output + 8)"
+    )
     parser.add_argument(
         "--kv-cache-memory",
         default=None,
