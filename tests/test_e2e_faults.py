@@ -73,6 +73,29 @@ def _health(server: Any) -> int:
         return -1
 
 
+def _wait_for_recovery(server: Any, killed_at: float, what: str) -> float:
+    """When ``/health``, after turning 503, was 200 again."""
+    seen_503 = False
+    while time.monotonic() - killed_at < RECOVERY_TIMEOUT_S:
+        status = _health(server)
+        seen_503 = seen_503 or status == 503
+        if seen_503 and status == 200:
+            return time.monotonic()
+        time.sleep(0.2)
+    assert seen_503, f"/health never turned 503 after {what}"
+    raise AssertionError(f"/health not back after {what}:\n{server.log_tail()}")
+
+
+def _assert_image_request_succeeds(server: Any) -> None:
+    content = [{"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "What is it?"}]
+    after = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": content}]},
+        timeout=120,
+    )
+    assert after.status_code == 200, after.text
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_kill_9_of_a_stub_is_survived(model: str, fault_server: Any) -> None:
     server = fault_server
@@ -85,28 +108,11 @@ def test_kill_9_of_a_stub_is_survived(model: str, fault_server: Any) -> None:
     assert started.wait(60)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-
-    seen_503 = False
-    recovered_at = None
-    while time.monotonic() - killed_at < RECOVERY_TIMEOUT_S:
-        status = _health(server)
-        seen_503 = seen_503 or status == 503
-        if seen_503 and status == 200:
-            recovered_at = time.monotonic()
-            break
-        time.sleep(0.2)
-    assert seen_503, "/health never turned 503 after the stub died"
-    assert recovered_at is not None, server.log_tail()
+    recovered_at = _wait_for_recovery(server, killed_at, "the stub died")
     thread.join(60)
     assert not thread.is_alive(), "the stream in flight hung"
     assert outcome.get("status") == 200 and outcome.get("done"), outcome
-    content = [{"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "What is it?"}]
-    after = httpx.post(
-        server.base_url + "/v1/chat/completions",
-        json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": content}]},
-        timeout=60,
-    )
-    assert after.status_code == 200, after.text
+    _assert_image_request_succeeds(server)
     ended = "failed: " + outcome["error"]["message"] if "error" in outcome else "ok"
     print(
         f"\n{model}: stream in flight {ended} ({outcome['ended_at'] - killed_at:+.1f}s), "
@@ -137,22 +143,7 @@ def test_kill_9_of_tritonserver_itself_is_survived(fault_server: Any) -> None:
     victim = _tritonserver_pid(server.proc.pid)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    seen_503, recovered_at = False, None
-    while time.monotonic() - killed_at < RECOVERY_TIMEOUT_S:
-        status = _health(server)
-        seen_503 = seen_503 or status == 503
-        if seen_503 and status == 200:
-            recovered_at = time.monotonic()
-            break
-        time.sleep(0.2)
-    assert seen_503, "/health never turned 503 after tritonserver died"
-    assert recovered_at is not None, server.log_tail()
+    recovered_at = _wait_for_recovery(server, killed_at, "tritonserver died")
     assert _tritonserver_pid(server.proc.pid) != victim
-    content = [{"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "What is it?"}]
-    after = httpx.post(
-        server.base_url + "/v1/chat/completions",
-        json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": content}]},
-        timeout=120,
-    )
-    assert after.status_code == 200, after.text
+    _assert_image_request_succeeds(server)
     print(f"\ntritonserver: /health back after {recovered_at - killed_at:.1f}s")
