@@ -175,6 +175,32 @@ def test_cached_prefixes_are_token_exact(kit):
     assert engine.stats.prefix_cache_hits == engine.prefix_cache.hits
 
 
+def test_a_running_sequences_prompt_is_shared_with_later_arrivals(kit):
+    """The prompt of a sequence still decoding is in the cache from its prefill on: a request with the
+    same image arriving meanwhile starts from its blocks, and both get generate()'s tokens."""
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    sink = Collector()
+    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A])
+    again = Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A])
+    for case in (first, again):
+        ids, mm = kit.engine_inputs(case)
+        engine.add_request(case.name, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), sink, mm)
+        engine.step()
+        engine.step()
+    assert not sink.finished("first")  # "again" arrived while "first" was decoding
+    while not (sink.finished("first") and sink.finished("again")):
+        engine.step()
+    assert sink.tokens("first") == kit.reference_tokens(first, MAX_NEW)
+    assert sink.tokens("again") == kit.reference_tokens(again, MAX_NEW)
+    if kit.family.supports_prefix_cache:
+        ids_first, _ = kit.engine_inputs(first)
+        ids_again, _ = kit.engine_inputs(again)
+        shared = next(i for i, (x, y) in enumerate(zip(ids_first, ids_again, strict=False)) if x != y)
+        assert cached(sink, "again") == shared
+    else:
+        assert cached(sink, "again") == 0
+
+
 def test_eviction_under_pressure_loses_no_request(kit):
     """One cache row, two slots, requests with three different prefixes arriving while others run:
     every request finishes with generate()'s tokens."""
@@ -223,13 +249,14 @@ def test_entries_give_their_blocks_back_to_a_sequence_that_needs_them(kit):
     engine.add_request("long", ids, params, sink, mm)
     engine.step()
     assert [s.request_id for s in engine.scheduler.running] == ["long"]
-    assert not engine.prefix_cache.entries
+    assert all(e.tokens == ids for e in engine.prefix_cache.entries)  # first's gone; long's own prompt
     for _ in range(MAX_NEW):
         engine.step()
     engine.cancel("long")
     engine.step()
     assert sink.tokens("long")[:MAX_NEW] == kit.reference_tokens(long, MAX_NEW)
-    assert cache.allocator.used_blocks == len(spare)
+    engine.prefix_cache.clear()
+    assert cache.allocator.used_blocks == len(spare)  # nothing else held
 
 
 def test_engine_config_defaults_by_device():

@@ -485,11 +485,17 @@ class LLMEngine:
         if self._holders.pop(id(seq), None) is not None:
             self.runner.cache.release(seq.slot)
 
-    def _remember(self, seq: Sequence) -> None:
-        """Keep a finished sequence's keys/values (prompt and output fed back) in the prefix cache."""
-        held = seq.prompt_ids + seq.output_ids[:-1]  # the last token was sampled, never fed back
+    def _remember(self, seq: Sequence, prompt_only: bool = False) -> None:
+        """Keep a sequence's keys/values in the prefix cache: a finished one's prompt and output fed
+        back; with ``prompt_only``, a prompt just prefilled (its blocks are shared with the running
+        sequence, which writes only past the prompt), so requests arriving while it runs start from it.
+        The cache is an optimisation: a failure here never fails the request."""
+        held = seq.prompt_ids if prompt_only else seq.prompt_ids + seq.output_ids[:-1]  # (last: never fed)
         blocks = self.runner.cache.slot_blocks[seq.slot]
-        self.prefix_cache.store(blocks, held, seq.mm_digest, seq.first_image)
+        try:
+            self.prefix_cache.store(blocks, held, seq.mm_digest, seq.first_image)
+        except Exception:
+            log.exception("could not keep %s in the prefix cache", seq.request_id)
 
     def _prefill(self, seqs: list[Sequence], budget: int | None = None) -> None:
         """Prefill ``seqs`` (from their cached prefixes); those whose prompt is done join the running
@@ -522,6 +528,9 @@ class LLMEngine:
             self.stats.prefill_step_seconds.append(time.monotonic() - started)
             return
         self.scheduler.admit(seqs)
+        if self.prefix_cache.enabled:
+            for seq in seqs:
+                self._remember(seq, prompt_only=True)
         failures: dict[int, str] = {}
         tokens = sample(logits, seqs, failures)
         now = time.monotonic()
@@ -555,10 +564,7 @@ class LLMEngine:
         leaving = done + [seq for seq, _ in failed]
         if self.prefix_cache.enabled:
             for seq in done:  # before retiring: their slots are refilled then
-                try:
-                    self._remember(seq)
-                except Exception:  # the cache is an optimisation: never fail a request over it
-                    log.exception("could not keep %s in the prefix cache", seq.request_id)
+                self._remember(seq)
         if leaving:
             self.scheduler.retire(leaving)
         for seq in done:
