@@ -171,45 +171,90 @@ def test_memory_budget_sizes_the_blocks(kit):
         kv_slots(kit.hf_model, kit.family, EngineConfig(max_model_len=512, kv_cache_memory="100"))
 
 
-def test_sequences_hold_blocks_by_use_and_wait_for_room(kit, prepared):
-    """Blocks for one sequence of max_model_len: short requests run together, a long one waits until
-    the blocks it may need are free, and every request gets generate()'s tokens; then all blocks are
-    back."""
+def one_sequence_engine(kit, max_len: int = 512, **kw) -> LLMEngine:
+    """An engine whose KV blocks hold one sequence of ``max_len`` tokens (8 slots)."""
     from tritonvlm.engine.kv_cache import PagedKVCache
 
-    max_len, f32 = 512, torch.float32
+    f32 = torch.float32
     kinds, (heads, dim) = kit.family.layer_kinds(), kit.family.kv_geometry()
     per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, f32) + kit.family.extra_state_bytes(f32)
     per_block = 16 * PagedKVCache.bytes_per_token(sum(k.is_full for k in kinds), heads, dim, f32)
     budget = 8 * per_slot + (max_len // 16 + 1) * per_block  # 8 slots, one sequence's blocks + scratch
-    config = EngineConfig(
-        max_num_seqs=8, max_model_len=max_len, kv_cache_memory=str(budget), prefix_cache_slots=0
-    )
+    config = EngineConfig(max_num_seqs=8, max_model_len=max_len, kv_cache_memory=str(budget), **kw)
     engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    assert engine.runner.cache.max_slots == 8 and engine.runner.cache.num_blocks * 16 == max_len
+    return engine
+
+
+def test_sequences_hold_blocks_by_use_and_wait_for_room(kit, prepared):
+    """Blocks for one sequence of max_model_len: short requests run together holding what they wrote.
+    A long one (which may need every block) is admitted once its prompt fits where running sequences
+    can be preempted, else once everything it may need is free (it then runs alone); every request
+    gets generate()'s tokens and all blocks come back."""
+    engine = one_sequence_engine(kit, prefix_cache_slots=0)
     cache = engine.runner.cache
-    assert cache.max_slots == 8 and cache.num_blocks * cache.block_size == max_len
+    preemptive = kit.family.supports_prefix_cache
     sink = Collector()
     name, ids, mm, ref = prepared[0]
-    long_tokens = max_len - len(ids)  # this one may need every block
+    long_tokens = 512 - len(ids)
     for k in range(3):
         engine.add_request(f"short{k}", ids, greedy(), sink, mm)
     engine.add_request("long", ids, SamplingParams(max_tokens=long_tokens, temperature=0.0), sink, mm)
     engine.add_request("after", ids, greedy(), sink, mm)
     engine.step()
-    assert {s.request_id for s in engine.scheduler.running} == {"short0", "short1", "short2"}
+    expected = {"short0", "short1", "short2"} | ({"long", "after"} if preemptive else set())
+    assert {s.request_id for s in engine.scheduler.running} == expected
     held = sum(len(cache.slot_blocks[s.slot]) for s in engine.scheduler.running)
-    assert held == 3 * cache.blocks_for(len(ids) + 1)  # what they wrote, not max_model_len each
+    assert held == len(expected) * cache.blocks_for(len(ids) + 1)  # what they wrote, not max_model_len
     steps = 0
     while not all(sink.finished(r) for r in ("short0", "short1", "short2", "long", "after")):
         engine.step()
         running = {s.request_id for s in engine.scheduler.running}
-        assert "long" not in running or running <= {"long"}, running  # the long one runs alone
+        assert preemptive or "long" not in running or running <= {"long"}, running
         steps += 1
         assert steps < 2000
     for rid in ("short0", "short1", "short2", "after"):
         assert sink.tokens(rid) == ref, rid
     assert sink.tokens("long")[: len(ref)] == ref
     assert cache.allocator.free_blocks == cache.num_blocks
+
+
+def test_preempted_sequences_resume_token_exact(kit, prepared):
+    """Four requests that together outgrow the blocks of one max-length sequence: running sequences
+    are preempted and recomputed (images, several outputs, a seeded sampled one included) and each
+    gets exactly what it gets with room for all."""
+    if not kit.family.supports_prefix_cache:
+        pytest.skip("this family reserves prompt + max_tokens at admission: nothing is preempted")
+    new = 150
+    requests = [(f"r{i}", *prepared[i % len(prepared)][1:3]) for i in range(3)]
+    params = [SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True) for _ in requests]
+    requests.append(("seeded", *prepared[0][1:3]))
+    params.append(SamplingParams(max_tokens=new, temperature=1.0, seed=7, ignore_eos=True))
+
+    def run_all(engine: LLMEngine) -> dict[str, list[int]]:
+        sink = Collector()
+        for (rid, ids, mm), p in zip(requests, params, strict=True):
+            engine.add_request(rid, ids, p, sink, mm)
+        steps = 0
+        while not all(sink.finished(rid) for rid, *_ in requests):
+            engine.step()
+            steps += 1
+            assert steps < 5000
+        assert all(sink.outputs[rid][-1].error is None for rid, *_ in requests)
+        return {rid: sink.tokens(rid) for rid, *_ in requests}
+
+    roomy = make_engine(kit, max_num_seqs=8)
+    expected = run_all(roomy)
+    assert roomy.stats.preemptions == 0
+    tight = one_sequence_engine(kit)
+    got = run_all(tight)
+    assert tight.stats.preemptions >= 1
+    assert got == expected
+    for i in range(3):  # and greedy rows agree with generate() as far as it was asked
+        ref = prepared[i % len(prepared)][3]
+        assert got[f"r{i}"][: len(ref)] == ref
+    tight.prefix_cache.clear()
+    assert tight.runner.cache.allocator.free_blocks == tight.runner.cache.num_blocks
 
 
 def test_requests_wait_for_a_free_slot_and_all_finish_correctly(kit, prepared):

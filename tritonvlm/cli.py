@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory",
         metavar="SIZE",
         help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"), in blocks of '
-        "16 tokens that requests take as they grow; a request waits until prompt + max_tokens fit "
+        "16 tokens that requests take as they grow (a request waits until its prompt fits; when blocks "
+        "run out the latest request is preempted and recomputed later) "
         "(default on CUDA: 0.6 of the free memory after the weights; on CPU: room for max-num-seqs + "
         "prefix-cache-slots sequences of max-model-len tokens)",
     )

@@ -45,8 +45,11 @@ class EngineConfig:
     # KV memory budget: "" makes room for max_num_seqs (+ prefix_cache_slots) sequences of
     # max_model_len tokens; a size ("4GiB", "512MB") or a fraction of the device's free memory at
     # start-up ("0.5") is what the KV blocks (and the per-sequence rows of sliding/cross layers) get.
-    # Sequences hold blocks as they grow; a sequence is admitted when the blocks it may need (prompt +
-    # max_tokens) are free.
+    # Sequences hold blocks as they grow. Families whose layers all attend fully admit a sequence when
+    # its prompt's blocks are free (with a 1% margin); a running sequence that finds no free block
+    # takes the last admitted one's, which is recomputed when it comes back (preemption). Families
+    # with sliding-window or cross layers admit a sequence when the blocks it may need, prompt +
+    # max_tokens, are free besides what the running ones may still take.
     kv_cache_memory: str = ""
     # Finished sequences whose keys/values (their KV blocks) are kept for later prompts with the same
     # start; they give their blocks back when a new sequence needs them. 0 turns the prefix cache off.
@@ -99,6 +102,7 @@ class EngineStats:
     kv_bytes_capacity: int = 0  # what the KV cache reserves
     kv_blocks_used: int = 0  # KV blocks held by sequences or prefix-cache entries
     kv_blocks_free: int = 0
+    preemptions: int = 0  # running sequences whose blocks were taken back (recomputed when resumed)
     kv_tokens_peak: int = 0  # the most tokens / bytes the running sequences held at once, since start
     kv_bytes_peak: int = 0
     extra_state_bytes: int = 0  # per-sequence state held besides keys/values (e.g. cross-attention states)
@@ -238,6 +242,10 @@ class LLMEngine:
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
         self._holders: dict[int, Sequence] = {}  # sequences holding KV blocks, by id()
+        # Preemption recomputes a sequence from its tokens: a prefill after cached keys, over its
+        # outputs too (full-attention families only; the others reserve prompt + max_tokens).
+        self._preemptive = self.family.supports_prefix_cache
+        self._watermark = max(1, blocks // 100)
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -392,8 +400,7 @@ class LLMEngine:
         running = self.scheduler.running
         if running:
             started = time.monotonic()
-            for seq in running:  # the block for the key written this step (reserved at admission)
-                self.runner.cache.grow(seq.slot, seq.num_tokens)
+            self._grow_running()
             logits = self.runner.decode(running)
             failures: dict[int, str] = {}
             tokens = sample(logits, running, failures)
@@ -446,8 +453,11 @@ class LLMEngine:
                 self._finish(seq, "cancelled")
 
     def _outstanding_blocks(self) -> int:
-        """Blocks the sequences holding KV memory may still take (up to prompt + max_tokens each)."""
+        """Blocks the sequences holding KV memory may still take (up to prompt + max_tokens each;
+        none counted when running sequences can be preempted), plus a margin while any runs."""
         cache = self.runner.cache
+        if self._preemptive:
+            return self._watermark if self._holders else 0
         return sum(
             max(0, cache.blocks_for(s.prompt_len + s.params.max_tokens) - len(cache.slot_blocks[s.slot]))
             for s in self._holders.values()
@@ -455,30 +465,67 @@ class LLMEngine:
 
     def _reserve(self, seq: Sequence, slot: int) -> bool:
         """Give ``seq`` slot ``slot`` and its prompt's blocks (the longest cached prefix shared) if the
-        blocks it may need in all are free besides what the others may still take; prefix-cache
-        entries give theirs back, least recently used first, until they are. False: not now."""
+        blocks it needs are free besides what the others may still take (see ``kv_cache_memory``);
+        prefix-cache entries give theirs back, least recently used first, until they are. False: not
+        now. A resumed sequence gets the blocks of its prompt and outputs."""
         cache = self.runner.cache
+        context = seq.context_ids
         while True:
-            match = self.prefix_cache.lookup(seq.prompt_ids, seq.mm_digest, seq.first_image)
+            match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
             shared = match.length // cache.block_size if match else 0
-            need = cache.blocks_for(seq.prompt_len + seq.params.max_tokens) - shared
+            held = seq.prefill_target + 1 if self._preemptive else seq.prompt_len + seq.params.max_tokens
+            need = cache.blocks_for(held) - shared
             if need <= cache.allocator.free_blocks - self._outstanding_blocks():
                 break
             if not self.prefix_cache.evict(keep=match.entry if match else None):
                 return False
-        self.prefix_cache.record(seq.prompt_len, match)
+        if not seq.resumed:  # (a resumed sequence reports its first admission's cached tokens)
+            self.prefix_cache.record(seq.prompt_len, match)
+            seq.cached_len = match.length if match is not None else 0
         seq.slot = slot
         self._holders[id(seq)] = seq
-        seq.cached_len = 0
+        start = match.length if match is not None else 0
         if match is not None:
             cache.adopt(slot, match.entry.blocks[:shared])
-            seq.cached_len = match.length
-        cache.grow(slot, seq.prompt_len)
-        tail = seq.cached_len - shared * cache.block_size
+        cache.grow(slot, seq.prefill_target)
+        tail = start - shared * cache.block_size
         if tail:  # the partly matched block: its positions copied into the sequence's own block
             cache.copy_positions(match.entry.blocks[shared], cache.slot_blocks[slot][shared], tail)
-        seq.prefilled = seq.cached_len
+        seq.prefilled = start
         return True
+
+    def _grow_running(self) -> None:
+        """Give each running sequence the block for the key it writes this step. When none is free
+        (only where preemption is on: otherwise they were reserved), prefix-cache entries give theirs
+        back, then the last admitted sequences give theirs and wait to be recomputed."""
+        cache = self.runner.cache
+        running = self.scheduler.running
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            need = cache.blocks_for(seq.num_tokens) - len(cache.slot_blocks[seq.slot])
+            if need <= cache.allocator.free_blocks:
+                cache.grow(seq.slot, seq.num_tokens)
+                i += 1
+            elif self.prefix_cache.evict():
+                continue
+            elif self._preemptive:
+                self._preempt(running[-1])
+            else:  # cannot happen: their blocks were reserved at admission
+                raise MemoryError(f"no KV block for {seq.request_id} (reserved at admission)")
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take ``seq``'s KV blocks back; it waits first in line and is recomputed when resumed."""
+        self.scheduler.preempt(seq)
+        seq.prefilled = seq.prefill_end = 0
+        seq.preemptions += 1
+        self.stats.preemptions += 1
+        log.info(
+            "preempted %s after %d tokens (%d KV blocks free)",
+            seq.request_id,
+            len(seq.output_ids),
+            self.runner.cache.allocator.free_blocks,
+        )
 
     def _release(self, seq: Sequence) -> None:
         """``seq`` gives its KV blocks back (it is leaving; its slot is still set)."""
@@ -503,12 +550,12 @@ class LLMEngine:
         started = time.monotonic()
         chunked = self.scheduler.prefilling is not None
         if not chunked:
-            self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs)
+            self.stats.queue_seconds.extend(started - s.arrival_time for s in seqs if not s.resumed)
         try:
             for seq in seqs:
-                seq.prefill_end = seq.prompt_len
+                seq.prefill_end = seq.prefill_target
             first = seqs[0]
-            if len(seqs) == 1 and budget and first.prompt_len - first.prefilled > budget:
+            if len(seqs) == 1 and budget and first.prefill_target - first.prefilled > budget:
                 first.prefill_end = first.prefilled + budget
                 self.scheduler.prefilling = first
             logits = self.runner.prefill(seqs, seqs[0].slot)
@@ -524,21 +571,25 @@ class LLMEngine:
         self.stats.prefill_tokens += sum(s.prefill_end - s.prefilled for s in seqs)
         for seq in seqs:
             seq.prefilled = seq.prefill_end
-        if seqs[0].prefilled < seqs[0].prompt_len:  # a chunk of a long prompt: the rest in later steps
+        if seqs[0].prefilled < seqs[0].prefill_target:  # a chunk of a long prompt: the rest later
             self.stats.prefill_step_seconds.append(time.monotonic() - started)
             return
         self.scheduler.admit(seqs)
         if self.prefix_cache.enabled:
             for seq in seqs:
                 self._remember(seq, prompt_only=True)
+        # A resumed sequence has its next token already (the last output, fed by the next decode).
+        rows = [i for i, seq in enumerate(seqs) if not seq.resumed]
+        fresh = [seqs[i] for i in rows]
+        logits = logits[rows] if len(rows) < len(seqs) else logits
         failures: dict[int, str] = {}
-        tokens = sample(logits, seqs, failures)
+        tokens = sample(logits, fresh, failures) if fresh else []
         now = time.monotonic()
         self.stats.prefill_step_seconds.append(now - started)
-        for seq in seqs:
+        for seq in fresh:
             seq.first_token_time = now
             self.stats.ttft_seconds.append(now - seq.arrival_time)
-        self._append(seqs, tokens, logits, failures)
+        self._append(fresh, tokens, logits, failures)
 
     def _append(
         self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor, failures: dict[int, str]

@@ -75,9 +75,10 @@ class ModelRunner:
         slots ``first_slot ..`` (which hold the blocks for them). Returns the logits of each row's last
         computed token, ``[len(seqs), vocab]``.
 
-        Row i computes prompt tokens ``seqs[i].prefill_range`` ``[k, e)``: with k > 0 its first k
-        keys/values are in its slot already (copied from the prefix cache, or an earlier chunk of a long
-        prompt) and the new tokens attend to them; with e < prompt length the rest comes in a later call."""
+        Row i computes tokens ``seqs[i].prefill_range`` ``[k, e)``: with k > 0 its first k keys/values
+        are in its slot already (shared from the prefix cache, or an earlier chunk of a long prompt) and
+        the new tokens attend to them; with e < ``prefill_target`` the rest comes in a later call. Past
+        the prompt (a sequence resumed after preemption) the tokens are its outputs, at text positions."""
         ranges = [s.prefill_range for s in seqs]
         starts = [k for k, _ in ranges]
         lens = [e - k for k, e in ranges]  # tokens computed now
@@ -88,9 +89,19 @@ class ModelRunner:
         dims = self.family.position_dims
         positions = torch.zeros(dims, len(seqs), length, dtype=torch.long, device=self.device)
         for i, (seq, (k, e)) in enumerate(zip(seqs, ranges, strict=True)):
-            embeds[i, : lens[i]] = self.family.prompt_embeds(seq, self.embed_tokens, self.device)[k:e]
             pos, seq.next_position = self.family.prompt_positions(seq, self.device)
-            positions[:, i, : lens[i]] = pos[:, k:e]
+            n = seq.prompt_len
+            if k < n:
+                prompt = self.family.prompt_embeds(seq, self.embed_tokens, self.device)
+                embeds[i, : min(e, n) - k] = prompt[k:e]
+                positions[:, i, : min(e, n) - k] = pos[:, k:e]
+            if e > n:  # a resumed sequence's output tokens: text after the prompt
+                first = max(k, n)
+                ids = torch.tensor(seq.output_ids[first - n : e - n], device=self.device)
+                embeds[i, first - k : e - k] = self.embed_tokens(ids)
+                after = torch.arange(first - n, e - n, device=self.device)
+                positions[:, i, first - k : e - k] = seq.next_position + after
+                seq.next_position += e - n
         if any(starts):
             masks, kv_len = self._offset_prefill_masks(ranges, length)
         else:

@@ -54,14 +54,14 @@ class Scheduler:
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
-            if batch and tokens + seq.prompt_len > budget:
+            if batch and tokens + seq.prefill_target > budget:
                 break
             slot = len(self.running) + len(batch)
             if not self.reserve(seq, slot):
                 break
             self.waiting.popleft()
             seq.slot = slot
-            tokens += seq.prompt_len
+            tokens += seq.prefill_target
             batch.append(seq)
         return batch
 
@@ -77,6 +77,12 @@ class Scheduler:
                 seq.slot = len(self.running)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """A running sequence gives its slot (and KV memory) back and waits first in line."""
+        self.retire([seq])
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
 
     def drop_waiting(self, seq: Sequence) -> None:
         self.waiting.remove(seq)

@@ -68,19 +68,36 @@ class Sequence:
     mm_digest: bytes | None = None
     first_image: int = 0
     cached_len: int = 0
-    # Prefill progress: prompt tokens whose keys/values are in the slot, and where the next prefill
-    # forward stops (``prompt_len`` unless a long prompt is prefilled in chunks).
+    # Prefill progress: tokens whose keys/values are in the slot, and where the next prefill forward
+    # stops (``prefill_target`` unless a long prompt is prefilled in chunks).
     prefilled: int = 0
     prefill_end: int = 0
+    preemptions: int = 0  # times its KV blocks were taken back (it was recomputed when resumed)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
     @property
+    def prefill_target(self) -> int:
+        """Tokens a prefill must put in the cache: the prompt; for a sequence resumed after preemption,
+        the prompt and every output token but the last (which the next decode step feeds)."""
+        return self.prompt_len + max(0, len(self.output_ids) - 1)
+
+    @property
+    def resumed(self) -> bool:
+        """A preempted sequence being brought back (its prefill recomputes, it samples nothing)."""
+        return bool(self.output_ids)
+
+    @property
+    def context_ids(self) -> list[int]:
+        """The ``prefill_target`` tokens."""
+        return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
+
+    @property
     def prefill_range(self) -> tuple[int, int]:
-        """The prompt tokens the next prefill forward computes: ``[start, end)``."""
-        return self.prefilled, self.prefill_end or self.prompt_len
+        """The tokens the next prefill forward computes: ``[start, end)``."""
+        return self.prefilled, self.prefill_end or self.prefill_target
 
     @property
     def num_tokens(self) -> int:

@@ -90,8 +90,8 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
         for i in rows:
             ids = torch.tensor(seqs[i].prompt_ids, device=device)
             start, end = seqs[i].prefill_range
-            here = ids[start:end] == self.image_token_id
-            mask[i, : end - start] = here
+            here = ids[start:end] == self.image_token_id  # (past the prompt: a resumed sequence's text)
+            mask[i, : here.numel()] = here
             skipped = int((ids[:start] == self.image_token_id).sum())
             chunks[i] = slice(skipped, skipped + int(here.sum()))
         if not bool(mask.any()):

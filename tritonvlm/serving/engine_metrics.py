@@ -75,6 +75,10 @@ COUNTERS = {
             "requests_failed": {"outcome": "error"},
         },
     ),
+    "tritonvlm_engine_preemptions_total": (
+        "Running sequences whose KV blocks were taken back for others (recomputed when resumed)",
+        {"preemptions": {}},
+    ),
     "tritonvlm_engine_prefix_cache_queries_total": (
         "Prompts looked up in the prefix cache, by result (hit: started from a cached prefix)",
         {"prefix_cache_queries": {"result": "all"}, "prefix_cache_hits": {"result": "hit"}},
