@@ -399,8 +399,9 @@ class LLMEngine:
             self._prefill(new, budget)
         running = self.scheduler.running
         if running:
+            self._grow_running()  # (may preempt: the list shrinks)
+        if running:
             started = time.monotonic()
-            self._grow_running()
             logits = self.runner.decode(running)
             failures: dict[int, str] = {}
             tokens = sample(logits, running, failures)
