@@ -116,6 +116,14 @@ def kit(request, family_kit):
     return family_kit(request.param)
 
 
+def same_image_questions() -> tuple[Case, Case]:
+    """Two questions about IMAGE_A: their prompts are the same up to where the questions differ."""
+    return (
+        Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A]),
+        Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A]),
+    )
+
+
 def run(engine: LLMEngine, sink: Collector, rid: str, case: Case, kit) -> list[int]:
     ids, mm = kit.engine_inputs(case)
     engine.add_request(rid, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), sink, mm)
@@ -134,8 +142,7 @@ def test_cached_prefixes_are_token_exact(kit):
     generate() on its own, and the cache is used wherever the family allows it."""
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
     sink = Collector()
-    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A])
-    again = Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A])
+    first, again = same_image_questions()
     other = Case("other", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_B])
     supported = kit.family.supports_prefix_cache
     assert engine.prefix_cache.enabled == supported
@@ -180,8 +187,7 @@ def test_a_running_sequences_prompt_is_shared_with_later_arrivals(kit):
     same image arriving meanwhile starts from its blocks, and both get generate()'s tokens."""
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
     sink = Collector()
-    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A])
-    again = Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A])
+    first, again = same_image_questions()
     for case in (first, again):
         ids, mm = kit.engine_inputs(case)
         engine.add_request(case.name, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), sink, mm)
@@ -289,8 +295,7 @@ def test_a_given_image_digest_replaces_hashing_the_embeddings(family_kit, monkey
     monkeypatch.setattr(llm_engine, "tensors_digest", no_hashing)
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
     sink = Collector()
-    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [IMAGE_A])
-    again = Case("again", conversation("What is in this image? Name its colour.", 1), [IMAGE_A])
+    first, again = same_image_questions()
     for case in (first, again):
         ids, mm = kit.engine_inputs(case)
         params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
