@@ -193,7 +193,7 @@ def test_sequences_hold_blocks_by_use_and_wait_for_room(kit, prepared):
     gets generate()'s tokens and all blocks come back."""
     engine = one_sequence_engine(kit, prefix_cache_slots=0)
     cache = engine.runner.cache
-    preemptive = kit.family.supports_prefix_cache
+    preemptive = kit.family.supports_preemption
     sink = Collector()
     name, ids, mm, ref = prepared[0]
     long_tokens = 512 - len(ids)
@@ -223,7 +223,7 @@ def test_preempted_sequences_resume_token_exact(kit, prepared):
     """Four requests that together outgrow the blocks of one max-length sequence: running sequences
     are preempted and recomputed (images, several outputs, a seeded sampled one included) and each
     gets exactly what it gets with room for all."""
-    if not kit.family.supports_prefix_cache:
+    if not kit.family.supports_preemption:
         pytest.skip("this family reserves prompt + max_tokens at admission: nothing is preempted")
     new = 150
     requests = [(f"r{i}", *prepared[i % len(prepared)][1:3]) for i in range(3)]

@@ -45,11 +45,11 @@ class EngineConfig:
     # KV memory budget: "" makes room for max_num_seqs (+ prefix_cache_slots) sequences of
     # max_model_len tokens; a size ("4GiB", "512MB") or a fraction of the device's free memory at
     # start-up ("0.5") is what the KV blocks (and the per-sequence rows of sliding/cross layers) get.
-    # Sequences hold blocks as they grow. Families whose layers all attend fully admit a sequence when
-    # its prompt's blocks are free (with a 1% margin); a running sequence that finds no free block
-    # takes the last admitted one's, which is recomputed when it comes back (preemption). Families
-    # with sliding-window or cross layers admit a sequence when the blocks it may need, prompt +
-    # max_tokens, are free besides what the running ones may still take.
+    # Sequences hold blocks as they grow. A sequence is admitted when its prompt's blocks are free
+    # (with a 1% margin); a running sequence that finds no free block takes the last admitted one's,
+    # which is recomputed when it comes back (preemption). Families that cannot be recomputed
+    # (Mllama) admit a sequence when the blocks it may need, prompt + max_tokens, are free besides
+    # what the running ones may still take.
     kv_cache_memory: str = ""
     # Finished sequences whose keys/values (their KV blocks) are kept for later prompts with the same
     # start; they give their blocks back when a new sequence needs them. 0 turns the prefix cache off.
@@ -242,9 +242,9 @@ class LLMEngine:
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
         self._holders: dict[int, Sequence] = {}  # sequences holding KV blocks, by id()
-        # Preemption recomputes a sequence from its tokens: a prefill after cached keys, over its
-        # outputs too (full-attention families only; the others reserve prompt + max_tokens).
-        self._preemptive = self.family.supports_prefix_cache
+        # Preemption recomputes a sequence from its tokens: a prefill over its outputs too (families
+        # that cannot reserve prompt + max_tokens at admission instead).
+        self._preemptive = self.family.supports_preemption
         self._watermark = max(1, blocks // 100)
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])

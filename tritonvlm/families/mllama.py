@@ -78,6 +78,12 @@ class MllamaFamily(Family):
         return build_test_model(out_dir, size=size)
 
     # ---- preprocessing ------------------------------------------------------------------------------
+    @property
+    def supports_preemption(self) -> bool:
+        """No: the prefill pops the image states from ``seq.mm`` (and later turns' masks come from
+        the prompt alone)."""
+        return False
+
     def check_images(self, num_images: int) -> None:
         if num_images > self.max_images_per_prompt:
             raise InvalidRequestError(
