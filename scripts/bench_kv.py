@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""KV cache layouts compared: the engine's preallocated slot cache vs join-by-padding.
+"""KV cache layouts compared: the engine's KV cache (blocks written in place) vs join-by-padding.
 
 Join-by-padding (the approach first verified for this project) keeps the running batch in one
 transformers ``DynamicCache``, left-padded: a new sequence is prefilled alone, then every layer's
 keys/values of both caches are padded to a common length and concatenated, and every decode step
-concatenates the new token onto the whole cache. The slot cache (``tritonvlm.engine.kv_cache``)
-writes each token in place and joins by writing only the new prompt.
+concatenates the new token onto the whole cache. The engine's cache (``tritonvlm.engine.kv_cache``,
+a preallocated slot per sequence when this was first measured, blocks by use since) writes each
+token in place and joins by writing only the new prompt.
 
 Both decode the same greedy requests arriving every ``--join-every`` steps; the script prints
 tokens/s for each and checks they produced the same tokens.
@@ -159,10 +160,10 @@ def main() -> None:
         s, slot_out = run_slot_engine(model, tokenizer, reqs, args.tokens, args.join_every)
         p, pad_out = run_padded_join(model, reqs, args.tokens, args.join_every)
         slot_s, pad_s = min(slot_s, s), min(pad_s, p)
-        print(f"  round {r + 1}: slot {total / s:.1f} tokens/s, padding {total / p:.1f} tokens/s", flush=True)
-    print(f"  slot cache (engine):  {total / slot_s:8.1f} tokens/s  (best {slot_s:.2f} s)")
+        print(f"  round {r + 1}: engine {total / s:.1f}, padding {total / p:.1f} tokens/s", flush=True)
+    print(f"  engine KV cache:      {total / slot_s:8.1f} tokens/s  (best {slot_s:.2f} s)")
     print(f"  join-by-padding:      {total / pad_s:8.1f} tokens/s  (best {pad_s:.2f} s)")
-    print(f"  slot / padding:       {pad_s / slot_s:8.2f}x")
+    print(f"  engine / padding:     {pad_s / slot_s:8.2f}x")
     same = sum(slot_out[k] == pad_out[k] for k in slot_out)
     print(f"  identical greedy outputs: {same}/{len(slot_out)}")
 
