@@ -63,15 +63,33 @@ def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("chunk", [0, 8], ids=["whole prefill", "8-token prefill chunks"])
-def test_engine_on_cuda_matches_generate(cuda_setup, chunk):
+def tight_kv_budget(family, dtype: torch.dtype, max_len: int = 512, slots: int = 8) -> str:
+    """A KV budget of ``slots`` slots' fixed rows and blocks for one ``max_len`` sequence (+ scratch)."""
+    from tritonvlm.engine.kv_cache import PagedKVCache
+
+    kinds, (heads, dim) = family.layer_kinds(), family.kv_geometry()
+    per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, dtype) + family.extra_state_bytes(dtype)
+    per_block = 16 * PagedKVCache.bytes_per_token(sum(k.is_full for k in kinds), heads, dim, dtype)
+    return str(slots * per_slot + (max_len // 16 + 1) * per_block)
+
+
+@pytest.mark.parametrize(
+    "chunk,tight", [(0, False), (8, False), (0, True)], ids=["whole prefill", "8-token chunks", "tight KV"]
+)
+def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     """Staggered arrivals join a running batch; with 8-token chunks every later prompt is prefilled in
-    chunks between the running sequences' decode steps (families with full attention only)."""
+    chunks between the running sequences' decode steps (families with full attention only); with a
+    tight KV budget (blocks for one 512-token sequence) running sequences are preempted and resumed."""
     model, family, tokenizer, cases, dtype = cuda_setup
-    config = EngineConfig(max_model_len=512, max_num_seqs=8, prefill_chunk_tokens=chunk)
+    budget = tight_kv_budget(family, getattr(torch, dtype)) if tight else ""
+    config = EngineConfig(
+        max_model_len=512, max_num_seqs=8, prefill_chunk_tokens=chunk, kv_cache_memory=budget
+    )
     engine = LLMEngine(model, tokenizer, config, family)
     assert engine.runner.device.type == "cuda"
     tokens = run_staggered(engine, cases)
+    if tight:
+        print(f"\n{family.name} {dtype}: {engine.stats.preemptions} preemptions")
     graphs = engine.runner.graphs
     if graphs is not None:  # the decode steps came from CUDA graphs (capture did not fall back)
         assert not graphs.failed and graphs.replays > 0
