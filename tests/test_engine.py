@@ -222,16 +222,19 @@ def test_sequences_hold_blocks_by_use_and_wait_for_room(kit, prepared):
 def test_preempted_sequences_resume_token_exact(kit, prepared):
     """Four requests that together outgrow the blocks of one max-length sequence: running sequences
     are preempted and recomputed (images, several outputs, a seeded sampled one included) and each
-    gets exactly what it gets with room for all."""
+    gets exactly what it gets with room for all: the same tokens, and the same logprobs (which a
+    recompute at wrong positions changes even where the tiny model's argmax does not)."""
     if not kit.family.supports_preemption:
         pytest.skip("this family reserves prompt + max_tokens at admission: nothing is preempted")
     new = 150
     requests = [(f"r{i}", *prepared[i % len(prepared)][1:3]) for i in range(3)]
-    params = [SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True) for _ in requests]
+    params = [
+        SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=True) for _ in requests
+    ]
     requests.append(("seeded", *prepared[0][1:3]))
-    params.append(SamplingParams(max_tokens=new, temperature=1.0, seed=7, ignore_eos=True))
+    params.append(SamplingParams(max_tokens=new, temperature=1.0, seed=7, ignore_eos=True, logprobs=True))
 
-    def run_all(engine: LLMEngine) -> dict[str, list[int]]:
+    def run_all(engine: LLMEngine) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
         sink = Collector()
         for (rid, ids, mm), p in zip(requests, params, strict=True):
             engine.add_request(rid, ids, p, sink, mm)
@@ -241,15 +244,21 @@ def test_preempted_sequences_resume_token_exact(kit, prepared):
             steps += 1
             assert steps < 5000
         assert all(sink.outputs[rid][-1].error is None for rid, *_ in requests)
-        return {rid: sink.tokens(rid) for rid, *_ in requests}
+        logprobs = {
+            rid: torch.tensor([e["logprob"] for o in sink.outputs[rid] for e in o.logprobs or []])
+            for rid, *_ in requests
+        }
+        return {rid: sink.tokens(rid) for rid, *_ in requests}, logprobs
 
     roomy = make_engine(kit, max_num_seqs=8)
-    expected = run_all(roomy)
+    expected, expected_logprobs = run_all(roomy)
     assert roomy.stats.preemptions == 0
     tight = one_sequence_engine(kit)
-    got = run_all(tight)
+    got, got_logprobs = run_all(tight)
     assert tight.stats.preemptions >= 1
     assert got == expected
+    for rid, logprobs in got_logprobs.items():
+        assert logprobs.shape == (new,) and torch.allclose(logprobs, expected_logprobs[rid], atol=1e-4), rid
     for i in range(3):  # and greedy rows agree with generate() as far as it was asked
         ref = prepared[i % len(prepared)][3]
         assert got[f"r{i}"][: len(ref)] == ref
