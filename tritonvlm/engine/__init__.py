@@ -1,8 +1,9 @@
 """The in-flight batching decoder engine (importable and testable without Triton).
 
-Split the way nano-vllm splits it: ``sequence`` (a request's state), ``scheduler`` (waiting/running,
-admission), ``kv_cache`` (slot KV memory), ``model_runner`` (tensors in, logits out), ``sampler``,
-``detokenizer`` and ``llm_engine`` (the loop).
+Split the way nano-vllm splits it: ``sequence`` (a request's state), ``scheduler`` (waiting/running),
+``kv_cache`` (KV memory in blocks), ``block_manager`` (block reference counts), ``kv_admission`` (who
+holds blocks: admission, growth, preemption), ``prefix_cache``, ``model_runner`` (tensors in, logits
+out), ``sampler``, ``detokenizer`` and ``llm_engine`` (the loop).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
 from tritonvlm.engine.guided import GuidedDecoding
+from tritonvlm.engine.kv_admission import KVAdmission
 from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
@@ -234,18 +235,15 @@ class LLMEngine:
             slots,
             cache.nbytes / 2**20,
         )
-        self.scheduler = Scheduler(
-            slots, self.config.max_prefill_tokens, cache.move, release=self._release, reserve=self._reserve
-        )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
-        self._holders: dict[int, Sequence] = {}  # sequences holding KV blocks, by id()
-        # Preemption recomputes a sequence from its tokens: a prefill over its outputs too (families
-        # that cannot reserve prompt + max_tokens at admission instead).
-        self._preemptive = self.family.supports_preemption
-        self._watermark = max(1, blocks // 100)
+        self.kv = KVAdmission(cache, self.prefix_cache, self.family.supports_preemption)
+        kv = self.kv
+        self.scheduler = Scheduler(
+            slots, self.config.max_prefill_tokens, cache.move, release=kv.release, reserve=kv.reserve
+        )
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -385,7 +383,7 @@ class LLMEngine:
                 self.scheduler.retire(list(self.scheduler.running))
                 partial, self.scheduler.prefilling = self.scheduler.prefilling, None
                 if partial is not None:
-                    self._release(partial)
+                    self.kv.release(partial)
                     self._finish(partial, "error", error="internal error in the decoding engine")
 
     def step(self) -> None:
@@ -399,7 +397,7 @@ class LLMEngine:
             self._prefill(new, budget)
         running = self.scheduler.running
         if running:
-            self._grow_running()  # (may preempt: the list shrinks)
+            self.kv.grow(running, self._preempt)  # (may preempt: the list shrinks)
         if running:
             started = time.monotonic()
             logits = self.runner.decode(running)
@@ -440,7 +438,7 @@ class LLMEngine:
         partial = self.scheduler.prefilling
         if partial is not None and partial.wants_cancel():
             self.scheduler.prefilling = None
-            self._release(partial)
+            self.kv.release(partial)
             partial.slot = -1
             self._finish(partial, "cancelled")
         for seq in [s for s in self.scheduler.waiting if s.wants_cancel()]:
@@ -452,68 +450,6 @@ class LLMEngine:
             for seq in leaving:
                 log.info("dropped cancelled request %s after %d tokens", seq.request_id, len(seq.output_ids))
                 self._finish(seq, "cancelled")
-
-    def _outstanding_blocks(self) -> int:
-        """Blocks the sequences holding KV memory may still take (up to prompt + max_tokens each;
-        none counted when running sequences can be preempted), plus a margin while any runs."""
-        cache = self.runner.cache
-        if self._preemptive:
-            return self._watermark if self._holders else 0
-        return sum(
-            max(0, cache.blocks_for(s.prompt_len + s.params.max_tokens) - len(cache.slot_blocks[s.slot]))
-            for s in self._holders.values()
-        )
-
-    def _reserve(self, seq: Sequence, slot: int) -> bool:
-        """Give ``seq`` slot ``slot`` and its prompt's blocks (the longest cached prefix shared) if the
-        blocks it needs are free besides what the others may still take (see ``kv_cache_memory``);
-        prefix-cache entries give theirs back, least recently used first, until they are. False: not
-        now. A resumed sequence gets the blocks of its prompt and outputs."""
-        cache = self.runner.cache
-        context = seq.context_ids
-        while True:
-            match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
-            shared = match.length // cache.block_size if match else 0
-            held = seq.prefill_target + 1 if self._preemptive else seq.prompt_len + seq.params.max_tokens
-            need = cache.blocks_for(held) - shared
-            if need <= cache.allocator.free_blocks - self._outstanding_blocks():
-                break
-            if not self.prefix_cache.evict(keep=match.entry if match else None):
-                return False
-        if not seq.resumed:  # (a resumed sequence reports its first admission's cached tokens)
-            self.prefix_cache.record(seq.prompt_len, match)
-            seq.cached_len = match.length if match is not None else 0
-        seq.slot = slot
-        self._holders[id(seq)] = seq
-        start = match.length if match is not None else 0
-        if match is not None:
-            cache.adopt(slot, match.entry.blocks[:shared])
-        cache.grow(slot, seq.prefill_target)
-        tail = start - shared * cache.block_size
-        if tail:  # the partly matched block: its positions copied into the sequence's own block
-            cache.copy_positions(match.entry.blocks[shared], cache.slot_blocks[slot][shared], tail)
-        seq.prefilled = start
-        return True
-
-    def _grow_running(self) -> None:
-        """Give each running sequence the block for the key it writes this step. When none is free
-        (only where preemption is on: otherwise they were reserved), prefix-cache entries give theirs
-        back, then the last admitted sequences give theirs and wait to be recomputed."""
-        cache = self.runner.cache
-        running = self.scheduler.running
-        i = 0
-        while i < len(running):
-            seq = running[i]
-            need = cache.blocks_for(seq.num_tokens) - len(cache.slot_blocks[seq.slot])
-            if need <= cache.allocator.free_blocks:
-                cache.grow(seq.slot, seq.num_tokens)
-                i += 1
-            elif self.prefix_cache.evict():
-                continue
-            elif self._preemptive:
-                self._preempt(running[-1])
-            else:  # cannot happen: their blocks were reserved at admission
-                raise MemoryError(f"no KV block for {seq.request_id} (reserved at admission)")
 
     def _preempt(self, seq: Sequence) -> None:
         """Take ``seq``'s KV blocks back; it waits first in line and is recomputed when resumed."""
@@ -527,11 +463,6 @@ class LLMEngine:
             len(seq.output_ids),
             self.runner.cache.allocator.free_blocks,
         )
-
-    def _release(self, seq: Sequence) -> None:
-        """``seq`` gives its KV blocks back (it is leaving; its slot is still set)."""
-        if self._holders.pop(id(seq), None) is not None:
-            self.runner.cache.release(seq.slot)
 
     def _remember(self, seq: Sequence, prompt_only: bool = False) -> None:
         """Keep a sequence's keys/values in the prefix cache: a finished one's prompt and output fed
@@ -564,7 +495,7 @@ class LLMEngine:
             log.exception("prefill failed for %s", [s.request_id for s in seqs])
             self.scheduler.prefilling = None
             for seq in seqs:
-                self._release(seq)
+                self.kv.release(seq)
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return

@@ -1,6 +1,7 @@
-"""Prefix cache: the keys/values of recently finished sequences, kept as the KV blocks they wrote, so a
-new request whose prompt starts with the same tokens (a system prompt, the same image, the earlier
-turns of a conversation) starts from them instead of computing them again.
+"""Prefix cache: the keys/values of recent prompts (from their prefill on) and finished sequences, kept
+as the KV blocks they wrote, so a new request whose prompt starts with the same tokens (a system
+prompt, the same image, the earlier turns of a conversation) starts from them instead of computing
+them again.
 
 An entry holds a reference to the blocks of the tokens whose keys/values it keeps (the prompt and the
 generated tokens fed back) and a digest of the sequence's multimodal tensors. A new sequence shares

@@ -1,0 +1,96 @@
+"""Who holds KV blocks: admission of a waiting sequence (its prompt's blocks, the longest cached prefix
+shared), growth of the running ones step by step, and where blocks run out, preemption.
+
+A sequence is admitted when its prompt's blocks are free, with a margin of 1% of the pool while
+others run. When a running sequence needs a block and none is free, prefix-cache entries give theirs
+back first, then the most recently admitted sequence is preempted: it gives its blocks back, waits
+first in line and is recomputed when resumed (a prefill over its prompt and outputs so far; see
+``Sequence.prefill_target``). A family that cannot be recomputed (``Family.supports_preemption``)
+admits a sequence only when the blocks for its whole prompt + max_tokens are free besides what the
+running ones may still take, and is never preempted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tritonvlm.engine.kv_cache import PagedKVCache
+from tritonvlm.engine.prefix_cache import PrefixCache
+from tritonvlm.engine.sequence import Sequence
+
+
+class KVAdmission:
+    """The KV blocks of ``cache`` held by sequences (``reserve`` / ``grow`` / ``release``)."""
+
+    def __init__(self, cache: PagedKVCache, prefix_cache: PrefixCache, preemptive: bool) -> None:
+        self.cache = cache
+        self.prefix_cache = prefix_cache
+        self.preemptive = preemptive
+        self.margin = max(1, cache.num_blocks // 100)
+        self.holders: dict[int, Sequence] = {}  # sequences holding blocks, by id()
+
+    def outstanding(self) -> int:
+        """Blocks the holders may still take: up to prompt + max_tokens each where nothing is
+        preempted, else only the margin (while any holds blocks)."""
+        cache = self.cache
+        if self.preemptive:
+            return self.margin if self.holders else 0
+        return sum(
+            max(0, cache.blocks_for(s.prompt_len + s.params.max_tokens) - len(cache.slot_blocks[s.slot]))
+            for s in self.holders.values()
+        )
+
+    def reserve(self, seq: Sequence, slot: int) -> bool:
+        """Give ``seq`` slot ``slot`` and the blocks of its ``prefill_target`` tokens (the longest
+        cached prefix shared, the positions of a partly matched block copied) if what it needs is free
+        besides ``outstanding``; prefix-cache entries give theirs back, least recently used first,
+        until it is. False: not now. Sets ``seq.prefilled`` (and, first time, ``seq.cached_len``)."""
+        cache = self.cache
+        context = seq.context_ids
+        while True:
+            match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
+            shared = match.length // cache.block_size if match else 0
+            held = seq.prefill_target + 1 if self.preemptive else seq.prompt_len + seq.params.max_tokens
+            need = cache.blocks_for(held) - shared
+            if need <= cache.allocator.free_blocks - self.outstanding():
+                break
+            if not self.prefix_cache.evict(keep=match.entry if match else None):
+                return False
+        if not seq.resumed:  # (a resumed sequence reports its first admission's cached tokens)
+            self.prefix_cache.record(seq.prompt_len, match)
+            seq.cached_len = match.length if match is not None else 0
+        seq.slot = slot
+        self.holders[id(seq)] = seq
+        start = match.length if match is not None else 0
+        if match is not None:
+            cache.adopt(slot, match.entry.blocks[:shared])
+        cache.grow(slot, seq.prefill_target)
+        tail = start - shared * cache.block_size
+        if tail:
+            cache.copy_positions(match.entry.blocks[shared], cache.slot_blocks[slot][shared], tail)
+        seq.prefilled = start
+        return True
+
+    def grow(self, running: list[Sequence], preempt: Callable[[Sequence], None]) -> None:
+        """Give each of ``running`` the block for the key it writes this step; where none is free,
+        prefix-cache entries give theirs back, then ``preempt(running[-1])`` (which removes it from
+        ``running``) until there is one."""
+        cache = self.cache
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            need = cache.blocks_for(seq.num_tokens) - len(cache.slot_blocks[seq.slot])
+            if need <= cache.allocator.free_blocks:
+                cache.grow(seq.slot, seq.num_tokens)
+                i += 1
+            elif self.prefix_cache.evict():
+                continue
+            elif self.preemptive:
+                preempt(running[-1])
+            else:  # cannot happen: their blocks were reserved at admission
+                raise MemoryError(f"no KV block for {seq.request_id} (reserved at admission)")
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` gives its blocks back (it is leaving or preempted; its slot is still set)."""
+        if self.holders.pop(id(seq), None) is not None:
+            self.cache.release(seq.slot)
