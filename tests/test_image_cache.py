@@ -273,30 +273,44 @@ def chat(messages: list[dict], images: list[bytes]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     """The key is each family's real encoder input: the same image through another preprocess instance
-    hits and gives the very tensors the encoder made; a later turn re-sending it hits too (except for
-    Mllama, whose encoder input holds the prompt's cross-attention mask); another image misses."""
+    hits and gives the very tensors the encoder made; a later turn re-sending it hits too (Mllama's
+    encoder input also holds the prompt's cross-attention mask: the key leaves it out and the request
+    gets its own); another image misses."""
     kit = family_kit(name)
     cache, calls = ImageCache(10**8), []
+    own = kit.family.prompt_mm_tensors
     image = make_image(64, 48, "red")
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     first_ids, first, _ = model_inputs(
-        chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache
+        chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache, own
     )
     assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and first
 
     other_instance = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
-    ids, again, _ = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache)
+    ids, again, _ = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache, own)
     assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and ids == first_ids
     assert again.keys() == first.keys()
     for key in first:
         np.testing.assert_array_equal(again[key], first[key])
 
     later = [turn, {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Sure?"}]
-    model_inputs(chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache)
-    assert calls.count(wire.VISION_ENCODER_MODEL) == (2 if name == "mllama" else 1)
+    later_ids, later_mm, _ = model_inputs(
+        chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache, own
+    )
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 1
+    assert later_mm.keys() == first.keys()
+    fresh = kit.preprocessor(later, [image]).mm  # what the later turn's own preprocess made
+    for key in first:
+        if key in own:  # the request's own prompt tensors (the cached ones are the first turn's)
+            assert len(later_ids) > len(first_ids) and later_mm[key].shape[0] == len(later_ids)
+            np.testing.assert_array_equal(later_mm[key], fresh[key])
+        else:
+            np.testing.assert_array_equal(later_mm[key], first[key])
 
-    model_inputs(chat([turn], [make_image(64, 48, "blue")]), real_models(kit, kit.preprocessor, calls), cache)
-    assert calls.count(wire.VISION_ENCODER_MODEL) == (3 if name == "mllama" else 2)
+    model_inputs(
+        chat([turn], [make_image(64, 48, "blue")]), real_models(kit, kit.preprocessor, calls), cache, own
+    )
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 2
 
 
 # ---- metrics -------------------------------------------------------------------------------------------

@@ -139,6 +139,9 @@ class Family:
     position_dims: ClassVar[int] = 1  # 1: [batch, len] positions; 3: M-RoPE [3, batch, len]
     mask_as_dict: ClassVar[bool] = True  # text model takes {"full_attention": m, ...}; else a tensor
     tool_format: ClassVar[ToolCallFormat] = QWEN_TOOL_CALLS  # how the family writes tool calls
+    # Multimodal tensors that depend on the prompt, not the images (the vision encoder passes them
+    # through): the image cache keys on the others and takes these from each request.
+    prompt_mm_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -61,6 +61,7 @@ class MllamaFamily(Family):
     )
     max_images_per_prompt = 1
     mask_as_dict = False  # Mllama's text model takes a plain 4-D mask
+    prompt_mm_tensors = (MASK,)  # the prompt's cross-attention mask: the same image in a later turn hits
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -25,14 +25,19 @@ class StageError(Exception):
 
 
 def model_inputs(
-    given: dict[str, np.ndarray | None], call: ModelCall, image_cache: ImageCache | None = None
+    given: dict[str, np.ndarray | None],
+    call: ModelCall,
+    image_cache: ImageCache | None = None,
+    prompt_tensors: tuple[str, ...] = (),
 ) -> tuple[list[int], dict[str, np.ndarray], bytes | None]:
     """``(prompt token ids, multimodal tensors, their key)`` for one request. ``given`` maps the `vlm`
     input names (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent.
     The key is a digest of the encoder's input (None without images): equal keys, equal tensors, so
     the engine's prefix cache can use it instead of hashing the tensors again. With an enabled
     ``image_cache``, an encoder input seen before is not encoded again (the returned arrays are then
-    shared and read-only)."""
+    shared and read-only). ``prompt_tensors``: the family's multimodal tensors that depend on the
+    prompt and pass through the encoder (``Family.prompt_mm_tensors``): the image cache keys on the
+    other tensors, so a later turn with the same images hits, and these come from the request."""
     forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
     if len(forms) != 1:
         raise InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
@@ -64,4 +69,9 @@ def model_inputs(
     key = content_key(packed)
     if image_cache is None or not image_cache.enabled:
         return ids, encode(), key
-    return ids, image_cache.get_or_compute(key, encode), key
+    if not prompt_tensors:
+        return ids, image_cache.get_or_compute(key, encode), key
+    tensors = wire.unpack_tensors(packed)
+    own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
+    encoded = image_cache.get_or_compute(content_key(wire.pack_tensors(tensors)), encode)
+    return ids, {**encoded, **own}, key

@@ -135,7 +135,8 @@ class TritonPythonModel:
                 raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
             sampling = SamplingParams.from_dict(params)
             given = {name: _numpy(request, name) for name in PROMPT_INPUTS}
-            ids, mm, mm_key = model_inputs(given, call_model, self.image_cache)
+            prompt_tensors = self.engine.family.prompt_mm_tensors
+            ids, mm, mm_key = model_inputs(given, call_model, self.image_cache, prompt_tensors)
             if tracked.poll_cancelled():
                 self._close(tracked, "cancelled before decoding")
                 return
