@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-cache-slots",
         metavar="N",
         type=int,
-        help="finished sequences whose keys/values (KV blocks) are kept for prompts that start the same "
-        "way, given back when a new request needs the blocks; 0 turns the prefix cache off (default 4)",
+        help="prompts and finished sequences whose keys/values (KV blocks) are kept for prompts that start "
+        "the same way, given back when a new request needs the blocks; 0 turns the prefix cache off "
+        "(default 4)",
     )
     model.add_argument(
         "--cuda-graphs",
