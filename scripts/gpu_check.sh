@@ -37,7 +37,7 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -
 log "transformers $($PY -c 'import transformers; print(transformers.__version__)')"
 
 log "GPU tests (every family, fp32 and bf16)"
-timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
   --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
 
 log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs and eager side by side"
