@@ -12,7 +12,13 @@ from test_engine import Collector
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
 from tritonvlm.engine.block_manager import BlockAllocator
-from tritonvlm.engine.prefix_cache import MIN_MATCH_TOKENS, PrefixCache, first_placeholder, mm_digest
+from tritonvlm.engine.prefix_cache import (
+    MIN_MATCH_TOKENS,
+    PrefixCache,
+    PrefixMatch,
+    first_placeholder,
+    mm_digest,
+)
 
 MAX_NEW = 8
 IMAGE_A = make_image(64, 48, "red")
@@ -33,6 +39,15 @@ def stored(
     return blocks
 
 
+def lookup_and_record(
+    cache: PrefixCache, prompt: list[int], digest: bytes | None, first_image: int
+) -> PrefixMatch | None:
+    """What admission does: look the prompt up and record the result."""
+    found = cache.lookup(prompt, digest, first_image)
+    cache.record(len(prompt), found)
+    return found
+
+
 def test_longest_match_wins_and_the_last_prompt_token_is_always_computed():
     pool = BlockAllocator(64)
     cache = PrefixCache(2, pool, BLOCK)
@@ -43,10 +58,10 @@ def test_longest_match_wins_and_the_last_prompt_token_is_always_computed():
     assert cache.entries[0].blocks == blocks[:11]  # 41 tokens: 11 blocks kept, the spare one freed
     assert pool.free_blocks == 64 - 11
     stored(cache, pool, list(range(25)) + [5] * 10)
-    match = cache.match(list(range(30)) + [7], None, 31)
+    match = lookup_and_record(cache, list(range(30)) + [7], None, 31)
     assert match is not None and match.length == 30 and match.entry is cache.entries[0]
     # The whole prompt is cached: all but its last token are taken.
-    assert cache.match(list(range(40)), None, 40).length == 39
+    assert lookup_and_record(cache, list(range(40)), None, 40).length == 39
     assert cache.hits == 2 and cache.hit_tokens == 69 and cache.queries == 2
     assert cache.lookup(list(range(40)), None, 40).length == 39 and cache.queries == 2  # lookup: no count
 
@@ -55,8 +70,10 @@ def test_short_matches_are_not_worth_it():
     pool = BlockAllocator(64)
     cache = PrefixCache(1, pool, BLOCK)
     stored(cache, pool, list(range(30)))
-    assert cache.match(list(range(MIN_MATCH_TOKENS - 1)) + [1000, 1001], None, 10) is None
-    assert cache.match(list(range(MIN_MATCH_TOKENS)) + [1000], None, 10).length == MIN_MATCH_TOKENS
+    assert lookup_and_record(cache, list(range(MIN_MATCH_TOKENS - 1)) + [1000, 1001], None, 10) is None
+    assert (
+        lookup_and_record(cache, list(range(MIN_MATCH_TOKENS)) + [1000], None, 10).length == MIN_MATCH_TOKENS
+    )
 
 
 def test_other_images_match_only_up_to_the_first_placeholder():
@@ -64,9 +81,9 @@ def test_other_images_match_only_up_to_the_first_placeholder():
     cache = PrefixCache(1, pool, BLOCK)
     tokens = list(range(12)) + [7] * 10 + list(range(50, 60))  # placeholders (7) from index 12
     stored(cache, pool, tokens, b"image-a", 12)
-    assert cache.match(tokens + [1], b"image-a", 12).length == len(tokens)
-    assert cache.match(tokens + [1], b"image-b", 12).length == 12
-    assert cache.match(tokens + [1], None, len(tokens) + 1).length == 12
+    assert lookup_and_record(cache, tokens + [1], b"image-a", 12).length == len(tokens)
+    assert lookup_and_record(cache, tokens + [1], b"image-b", 12).length == 12
+    assert lookup_and_record(cache, tokens + [1], None, len(tokens) + 1).length == 12
 
 
 def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
@@ -76,7 +93,7 @@ def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
     stored(cache, pool, a)
     stored(cache, pool, b)
     assert pool.used_blocks == 10
-    cache.match(a + [5], None, 21)  # a is now more recent than b
+    lookup_and_record(cache, a + [5], None, 21)  # a is now more recent than b
     stored(cache, pool, c)  # the cache is full: b (least recently used) goes, with its blocks
     assert sorted(e.tokens[0] for e in cache.entries) == [1, 3] and pool.used_blocks == 10
     stored(cache, pool, a + [9] * 5)  # a longer a supersedes a
@@ -106,7 +123,11 @@ def test_disabled_cache_matches_nothing():
     pool = BlockAllocator(16)
     cache = PrefixCache(0, pool, BLOCK)
     stored(cache, pool, list(range(30)))
-    assert not cache.enabled and cache.match(list(range(30)), None, 30) is None and not cache.entries
+    assert (
+        not cache.enabled
+        and lookup_and_record(cache, list(range(30)), None, 30) is None
+        and not cache.entries
+    )
     assert pool.used_blocks == 0
 
 

@@ -491,7 +491,7 @@ class TritonServer:
     def has_died(self) -> bool:
         """Whether the server was started and its process has exited since (not through :meth:`stop`,
         which stops the watchdog that asks first)."""
-        return self._proc is not None and self._proc.poll() is not None
+        return self._proc is not None and not self.is_running()
 
     def command(self, backend_directory: str | os.PathLike[str]) -> list[str]:
         """The full ``tritonserver`` command line for this instance."""

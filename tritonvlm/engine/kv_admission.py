@@ -47,10 +47,10 @@ class KVAdmission:
         until it is. False: not now. Sets ``seq.prefilled`` (and, first time, ``seq.cached_len``)."""
         cache = self.cache
         context = seq.context_ids
+        held = seq.prefill_target + 1 if self.preemptive else seq.prompt_len + seq.params.max_tokens
         while True:
             match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
             shared = match.length // cache.block_size if match else 0
-            held = seq.prefill_target + 1 if self.preemptive else seq.prompt_len + seq.params.max_tokens
             need = cache.blocks_for(held) - shared
             if need <= cache.allocator.free_blocks - self.outstanding():
                 break

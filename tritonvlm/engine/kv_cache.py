@@ -160,6 +160,18 @@ class PagedKVCache:
         """Memory one cached token takes across ``num_layers`` full-attention layers (keys and values)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
+    @staticmethod
+    def bytes_per_block(
+        kinds: Sequence[LayerKind],
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> int:
+        """Memory of one block across the full-attention layers of ``kinds``."""
+        full = sum(1 for kind in kinds if kind.is_full)
+        return block_size * PagedKVCache.bytes_per_token(full, num_kv_heads, head_dim, dtype)
+
     @property
     def block_bytes(self) -> int:
         """Memory of one block across the full-attention layers."""

@@ -52,8 +52,9 @@ class EngineConfig:
     # (Mllama) admit a sequence when the blocks it may need, prompt + max_tokens, are free besides
     # what the running ones may still take.
     kv_cache_memory: str = ""
-    # Finished sequences whose keys/values (their KV blocks) are kept for later prompts with the same
-    # start; they give their blocks back when a new sequence needs them. 0 turns the prefix cache off.
+    # Prompts (from their prefill on) and finished sequences whose keys/values (their KV blocks) are
+    # kept for later prompts with the same start, at most this many; they give their blocks back when
+    # a new sequence needs them. 0 turns the prefix cache off.
     # Families with sliding-window or cross-attention layers have none.
     prefix_cache_slots: int = 4
     # On CUDA, replay decode steps from CUDA graphs (captured per batch/length bucket on first use).
@@ -171,8 +172,7 @@ def kv_layout(model: torch.nn.Module, family: Family, config: EngineConfig) -> t
     param = next(model.parameters())
     kinds = family.layer_kinds()
     heads, head_dim = family.kv_geometry()
-    full_layers = sum(1 for kind in kinds if kind.is_full)
-    per_block = DEFAULT_BLOCK_SIZE * PagedKVCache.bytes_per_token(full_layers, heads, head_dim, param.dtype)
+    per_block = PagedKVCache.bytes_per_block(kinds, heads, head_dim, param.dtype)
     per_slot = PagedKVCache.slot_bytes(kinds, heads, head_dim, config.max_model_len, param.dtype)
     per_slot += family.extra_state_bytes(param.dtype)
     one_sequence = -(-config.max_model_len // DEFAULT_BLOCK_SIZE)
@@ -240,9 +240,12 @@ class LLMEngine:
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
         self.kv = KVAdmission(cache, self.prefix_cache, self.family.supports_preemption)
-        kv = self.kv
         self.scheduler = Scheduler(
-            slots, self.config.max_prefill_tokens, cache.move, release=kv.release, reserve=kv.reserve
+            slots,
+            self.config.max_prefill_tokens,
+            cache.move,
+            release=self.kv.release,
+            reserve=self.kv.reserve,
         )
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])
@@ -455,7 +458,6 @@ class LLMEngine:
         """Take ``seq``'s KV blocks back; it waits first in line and is recomputed when resumed."""
         self.scheduler.preempt(seq)
         seq.prefilled = seq.prefill_end = 0
-        seq.preemptions += 1
         self.stats.preemptions += 1
         log.info(
             "preempted %s after %d tokens (%d KV blocks free)",

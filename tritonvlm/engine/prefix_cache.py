@@ -126,12 +126,6 @@ class PrefixCache:
             self.hits += 1
             self.hit_tokens += match.length
 
-    def match(self, prompt: list[int], digest: bytes | None, first_image: int) -> PrefixMatch | None:
-        """:meth:`lookup` and :meth:`record` in one."""
-        found = self.lookup(prompt, digest, first_image)
-        self.record(len(prompt), found)
-        return found
-
     def store(self, blocks: Sequence[int], tokens: list[int], digest: bytes | None, first_image: int) -> None:
         """Keep the keys/values of ``tokens``, held in ``blocks`` (position order), as an entry, unless
         an entry already covers them; an entry they extend, or the least recently used one when the
@@ -156,9 +150,9 @@ class PrefixCache:
 
     def evict(self, keep: PrefixEntry | None = None) -> bool:
         """Let go of the least recently used entry (``keep`` last of all); False when there is none."""
-        others = [e for e in self.entries if e is not keep]
-        if not others and not self.entries:
+        if not self.entries:
             return False
+        others = [e for e in self.entries if e is not keep]
         self._drop(min(others or self.entries, key=lambda e: e.last_used))
         return True
 

@@ -72,7 +72,6 @@ class Sequence:
     # stops (``prefill_target`` unless a long prompt is prefilled in chunks).
     prefilled: int = 0
     prefill_end: int = 0
-    preemptions: int = 0  # times its KV blocks were taken back (it was recomputed when resumed)
 
     @property
     def prompt_len(self) -> int:
