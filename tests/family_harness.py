@@ -29,6 +29,19 @@ class Case:
     images: list[bytes] = field(default_factory=list)
 
 
+def one_sequence_budget(
+    family: Any, dtype: torch.dtype = torch.float32, max_len: int = 512, slots: int = 8
+) -> int:
+    """A KV budget in bytes: ``slots`` slots' fixed rows (sliding rings, cross states, the family's
+    state) and the blocks of one ``max_len``-token sequence plus the pool's scratch block."""
+    from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
+
+    kinds, (heads, dim) = family.layer_kinds(), family.kv_geometry()
+    per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, dtype) + family.extra_state_bytes(dtype)
+    per_block = PagedKVCache.bytes_per_block(kinds, heads, dim, dtype)
+    return slots * per_slot + (max_len // DEFAULT_BLOCK_SIZE + 1) * per_block
+
+
 def conversation(text: str, num_images: int) -> list[dict[str, Any]]:
     parts = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": parts}]

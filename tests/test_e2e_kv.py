@@ -11,11 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from conftest import ServerProcess, make_image, serving
+from family_harness import one_sequence_budget
 from test_e2e import data_url, metric
 
-from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from tritonvlm.families import family_for_model
 
 pytestmark = pytest.mark.e2e
@@ -24,20 +23,11 @@ MAX_LEN = 512
 NEW_TOKENS = 120
 
 
-def one_sequence_budget(model_dir: Path) -> int:
-    """Bytes of KV blocks for one MAX_LEN-token sequence (float32 on CPU), plus the scratch block."""
-    family = family_for_model(str(model_dir))
-    heads, head_dim = family.kv_geometry()
-    full = sum(1 for kind in family.layer_kinds() if kind.is_full)
-    per_block = DEFAULT_BLOCK_SIZE * PagedKVCache.bytes_per_token(full, heads, head_dim, torch.float32)
-    return (MAX_LEN // DEFAULT_BLOCK_SIZE + 1) * per_block
-
-
 @pytest.fixture(scope="module")
 def tight_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     extra = (
         "--max-model-len", str(MAX_LEN),
-        "--kv-cache-memory", str(one_sequence_budget(tiny_model_dir)),
+        "--kv-cache-memory", str(one_sequence_budget(family_for_model(str(tiny_model_dir)), max_len=MAX_LEN)),
         "--max-num-seqs", "8",
     )  # fmt: skip
     yield from serving(ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("tight-kv"), extra))

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from family_harness import FAMILIES, cases_for
+from family_harness import FAMILIES, cases_for, one_sequence_budget
 
 from tritonvlm.engine import EngineConfig, EngineOutput, LLMEngine, SamplingParams
 
@@ -173,13 +173,7 @@ def test_memory_budget_sizes_the_blocks(kit):
 
 def one_sequence_engine(kit, max_len: int = 512, **kw) -> LLMEngine:
     """An engine whose KV blocks hold one sequence of ``max_len`` tokens (8 slots)."""
-    from tritonvlm.engine.kv_cache import PagedKVCache
-
-    f32 = torch.float32
-    kinds, (heads, dim) = kit.family.layer_kinds(), kit.family.kv_geometry()
-    per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, f32) + kit.family.extra_state_bytes(f32)
-    per_block = 16 * PagedKVCache.bytes_per_token(sum(k.is_full for k in kinds), heads, dim, f32)
-    budget = 8 * per_slot + (max_len // 16 + 1) * per_block  # 8 slots, one sequence's blocks + scratch
+    budget = one_sequence_budget(kit.family, max_len=max_len, slots=8)
     config = EngineConfig(max_num_seqs=8, max_model_len=max_len, kv_cache_memory=str(budget), **kw)
     engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
     assert engine.runner.cache.max_slots == 8 and engine.runner.cache.num_blocks * 16 == max_len

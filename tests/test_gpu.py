@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from conftest import make_image
-from family_harness import FAMILIES, cases_for
+from family_harness import FAMILIES, cases_for, one_sequence_budget
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -63,16 +63,6 @@ def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
     return tokens
 
 
-def tight_kv_budget(family, dtype: torch.dtype, max_len: int = 512, slots: int = 8) -> str:
-    """A KV budget of ``slots`` slots' fixed rows and blocks for one ``max_len`` sequence (+ scratch)."""
-    from tritonvlm.engine.kv_cache import PagedKVCache
-
-    kinds, (heads, dim) = family.layer_kinds(), family.kv_geometry()
-    per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, dtype) + family.extra_state_bytes(dtype)
-    per_block = 16 * PagedKVCache.bytes_per_token(sum(k.is_full for k in kinds), heads, dim, dtype)
-    return str(slots * per_slot + (max_len // 16 + 1) * per_block)
-
-
 @pytest.mark.parametrize(
     "chunk,tight", [(0, False), (8, False), (0, True)], ids=["whole prefill", "8-token chunks", "tight KV"]
 )
@@ -81,7 +71,7 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     chunks between the running sequences' decode steps (families with full attention only); with a
     tight KV budget (blocks for one 512-token sequence) running sequences are preempted and resumed."""
     model, family, tokenizer, cases, dtype = cuda_setup
-    budget = tight_kv_budget(family, getattr(torch, dtype)) if tight else ""
+    budget = str(one_sequence_budget(family, getattr(torch, dtype))) if tight else ""
     config = EngineConfig(
         max_model_len=512, max_num_seqs=8, prefill_chunk_tokens=chunk, kv_cache_memory=budget
     )
