@@ -355,10 +355,43 @@ class LLMEngine:
         self.family.validate(prompt_ids, mm)
 
     def start(self) -> None:
-        """Run the loop in a daemon thread."""
+        """Run the loop in a daemon thread (a server builds its engine with :meth:`launch` instead)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
             self._thread.start()
+
+    @classmethod
+    def launch(cls, build: Callable[[], LLMEngine]) -> LLMEngine:
+        """Build an engine with ``build()`` in a new daemon thread and run its loop in that same
+        thread; returns once it is built (``build``'s exception is raised here).
+
+        Why one thread for both: on CPU, libgomp gives every thread that starts OpenMP parallel
+        regions a team of workers of its own, and once a process has more OpenMP threads than cores,
+        the workers stop spinning between regions and sleep; every small kernel then pays a futex
+        wake-up. A model loaded on one thread and stepped on another made each decode step ~40%
+        slower (medium model, 2 cores: 20 ms instead of 14.5 ms)."""
+        built: list[LLMEngine] = []
+        failed: list[BaseException] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            try:
+                built.append(build())
+            except BaseException as exc:  # re-raised in the caller's thread
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
+            built[0]._loop()
+
+        thread = threading.Thread(target=run, name="llm-engine", daemon=True)
+        thread.start()
+        ready.wait()
+        if failed:
+            thread.join()
+            raise failed[0]
+        built[0]._thread = thread
+        return built[0]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still in flight are finished with an error."""

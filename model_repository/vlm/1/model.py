@@ -89,16 +89,21 @@ class TritonPythonModel:
         params = model_parameters(args)
         device, _ = resolve_device(params.get("device", "auto"), params.get("dtype", "auto"))
         config = engine_config(params, device.type)
-        self.engine = LLMEngine.from_pretrained(
-            resolve_model_path(args),
-            config,
-            device=params.get("device", "auto"),
-            dtype=params.get("dtype", "auto"),
-        )
         cache_memory = params.get("image_cache_memory") or DEFAULT_IMAGE_CACHE_MEMORY
         self.image_cache = ImageCache(parse_cache_memory(cache_memory, available_host_memory()))
         self.metrics = EngineMetrics(pb_utils, model="vlm", image_cache=self.image_cache)
-        self.engine.on_step_end = self.metrics.update
+
+        def build():  # on the engine's own thread: all its torch work stays on one thread
+            engine = LLMEngine.from_pretrained(
+                resolve_model_path(args),
+                config,
+                device=params.get("device", "auto"),
+                dtype=params.get("dtype", "auto"),
+            )
+            engine.on_step_end = self.metrics.update
+            return engine
+
+        self.engine = LLMEngine.launch(build)
         self.streamer = ResponseStreamer(self._deliver, self._drop)
         poll_ms = float(params.get("cancel_poll_ms") or 20)
         self.monitor = CancelMonitor(poll_ms / 1000, self._drop)
@@ -107,7 +112,6 @@ class TritonPythonModel:
         )
         self._started = {}  # engine id -> (client request id, start time), for the log line
         self._lock = threading.Lock()
-        self.engine.start()
         log.info(
             "vlm ready: %s %s on %s, image cache %d bytes",
             self.engine.family.name,
