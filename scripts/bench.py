@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
@@ -577,6 +578,7 @@ def start_tritonvlm(model_dir: Path, args: argparse.Namespace, logs: Path) -> tu
         "--triton-http-port", str(http_port),
         "--startup-timeout", str(args.startup_timeout),
     ]  # fmt: skip
+    cmd += shlex.split(getattr(args, "serve_flags", "") or "")  # (scripts that build on this one)
     server = Managed(
         "tritonvlm serve", cmd, child_env(args.threads), logs / "tritonvlm-serve.log", cwd=REPO_ROOT
     )

@@ -5,10 +5,13 @@ Starts `tritonvlm serve` on the medium test model (built once, cached; or --mode
 round sends a request with a new long shared prefix (a ~1,000-token system prompt: a miss) and
 another with the same prefix and a different question (a hit), streaming, one at a time; and the same
 with an image (the same picture, two questions). Prints TTFT p50 of misses and hits, the reduction, and
-the cached tokens the server reported in ``usage``.
+the cached tokens the server reported in ``usage``. Then ``--conversations`` conversations, each with a
+system prompt of its own: every first turn, then every second turn (the first answer fed back); a
+second turn finds its conversation's keys/values only if the cache kept all of them meanwhile.
 
     .venv/bin/python scripts/bench_prefix_cache.py
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 5 --prefix-words 700 --json out.json
+    .venv/bin/python scripts/bench_prefix_cache.py --rounds 0 --conversations 64
 """
 
 from __future__ import annotations
@@ -63,9 +66,15 @@ def system_prompt(seed: int, words: int) -> str:
 
 def ttft(client, messages: list, max_tokens: int) -> tuple[float, int, int]:
     """Seconds to the first content chunk, prompt tokens, cached tokens."""
+    return chat(client, messages, max_tokens)[:3]
+
+
+def chat(client, messages: list, max_tokens: int) -> tuple[float, int, int, str]:
+    """Seconds to the first content chunk, prompt tokens, cached tokens, the answer."""
     start = time.perf_counter()
     first = None
     usage = None
+    text = ""
     stream = client.chat.completions.create(
         model=bench.SERVED_NAME,
         messages=messages,
@@ -75,12 +84,44 @@ def ttft(client, messages: list, max_tokens: int) -> tuple[float, int, int]:
         stream_options={"include_usage": True},
     )
     for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter() - start
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start if first is None else first
+            text += chunk.choices[0].delta.content
         if chunk.usage is not None:
             usage = chunk.usage
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
-    return (first if first is not None else time.perf_counter() - start), usage.prompt_tokens, cached
+    return (first if first is not None else time.perf_counter() - start), usage.prompt_tokens, cached, text
+
+
+def conversations(client, count: int, words: int, max_tokens: int) -> dict:
+    """``count`` conversations: all first turns, then all second turns. Second turns' TTFT p50, how
+    many found their whole first turn cached, and the cached share of their prompts."""
+    firsts, seconds, kept, shares = [], [], 0, []
+    history = []
+    for n in range(count):
+        messages = [
+            {"role": "system", "content": system_prompt(5000 + n, words)},
+            {"role": "user", "content": f"Conversation {n}: what is the first word?"},
+        ]
+        t, prompt, _, answer = chat(client, messages, max_tokens)
+        firsts.append(t)
+        history.append((messages + [{"role": "assistant", "content": answer}], prompt))
+    for n, (messages, first_prompt) in enumerate(history):
+        t, prompt, cached, _ = chat(
+            client, messages + [{"role": "user", "content": "And the last?"}], max_tokens
+        )
+        seconds.append(t)
+        kept += cached >= first_prompt - 1
+        shares.append(cached / prompt)
+        if n % 8 == 7 or n == count - 1:
+            bench.log(f"conversations: {n + 1}/{count} second turns, {kept} found their first turn cached")
+    return {
+        "conversations": count,
+        "ttft_first_turn_ms": statistics.median(firsts) * 1000,
+        "ttft_second_turn_ms": statistics.median(seconds) * 1000,
+        "second_turns_with_first_turn_cached": kept,
+        "cached_share_of_second_turns": statistics.mean(shares),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-words", type=int, default=350, help="system prompt words (~3 tokens each)")
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (default 448)")
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=32,
+        help="two-turn conversations, first turns all first (0: skip)",
+    )
+    parser.add_argument("--conversation-words", type=int, default=100, help="their system prompts' words")
+    parser.add_argument("--serve-flags", default="", help='more serve flags, e.g. "--prefix-cache-slots 4"')
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path)
@@ -111,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         png = bench.make_png(args.image_size)
         url = "data:image/png;base64," + base64.b64encode(png).decode()
         results: dict[str, dict] = {}
-        for case in ("text prefix", "image prefix"):
+        for case in ("text prefix", "image prefix") if args.rounds else ():
             misses, hits, cached, prompt = [], [], [], 0
             for r in range(args.rounds):
                 if case == "text prefix":
@@ -148,13 +197,24 @@ def main(argv: list[str] | None = None) -> int:
                 "ttft_hit_ms": hit * 1000,
                 "reduction": 1 - hit / miss,
             }
-        print("\nprefix cache, medium model, TTFT p50 (streaming, one request at a time)")
-        print("| case | prompt tokens | cached tokens | TTFT miss ms | TTFT hit ms | reduction |")
-        print("|---|---|---|---|---|---|")
-        for case, r in results.items():
+        if results:
+            print("\nprefix cache, medium model, TTFT p50 (streaming, one request at a time)")
+            print("| case | prompt tokens | cached tokens | TTFT miss ms | TTFT hit ms | reduction |")
+            print("|---|---|---|---|---|---|")
+            for case, r in results.items():
+                print(
+                    f"| {case} | {r['prompt_tokens']} | {r['cached_tokens']:.0f} | {r['ttft_miss_ms']:.0f} | "
+                    f"{r['ttft_hit_ms']:.0f} | {100 * r['reduction']:.0f}% |"
+                )
+        if args.conversations:
+            conv = conversations(client, args.conversations, args.conversation_words, args.max_tokens)
+            results["conversations"] = conv
             print(
-                f"| {case} | {r['prompt_tokens']} | {r['cached_tokens']:.0f} | {r['ttft_miss_ms']:.0f} | "
-                f"{r['ttft_hit_ms']:.0f} | {100 * r['reduction']:.0f}% |"
+                f"\n{conv['conversations']} conversations, all first turns then all second turns: "
+                f"{conv['second_turns_with_first_turn_cached']} second turns found their first turn cached "
+                f"({100 * conv['cached_share_of_second_turns']:.0f}% of their prompt tokens on average); "
+                f"TTFT p50 first turns {conv['ttft_first_turn_ms']:.0f} ms, "
+                f"second turns {conv['ttft_second_turn_ms']:.0f} ms"
             )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))

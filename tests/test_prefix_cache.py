@@ -10,7 +10,7 @@ from conftest import make_image
 from family_harness import FAMILIES, Case, conversation
 from test_engine import Collector
 
-from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, prefix_cache
 from tritonvlm.engine.block_manager import BlockAllocator
 from tritonvlm.engine.prefix_cache import (
     MIN_MATCH_TOKENS,
@@ -106,6 +106,38 @@ def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
     assert cache.evict(keep=longer_a) and cache.entries == [longer_a]  # the others go first
     assert cache.evict(keep=longer_a) and cache.entries == [] and pool.used_blocks == 0
     assert not cache.evict()
+
+
+def test_many_conversations_each_find_their_own_through_the_block_index(monkeypatch):
+    """300 conversations behind one shared system prompt: each next turn finds its own conversation,
+    and a lookup compares tokens with a bounded number of entries, not with all of them."""
+    pool = BlockAllocator(4096)
+    cache = PrefixCache(1000, pool, BLOCK)
+    system = list(range(1000, 1022))  # 22 tokens: five full blocks and two more
+    conversations = [system + [5000 + n, 7, 7] + [n % 13] * 9 for n in range(300)]
+    for tokens in conversations:
+        stored(cache, pool, tokens)
+    assert cache.num_entries == 300
+    compared: list[int] = []
+    real = prefix_cache.common_prefix
+    monkeypatch.setattr(prefix_cache, "common_prefix", lambda *a, **k: compared.append(1) or real(*a, **k))
+    for n, tokens in enumerate(conversations):
+        match = cache.lookup(tokens + [42, 43], None, len(tokens) + 2)
+        assert match is not None and match.entry.tokens == tokens and match.length == len(tokens), n
+    assert len(compared) <= 300 * prefix_cache.MAX_TAIL_CANDIDATES
+    compared.clear()
+    stranger = system + [9999] * 10  # shares only the system prompt: at most 64 entries are compared
+    assert cache.lookup(stranger, None, len(stranger)).length == len(system)
+    assert 1 <= len(compared) <= prefix_cache.MAX_TAIL_CANDIDATES
+
+
+def test_a_hash_collision_never_matches_other_tokens(monkeypatch):
+    pool = BlockAllocator(64)
+    cache = PrefixCache(4, pool, BLOCK)
+    monkeypatch.setattr(prefix_cache, "hash", lambda value: 0, raising=False)  # every key collides
+    stored(cache, pool, [1] * 40)
+    assert cache.lookup([2] * 41, None, 41) is None
+    assert cache.lookup([1] * 41, None, 41).length == 40
 
 
 def test_digest_and_placeholder_helpers():
@@ -296,9 +328,9 @@ def test_engine_config_defaults_by_device():
         256,
         "0.6",
         True,
-        4,
+        1024,
     )
-    assert (cpu.max_num_seqs, cpu.kv_cache_memory) == (16, "")
+    assert (cpu.max_num_seqs, cpu.kv_cache_memory, cpu.prefix_cache_slots) == (16, "", 256)
     given = engine_config({"max_num_seqs": "8", "kv_cache_memory": "2GiB", "cuda_graphs": "false"}, "cuda")
     assert (given.max_num_seqs, given.kv_cache_memory, given.cuda_graphs) == (8, "2GiB", False)
     assert engine_config({"prefix_cache_slots": "0"}, "cpu").prefix_cache_slots == 0

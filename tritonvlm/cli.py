@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='KV cache budget: a size ("4GiB") or a fraction of free device memory ("0.5"), in blocks of '
         "16 tokens that requests take as they grow (a request waits until its prompt fits; when blocks "
         "run out the latest request is preempted and recomputed later) "
-        "(default on CUDA: 0.6 of the free memory after the weights; on CPU: room for max-num-seqs + "
-        "prefix-cache-slots sequences of max-model-len tokens)",
+        "(default on CUDA: 0.6 of the free memory after the weights; on CPU: room for max-num-seqs + 4 "
+        "sequences of max-model-len tokens, + 0 with the prefix cache off)",
     )
     model.add_argument(
         "--prefix-cache-slots",
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="prompts and finished sequences whose keys/values (KV blocks) are kept for prompts that start "
         "the same way, given back when a new request needs the blocks; 0 turns the prefix cache off "
-        "(default 4)",
+        "(default: 1024 on CUDA, 256 on CPU)",
     )
     model.add_argument(
         "--cuda-graphs",

@@ -43,20 +43,20 @@ class EngineConfig:
     # prompt is prefilled in one pass. Families with sliding-window or cross-attention layers prefill
     # whole prompts.
     prefill_chunk_tokens: int = 512
-    # KV memory budget: "" makes room for max_num_seqs (+ prefix_cache_slots) sequences of
-    # max_model_len tokens; a size ("4GiB", "512MB") or a fraction of the device's free memory at
-    # start-up ("0.5") is what the KV blocks (and the per-sequence rows of sliding/cross layers) get.
-    # Sequences hold blocks as they grow. A sequence is admitted when its prompt's blocks are free
-    # (with a 1% margin); a running sequence that finds no free block takes the last admitted one's,
-    # which is recomputed when it comes back (preemption). Families that cannot be recomputed
-    # (Mllama) admit a sequence when the blocks it may need, prompt + max_tokens, are free besides
-    # what the running ones may still take.
+    # KV memory budget: "" makes room for max_num_seqs (+ CACHE_ROOM_SEQUENCES, with the prefix
+    # cache on) sequences of max_model_len tokens; a size ("4GiB", "512MB") or a fraction of the
+    # device's free memory at start-up ("0.5") is what the KV blocks (and the per-sequence rows of
+    # sliding/cross layers) get. Sequences hold blocks as they grow. A sequence is admitted when its
+    # prompt's blocks are free (with a 1% margin); a running sequence that finds no free block takes
+    # the last admitted one's, which is recomputed when it comes back (preemption). Families that
+    # cannot be recomputed (Mllama) admit a sequence when the blocks it may need, prompt + max_tokens,
+    # are free besides what the running ones may still take.
     kv_cache_memory: str = ""
     # Prompts (from their prefill on) and finished sequences whose keys/values (their KV blocks) are
     # kept for later prompts with the same start, at most this many; they give their blocks back when
-    # a new sequence needs them. 0 turns the prefix cache off.
-    # Families with sliding-window or cross-attention layers have none.
-    prefix_cache_slots: int = 4
+    # a new sequence needs them (so their number is in practice bounded by the free KV memory). 0 turns
+    # the prefix cache off. Families with sliding-window or cross-attention layers have none.
+    prefix_cache_slots: int = 256
     # On CUDA, replay decode steps from CUDA graphs (captured per batch/length bucket on first use).
     cuda_graphs: bool = True
 
@@ -65,6 +65,9 @@ class EngineConfig:
 AUTO_MAX_NUM_SEQS = {"cuda": 256, "cpu": 16}
 AUTO_KV_CACHE_MEMORY = {"cuda": "0.6", "cpu": ""}
 AUTO_PREFILL_CHUNK = {"cuda": 2048, "cpu": 512}
+AUTO_PREFIX_CACHE_SLOTS = {"cuda": 1024, "cpu": 256}
+# Without a KV budget, the pool also has room for this many full-length sequences for the prefix cache.
+CACHE_ROOM_SEQUENCES = 4
 
 
 def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
@@ -80,7 +83,10 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
             or AUTO_PREFILL_CHUNK.get(device_type, EngineConfig.prefill_chunk_tokens)
         ),
         kv_cache_memory=params.get("kv_cache_memory") or AUTO_KV_CACHE_MEMORY.get(device_type, ""),
-        prefix_cache_slots=int(params.get("prefix_cache_slots") or EngineConfig.prefix_cache_slots),
+        prefix_cache_slots=int(
+            params.get("prefix_cache_slots")
+            or AUTO_PREFIX_CACHE_SLOTS.get(device_type, EngineConfig.prefix_cache_slots)
+        ),
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
     )
 
@@ -167,7 +173,8 @@ def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> in
 
 def kv_layout(model: torch.nn.Module, family: Family, config: EngineConfig) -> tuple[int, int]:
     """``(sequence slots, KV blocks)`` for the memory budget. Without one: ``max_num_seqs`` slots and
-    blocks for ``max_num_seqs`` + ``prefix_cache_slots`` sequences of ``max_model_len`` tokens. With
+    blocks for ``max_num_seqs`` (+ :data:`CACHE_ROOM_SEQUENCES` with the prefix cache on) sequences of
+    ``max_model_len`` tokens. With
     one: the slots' fixed rows first, the rest in blocks, at least one max-length sequence's worth."""
     param = next(model.parameters())
     kinds = family.layer_kinds()
@@ -176,10 +183,10 @@ def kv_layout(model: torch.nn.Module, family: Family, config: EngineConfig) -> t
     per_slot = PagedKVCache.slot_bytes(kinds, heads, head_dim, config.max_model_len, param.dtype)
     per_slot += family.extra_state_bytes(param.dtype)
     one_sequence = -(-config.max_model_len // DEFAULT_BLOCK_SIZE)
-    entries = max(0, config.prefix_cache_slots) if family.supports_prefix_cache else 0
+    room = min(CACHE_ROOM_SEQUENCES, max(0, config.prefix_cache_slots)) if family.supports_prefix_cache else 0
     budget = parse_memory(config.kv_cache_memory, free_memory(param.device))
     if budget is None:
-        return config.max_num_seqs, (config.max_num_seqs + entries) * one_sequence
+        return config.max_num_seqs, (config.max_num_seqs + room) * one_sequence
     slots = config.max_num_seqs
     if per_slot:
         slots = min(slots, (budget - (one_sequence + 1) * per_block) // per_slot)
@@ -672,7 +679,7 @@ class LLMEngine:
         self.stats.prefix_cache_queries = cache.queries
         self.stats.prefix_cache_hits = cache.hits
         self.stats.prefix_cache_hit_tokens = cache.hit_tokens
-        self.stats.prefix_cache_entries = len(cache.entries)
+        self.stats.prefix_cache_entries = cache.num_entries
         self.stats.prefix_cache_tokens = cache.tokens_held
         if self.on_step_end is not None:
             self.on_step_end(self.stats)

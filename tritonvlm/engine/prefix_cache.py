@@ -13,19 +13,31 @@ carry the same images (same digest); otherwise it stops there.
 The cache never holds back a request: when a new sequence needs the blocks its entries hold, the
 least recently used entries let go of them (``evict``), and storing past ``capacity`` entries does the
 same.
+
+Entries are found through their blocks, not by comparing prompts with each entry: every full block of
+an entry is indexed by a hash chained over the blocks before it (vLLM's automatic prefix caching does
+the same), so a lookup costs one hash per block of the prompt whatever the number of entries (the
+first key covers the first :data:`MIN_MATCH_TOKENS` tokens, for matches shorter than a block). Blocks
+from a prompt's first image placeholder on hash the images' digest too. The match then runs on, token
+by token, into the next block (of the most recent entries found at the deepest block) and is checked
+against the entry's tokens, so a hash collision can never give wrong keys/values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 # A shorter match saves less than the copy costs (and every chat prompt shares its first few tokens).
 MIN_MATCH_TOKENS = 8
+# Entries whose next block is compared token by token at the deepest matched block, newest first.
+MAX_TAIL_CANDIDATES = 64
 
 
 def mm_digest(mm: dict[str, torch.Tensor]) -> bytes | None:
@@ -55,13 +67,13 @@ class Blocks(Protocol):
     def release(self, blocks: Sequence[int]) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class PrefixEntry:
     blocks: list[int]  # KV blocks holding the keys/values of ``tokens`` (one reference held by the entry)
     tokens: list[int]
     digest: bytes | None
     first_image: int  # index of the first image placeholder in ``tokens`` (len(tokens) if none)
-    last_used: int = 0
+    chain: list[int] = field(default_factory=list)  # its index keys (:func:`block_chain`)
 
 
 @dataclass
@@ -70,12 +82,27 @@ class PrefixMatch:
     length: int  # leading prompt tokens whose keys/values the entry's blocks hold
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
+def common_prefix(a: list[int], b: list[int], start: int = 0, stop: int | None = None) -> int:
+    """How far ``a`` and ``b`` agree from ``start`` (compared up to ``stop``)."""
+    n = min(len(a), len(b)) if stop is None else min(len(a), len(b), stop)
+    i = start
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def block_chain(tokens: list[int], block_size: int, digest: bytes | None, first_image: int) -> list[int]:
+    """Index keys of ``tokens``: first one of its first :data:`MIN_MATCH_TOKENS` tokens (none if it is
+    shorter), then one per full block, each hashing the previous key and the block's tokens. A key
+    whose tokens reach the first image placeholder hashes the images' digest too."""
+    if len(tokens) < MIN_MATCH_TOKENS:
+        return []
+    key = hash((tuple(tokens[:MIN_MATCH_TOKENS]), digest if first_image < MIN_MATCH_TOKENS else None))
+    chain = [key]
+    for end in range(block_size, len(tokens) + 1, block_size):
+        key = hash((key, tuple(tokens[end - block_size : end]), digest if end > first_image else None))
+        chain.append(key)
+    return chain
 
 
 class PrefixCache:
@@ -85,8 +112,10 @@ class PrefixCache:
         self.capacity = max(0, capacity)
         self.blocks = blocks
         self.block_size = block_size
-        self.entries: list[PrefixEntry] = []
-        self._clock = 0
+        self._entries: dict[int, PrefixEntry] = {}  # by id(), in the order they were stored
+        self._lru: OrderedDict[int, PrefixEntry] = OrderedDict()  # least recently used first
+        self._index: dict[int, dict[int, PrefixEntry]] = {}  # chain key -> entries with that block
+        self.tokens_held = 0  # tokens the entries hold
         self.queries = 0
         self.hits = 0
         self.hit_tokens = 0
@@ -96,23 +125,48 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
+    @property
+    def num_entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def entries(self) -> list[PrefixEntry]:
+        """The entries, in the order they were stored."""
+        return list(self._entries.values())
+
+    def _touch(self, entry: PrefixEntry) -> None:
+        self._lru.move_to_end(id(entry))
 
     def lookup(self, prompt: list[int], digest: bytes | None, first_image: int) -> PrefixMatch | None:
         """The longest usable cached prefix of ``prompt`` (at most all but its last token, which must
         be computed for its logits); None below :data:`MIN_MATCH_TOKENS`. Changes nothing."""
-        if not self.enabled:
+        if not self._entries:
             return None
+        chain = block_chain(prompt, self.block_size, digest, first_image)
+        found = self._index.get(chain[0]) if chain else None
+        if not found:
+            return None
+        depth = 0  # full blocks matched
+        for blocks, key in enumerate(chain[1:], start=1):
+            holders = self._index.get(key)
+            if not holders:
+                break
+            found, depth = holders, blocks
+        start, stop = depth * self.block_size, (depth + 1) * self.block_size
         best: PrefixMatch | None = None
-        for entry in self.entries:
-            n = common_prefix(entry.tokens, prompt)
+        for entry in itertools.islice(reversed(found.values()), MAX_TAIL_CANDIDATES):
+            n = common_prefix(entry.tokens, prompt, start, stop)
             if entry.digest != digest:
                 n = min(n, entry.first_image, first_image)
             n = min(n, len(prompt) - 1)
-            if n >= MIN_MATCH_TOKENS and (best is None or n > best.length):
+            if best is None or n > best.length:
                 best = PrefixMatch(entry, n)
+        if (
+            best is None
+            or best.length < MIN_MATCH_TOKENS
+            or best.entry.tokens[: best.length] != prompt[: best.length]
+        ):
+            return None  # (the last check: a hash collision)
         return best
 
     def record(self, prompt_len: int, match: PrefixMatch | None) -> None:
@@ -122,7 +176,8 @@ class PrefixCache:
         self.queries += 1
         self.query_tokens += prompt_len
         if match is not None:
-            match.entry.last_used = self._tick()
+            if id(match.entry) in self._lru:
+                self._touch(match.entry)
             self.hits += 1
             self.hit_tokens += match.length
 
@@ -132,38 +187,52 @@ class PrefixCache:
         cache is full, makes room."""
         if not self.enabled or len(tokens) < MIN_MATCH_TOKENS:
             return
-        for entry in self.entries:
-            if entry.digest == digest and common_prefix(entry.tokens, tokens) == len(tokens):
-                entry.last_used = self._tick()
+        first_image = min(first_image, len(tokens))
+        chain = block_chain(tokens, self.block_size, digest, first_image)
+        for entry in self._index.get(chain[-1], {}).values():
+            if entry.digest == digest and entry.tokens[: len(tokens)] == tokens:
+                self._touch(entry)
                 return
         superseded = [
-            e for e in self.entries if e.digest == digest and common_prefix(e.tokens, tokens) == len(e.tokens)
+            entry
+            for depth, key in enumerate(chain, start=1)
+            for entry in self._index.get(key, {}).values()
+            if len(entry.chain) == depth
+            and entry.digest == digest
+            and tokens[: len(entry.tokens)] == entry.tokens
         ]
         for entry in superseded:
             self._drop(entry)
-        while len(self.entries) >= self.capacity:
-            self._drop(min(self.entries, key=lambda e: e.last_used))
+        while len(self._entries) >= self.capacity:
+            self._drop(next(iter(self._lru.values())))
         held = list(blocks[: -(-len(tokens) // self.block_size)])
         self.blocks.share(held)
-        first_image = min(first_image, len(tokens))
-        self.entries.append(PrefixEntry(held, list(tokens), digest, first_image, self._tick()))
+        entry = PrefixEntry(held, list(tokens), digest, first_image, chain)
+        self._entries[id(entry)] = entry
+        self._lru[id(entry)] = entry
+        for key in chain:
+            self._index.setdefault(key, {})[id(entry)] = entry
+        self.tokens_held += len(tokens)
 
     def evict(self, keep: PrefixEntry | None = None) -> bool:
         """Let go of the least recently used entry (``keep`` last of all); False when there is none."""
-        if not self.entries:
+        if not self._lru:
             return False
-        others = [e for e in self.entries if e is not keep]
-        self._drop(min(others or self.entries, key=lambda e: e.last_used))
+        victim = next((e for e in self._lru.values() if e is not keep), keep)
+        self._drop(victim)
         return True
 
     def clear(self) -> None:
-        for entry in list(self.entries):
+        for entry in list(self._entries.values()):
             self._drop(entry)
 
     def _drop(self, entry: PrefixEntry) -> None:
-        self.entries.remove(entry)
+        del self._entries[id(entry)]
+        del self._lru[id(entry)]
+        for key in entry.chain:
+            holders = self._index[key]
+            del holders[id(entry)]
+            if not holders:
+                del self._index[key]
+        self.tokens_held -= len(entry.tokens)
         self.blocks.release(entry.blocks)
-
-    @property
-    def tokens_held(self) -> int:
-        return sum(len(e.tokens) for e in self.entries)
