@@ -12,6 +12,10 @@ second turn finds its conversation's keys/values only if the cache kept all of t
     .venv/bin/python scripts/bench_prefix_cache.py
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 5 --prefix-words 700 --json out.json
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 0 --conversations 64
+    .venv/bin/python scripts/bench_prefix_cache.py --lookups    # the lookup alone, no server
+
+``--lookups`` times ``PrefixCache.lookup`` alone with 4 to 1,024 entries of 1,000 tokens behind a
+shared 300-token system prompt (half the prompts continue an entry, half share only the system prompt).
 """
 
 from __future__ import annotations
@@ -124,6 +128,29 @@ def conversations(client, count: int, words: int, max_tokens: int) -> dict:
     }
 
 
+def lookup_costs() -> None:
+    """Microseconds per ``PrefixCache.lookup`` by number of entries (the engine's bookkeeping alone)."""
+    from tritonvlm.engine.block_manager import BlockAllocator
+    from tritonvlm.engine.prefix_cache import PrefixCache
+
+    rng = random.Random(0)
+    system = [rng.randrange(30000) for _ in range(300)]
+    print("| entries | lookup us (1,000-token prompts) |\n|---|---|")
+    for count in (4, 64, 256, 1024):
+        pool = BlockAllocator(count * 64)
+        cache = PrefixCache(count, pool, 16)
+        entries = [system + [rng.randrange(30000) for _ in range(700)] for _ in range(count)]
+        for tokens in entries:
+            blocks = pool.allocate(-(-len(tokens) // 16))
+            cache.store(blocks, tokens, None, len(tokens))
+            pool.release(blocks)
+        prompts = [tokens + [1, 2, 3] for tokens in entries[:50]] + [system + [5] * 700] * 50
+        start = time.perf_counter()
+        for prompt in prompts:
+            cache.lookup(prompt, None, len(prompt))
+        print(f"| {count} | {(time.perf_counter() - start) / len(prompts) * 1e6:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--lookups", action="store_true", help="time the lookup alone (no server) and exit")
     args = parser.parse_args(argv)
+    if args.lookups:
+        lookup_costs()
+        return 0
     args.server_log_level = "warning"
     args.model_repository = bench.REPO_ROOT / "model_repository"
     args.max_num_seqs = 4
