@@ -40,3 +40,18 @@ def test_no_overcommit_and_no_double_release() -> None:
         pool.share(blocks[:1])
     with pytest.raises(ValueError):
         BlockAllocator(0)
+
+
+def test_blocks_only_the_prefix_cache_holds_are_counted() -> None:
+    pool = BlockAllocator(8)
+    seq = pool.allocate(3)
+    pool.share(seq[:2], cached=True)  # an entry keeps the first two blocks of a running sequence
+    assert pool.cache_only_blocks == 0
+    pool.release(seq)  # the sequence leaves: two blocks are the entry's alone, one is free
+    assert pool.cache_only_blocks == 2 and pool.free_blocks == 6
+    pool.share(seq[:1])  # a new sequence starts from the entry's first block
+    assert pool.cache_only_blocks == 1
+    pool.release(seq[:2], cached=True)  # the entry goes
+    assert pool.cache_only_blocks == 0 and pool.free_blocks == 7
+    with pytest.raises(ValueError, match="released more often"):
+        pool.release(seq[:1], cached=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_image
-from family_harness import FAMILIES, Case, conversation
+from family_harness import FAMILIES, Case, conversation, one_sequence_budget
 from test_engine import Collector
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, prefix_cache
@@ -358,3 +358,36 @@ def test_a_given_image_digest_replaces_hashing_the_embeddings(family_kit, monkey
         assert sink.tokens(case.name) == kit.reference_tokens(case, MAX_NEW)
     ids, _ = kit.engine_inputs(again)
     assert cached(sink, "again") > ids.index(kit.family.image_token_id)
+
+
+def test_a_request_that_must_wait_anyway_leaves_the_cache_alone(family_kit):
+    """Entries give their blocks back only where that makes room: while a long request waits for one
+    that runs, the finished conversations stay cached; once it can run, it gets generate()'s tokens."""
+    kit = family_kit("qwen2_5_vl")
+    budget = one_sequence_budget(kit.family)  # the blocks of one 512-token sequence
+    config = EngineConfig(max_model_len=512, max_num_seqs=4, kv_cache_memory=str(budget))
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    allocator = engine.runner.cache.allocator
+    sink = Collector()
+
+    def run(name: str, text: str, max_tokens: int) -> None:
+        ids, mm = kit.engine_inputs(Case(name, conversation(text, 0)))
+        engine.add_request(name, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), sink, mm)
+
+    for n in range(3):
+        run(f"short{n}", f"Short question number {n}?", 4)
+        while not sink.finished(f"short{n}"):
+            engine.step()
+    cached = {id(e) for e in engine.prefix_cache.entries}
+    assert len(cached) == 3 and allocator.cache_only_blocks > 0
+    run("first", "Tell me about " + " ".join(f"topic{i}" for i in range(60)), 40)  # ~320 + 40 tokens
+    engine.step()
+    second = "Compare " + " ".join(f"item{i}" for i in range(60))
+    run("second", second, MAX_NEW)  # ~320 tokens: no room until "first" is done, cache or no cache
+    for _ in range(5):
+        engine.step()
+    assert "second" not in sink.outputs and not sink.finished("first")
+    assert cached <= {id(e) for e in engine.prefix_cache.entries}, "entries evicted for a request that waits"
+    while not sink.finished("second"):
+        engine.step()
+    assert sink.tokens("second") == kit.reference_tokens(Case("second", conversation(second, 0)), MAX_NEW)

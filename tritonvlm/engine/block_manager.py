@@ -10,13 +10,18 @@ from collections.abc import Iterable
 
 
 class BlockAllocator:
-    """A pool of ``num_blocks`` block ids with reference counts; a block is free at count zero."""
+    """A pool of ``num_blocks`` block ids with reference counts; a block is free at count zero.
+
+    References taken with ``cached=True`` are the prefix cache's: :attr:`cache_only_blocks` counts the
+    blocks only the cache holds, which dropping every cache entry would free."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError("need at least one KV block")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
+        self.cache_refs = [0] * num_blocks
+        self.cache_only_blocks = 0
         # Most recently freed last: reusing them first keeps the memory touched small (a CPU pool is
         # allocated lazily by the OS, page by page).
         self._free = list(range(num_blocks - 1, -1, -1))
@@ -38,19 +43,28 @@ class BlockAllocator:
             self.ref_counts[block] = 1
         return taken
 
-    def share(self, blocks: Iterable[int]) -> None:
-        """One more holder for each of ``blocks`` (all in use)."""
+    def _cache_only(self, block: int) -> bool:
+        return self.ref_counts[block] > 0 and self.ref_counts[block] == self.cache_refs[block]
+
+    def share(self, blocks: Iterable[int], cached: bool = False) -> None:
+        """One more holder for each of ``blocks`` (all in use); ``cached``: the prefix cache."""
         for block in blocks:
             if self.ref_counts[block] < 1:
                 raise ValueError(f"block {block} is free: it cannot be shared")
+            before = self._cache_only(block)
             self.ref_counts[block] += 1
+            self.cache_refs[block] += cached
+            self.cache_only_blocks += self._cache_only(block) - before
 
-    def release(self, blocks: Iterable[int]) -> None:
+    def release(self, blocks: Iterable[int], cached: bool = False) -> None:
         """One holder fewer for each of ``blocks``; those no one holds become free."""
         for block in blocks:
             count = self.ref_counts[block]
-            if count < 1:
+            if count < 1 or (cached and self.cache_refs[block] < 1):
                 raise ValueError(f"block {block} released more often than taken")
+            before = self._cache_only(block)
             self.ref_counts[block] = count - 1
+            self.cache_refs[block] -= cached
+            self.cache_only_blocks += self._cache_only(block) - before
             if count == 1:
                 self._free.append(block)

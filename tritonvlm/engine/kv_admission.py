@@ -2,7 +2,9 @@
 shared), growth of the running ones step by step, and where blocks run out, preemption.
 
 A sequence is admitted when its prompt's blocks are free, with a margin of 1% of the pool while
-others run. When a running sequence needs a block and none is free, prefix-cache entries give theirs
+others run; prefix-cache entries give theirs back for it only when that can make the room (the
+allocator counts the blocks only the cache holds), so a request that waits anyway leaves the cache
+alone. When a running sequence needs a block and none is free, prefix-cache entries give theirs
 back first, then the most recently admitted sequence is preempted: it gives its blocks back, waits
 first in line and is recomputed when resumed (a prefill over its prompt and outputs so far; see
 ``Sequence.prefill_target``). A family that cannot be recomputed (``Family.supports_preemption``)
@@ -45,17 +47,24 @@ class KVAdmission:
         cached prefix shared, the positions of a partly matched block copied) if what it needs is free
         besides ``outstanding``; prefix-cache entries give theirs back, least recently used first,
         until it is. False: not now. Sets ``seq.prefilled`` (and, first time, ``seq.cached_len``)."""
-        cache = self.cache
+        cache, allocator = self.cache, self.cache.allocator
         context = seq.context_ids
         held = seq.prefill_target + 1 if self.preemptive else seq.prompt_len + seq.params.max_tokens
+        match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
         while True:
-            match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
             shared = match.length // cache.block_size if match else 0
             need = cache.blocks_for(held) - shared
-            if need <= cache.allocator.free_blocks - self.outstanding():
+            room = allocator.free_blocks - self.outstanding()
+            if need <= room:
                 break
+            # Entries give their blocks back only where that can make the room: a request that waits
+            # anyway leaves the cache alone.
+            if need > room + allocator.cache_only_blocks:
+                return False
             if not self.prefix_cache.evict(keep=match.entry if match else None):
                 return False
+            if match is not None and not self.prefix_cache.holds(match.entry):
+                match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
         if not seq.resumed:  # (a resumed sequence reports its first admission's cached tokens)
             self.prefix_cache.record(seq.prompt_len, match)
             seq.cached_len = match.length if match is not None else 0
@@ -75,7 +84,7 @@ class KVAdmission:
         """Give each of ``running`` the block for the key it writes this step; where none is free,
         prefix-cache entries give theirs back, then ``preempt(running[-1])`` (which removes it from
         ``running``) until there is one."""
-        cache = self.cache
+        cache, allocator = self.cache, self.cache.allocator
         i = 0
         while i < len(running):
             seq = running[i]
@@ -83,7 +92,7 @@ class KVAdmission:
             if need <= cache.allocator.free_blocks:
                 cache.grow(seq.slot, seq.num_tokens)
                 i += 1
-            elif self.prefix_cache.evict():
+            elif allocator.cache_only_blocks and self.prefix_cache.evict():
                 continue
             elif self.preemptive:
                 preempt(running[-1])

@@ -63,8 +63,8 @@ def first_placeholder(ids: list[int], placeholder_ids: frozenset[int]) -> int:
 class Blocks(Protocol):
     """Reference counting of KV blocks (the KV cache's allocator)."""
 
-    def share(self, blocks: Sequence[int]) -> None: ...
-    def release(self, blocks: Sequence[int]) -> None: ...
+    def share(self, blocks: Sequence[int], cached: bool = False) -> None: ...
+    def release(self, blocks: Sequence[int], cached: bool = False) -> None: ...
 
 
 @dataclass(eq=False)
@@ -206,7 +206,7 @@ class PrefixCache:
         while len(self._entries) >= self.capacity:
             self._drop(next(iter(self._lru.values())))
         held = list(blocks[: -(-len(tokens) // self.block_size)])
-        self.blocks.share(held)
+        self.blocks.share(held, cached=True)
         entry = PrefixEntry(held, list(tokens), digest, first_image, chain)
         self._entries[id(entry)] = entry
         self._lru[id(entry)] = entry
@@ -222,6 +222,10 @@ class PrefixCache:
         self._drop(victim)
         return True
 
+    def holds(self, entry: PrefixEntry) -> bool:
+        """True while ``entry`` is in the cache."""
+        return self._entries.get(id(entry)) is entry
+
     def clear(self) -> None:
         for entry in list(self._entries.values()):
             self._drop(entry)
@@ -235,4 +239,4 @@ class PrefixCache:
             if not holders:
                 del self._index[key]
         self.tokens_held -= len(entry.tokens)
-        self.blocks.release(entry.blocks)
+        self.blocks.release(entry.blocks, cached=True)
