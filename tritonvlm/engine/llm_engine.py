@@ -174,8 +174,8 @@ def kv_slots(model: torch.nn.Module, family: Family, config: EngineConfig) -> in
 def kv_layout(model: torch.nn.Module, family: Family, config: EngineConfig) -> tuple[int, int]:
     """``(sequence slots, KV blocks)`` for the memory budget. Without one: ``max_num_seqs`` slots and
     blocks for ``max_num_seqs`` (+ :data:`CACHE_ROOM_SEQUENCES` with the prefix cache on) sequences of
-    ``max_model_len`` tokens. With
-    one: the slots' fixed rows first, the rest in blocks, at least one max-length sequence's worth."""
+    ``max_model_len`` tokens. With one: the slots' fixed rows first, the rest in blocks, at least one
+    max-length sequence's worth."""
     param = next(model.parameters())
     kinds = family.layer_kinds()
     heads, head_dim = family.kv_geometry()

@@ -176,7 +176,7 @@ class PrefixCache:
         self.queries += 1
         self.query_tokens += prompt_len
         if match is not None:
-            if id(match.entry) in self._lru:
+            if self.holds(match.entry):
                 self._touch(match.entry)
             self.hits += 1
             self.hit_tokens += match.length
