@@ -321,3 +321,23 @@ def test_a_killed_stub_is_brought_back(triton_available: None, tmp_path: Path) -
         sid = server.pid
     assert sid is not None
     _assert_all_gone(server, sid)
+
+
+def test_stale_shared_memory_of_launchers_that_are_gone_is_removed(tmp_path: Path) -> None:
+    import mmap
+    import subprocess
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    names = {
+        "stale": f"tritonvlm_{gone.pid}_0a1b2c3d_region-a",
+        "mapped": f"tritonvlm_{gone.pid}_0a1b2c3d_region-b",  # its launcher is gone, a process still maps it
+        "alive": f"tritonvlm_{os.getpid()}_0a1b2c3d_region-c",  # its launcher (this process) is alive
+        "other": "someone-else",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    with open(tmp_path / names["mapped"], "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        removed = launcher.remove_stale_shm(str(tmp_path))
+        assert removed == {os.path.realpath(tmp_path / names["stale"]): 4096}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "stale")

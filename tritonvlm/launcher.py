@@ -251,6 +251,56 @@ def _process_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+SHM_DIR = "/dev/shm"
+_SHM_NAME = re.compile(r"tritonvlm_(\d+)_[0-9a-f]+_")
+
+
+def _mapped_files(directory: str) -> set[str]:
+    """The files in ``directory`` some live process maps or holds open (Linux ``/proc``)."""
+    held: set[str] = set()
+    prefix = os.path.realpath(directory) + "/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/maps", "rb") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)  # address perms offset dev inode path
+                path = fields[5].strip().decode(errors="replace") if len(fields) == 6 else ""
+                if path.startswith(prefix):
+                    held.add(path.removesuffix(" (deleted)"))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                    if target.startswith(prefix):
+                        held.add(target)
+    return held
+
+
+def remove_stale_shm(shm_dir: str = SHM_DIR) -> dict[str, int]:
+    """Remove the shared-memory regions that a ``tritonvlm`` launcher which is gone left behind (its
+    tritonserver killed with it, e.g. by SIGKILL) and that no live process maps or holds open; returns
+    their paths. ``/dev/shm`` is memory, and in a container often only 64 MiB of it: leftovers of a
+    few crashes could keep the next tritonserver from starting. Returns path -> bytes removed."""
+    candidates = []
+    for name in os.listdir(shm_dir) if os.path.isdir(shm_dir) else ():
+        found = _SHM_NAME.match(name)
+        if found and _process_state(int(found.group(1))) in (None, "Z", "X"):
+            candidates.append(os.path.join(os.path.realpath(shm_dir), name))
+    if not candidates:
+        return {}
+    held = _mapped_files(shm_dir)
+    removed: dict[str, int] = {}
+    for path in candidates:
+        if path in held:
+            continue
+        with contextlib.suppress(OSError):
+            size = os.stat(path).st_size
+            os.unlink(path)
+            removed[path] = size
+    return removed
+
+
 def find_stubs(shm_prefix: str) -> dict[int, str]:
     """``pid -> model name`` of the live Python-backend stubs whose shared-memory region starts with
     ``shm_prefix`` (the stubs of one :class:`TritonServer`). A stub's command line is ``stub
@@ -524,6 +574,15 @@ class TritonServer:
         if self.install is None:
             self.install = find_tritonserver()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_shm()
+        if stale:
+            logger.warning(
+                "removed %d shared-memory regions (%.1f MiB freed) left in %s by tritonvlm servers that "
+                "are gone",
+                len(stale),
+                sum(stale.values()) / 2**20,
+                SHM_DIR,
+            )
         backend_dir = self.install.backend_directory(self.state_dir)
         cmd = self.command(backend_dir)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -698,7 +757,7 @@ class TritonServer:
 
     def shm_files(self) -> list[str]:
         """This instance's shared-memory files (``/dev/shm/<shm_prefix>*``)."""
-        return glob.glob(os.path.join("/dev/shm", glob.escape(self.shm_prefix) + "*"))
+        return glob.glob(os.path.join(SHM_DIR, glob.escape(self.shm_prefix) + "*"))
 
     def _remove_shm(self) -> None:
         for path in self.shm_files():
