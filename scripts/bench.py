@@ -410,7 +410,9 @@ class Managed:
         self._log.close()
         if leftovers:
             # Shared-memory regions of a killed tritonserver are named after the serve process's pid.
-            for path in Path("/dev/shm").glob(f"tritonvlm_{self.proc.pid}_*"):
+            from tritonvlm.launcher import pid_namespace
+
+            for path in Path("/dev/shm").glob(f"tritonvlm_{pid_namespace()}_{self.proc.pid}_*"):
                 with contextlib.suppress(OSError):
                     path.unlink()
             log(f"{self.name}: killed {len(leftovers)} leftover process(es)")

@@ -171,7 +171,9 @@ class ServerProcess:
         ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
         procs = [line for line in ps.splitlines() if str(self.state_dir) in line and not line.startswith("Z")]
         # The launcher names its shared-memory regions after its own pid (the serve process).
-        shm = [str(p) for p in Path("/dev/shm").glob(f"tritonvlm_{self.proc.pid}_*")]
+        from tritonvlm.launcher import pid_namespace
+
+        shm = [str(p) for p in Path("/dev/shm").glob(f"tritonvlm_{pid_namespace()}_{self.proc.pid}_*")]
         return procs + shm
 
 

@@ -329,10 +329,12 @@ def test_stale_shared_memory_of_launchers_that_are_gone_is_removed(tmp_path: Pat
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid no process has now
+    ns = launcher.pid_namespace()
     names = {
-        "stale": f"tritonvlm_{gone.pid}_0a1b2c3d_region-a",
-        "mapped": f"tritonvlm_{gone.pid}_0a1b2c3d_region-b",  # its launcher is gone, a process still maps it
-        "alive": f"tritonvlm_{os.getpid()}_0a1b2c3d_region-c",  # its launcher (this process) is alive
+        "stale": f"tritonvlm_{ns}_{gone.pid}_0a1b2c3d_region-a",
+        "mapped": f"tritonvlm_{ns}_{gone.pid}_0a1b2c3d_region-b",  # launcher gone, a process maps it
+        "alive": f"tritonvlm_{ns}_{os.getpid()}_0a1b2c3d_region-c",  # its launcher (this process) lives
+        "elsewhere": f"tritonvlm_{ns}1_{gone.pid}_0a1b2c3d_region-d",  # another PID namespace's pid
         "other": "someone-else",
     }
     for name in names.values():

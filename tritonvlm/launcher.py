@@ -252,7 +252,17 @@ def _process_state(pid: int) -> str | None:
 
 
 SHM_DIR = "/dev/shm"
-_SHM_NAME = re.compile(r"tritonvlm_(\d+)_[0-9a-f]+_")
+# tritonvlm_<pid namespace>_<launcher pid>_<random>_...: see TritonServer.shm_prefix
+_SHM_NAME = re.compile(r"tritonvlm_(\d+)_(\d+)_[0-9a-f]+_")
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (its inode number; "0" where /proc does not say). A pid means a
+    process only within its namespace: containers sharing /dev/shm (``--ipc=host``) do not share it."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
 
 
 def _mapped_files(directory: str) -> set[str]:
@@ -278,14 +288,15 @@ def _mapped_files(directory: str) -> set[str]:
 
 
 def remove_stale_shm(shm_dir: str = SHM_DIR) -> dict[str, int]:
-    """Remove the shared-memory regions that a ``tritonvlm`` launcher which is gone left behind (its
-    tritonserver killed with it, e.g. by SIGKILL) and that no live process maps or holds open; returns
-    their paths. ``/dev/shm`` is memory, and in a container often only 64 MiB of it: leftovers of a
+    """Remove the shared-memory regions that a ``tritonvlm`` launcher of this PID namespace which is
+    gone left behind (its tritonserver killed with it, e.g. by SIGKILL) and that no live process maps
+    or holds open. ``/dev/shm`` is memory, and in a container often only 64 MiB of it: leftovers of a
     few crashes could keep the next tritonserver from starting. Returns path -> bytes removed."""
+    namespace = pid_namespace()
     candidates = []
     for name in os.listdir(shm_dir) if os.path.isdir(shm_dir) else ():
         found = _SHM_NAME.match(name)
-        if found and _process_state(int(found.group(1))) in (None, "Z", "X"):
+        if found and found.group(1) == namespace and _process_state(int(found.group(2))) in (None, "Z", "X"):
             candidates.append(os.path.join(os.path.realpath(shm_dir), name))
     if not candidates:
         return {}
@@ -504,7 +515,8 @@ class TritonServer:
         self.grpc_port: int = grpc_port or next(auto)
         self.metrics_port: int = metrics_port or next(auto)
         # Unique per launcher process and instance; the trailing "_" keeps pid 12 from matching 123.
-        self.shm_prefix = f"tritonvlm_{os.getpid()}_{secrets.token_hex(4)}_"
+        # The PID namespace tells whose pid it is (remove_stale_shm).
+        self.shm_prefix = f"tritonvlm_{pid_namespace()}_{os.getpid()}_{secrets.token_hex(4)}_"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._started_at = 0.0
