@@ -414,9 +414,9 @@ class Managed:
         self._log.close()
         if leftovers:
             # Shared-memory regions of a killed tritonserver are named after the serve process's pid.
-            from tritonvlm.launcher import pid_namespace
+            from tritonvlm.launcher import SHM_DIR, launcher_shm_prefix
 
-            for path in Path("/dev/shm").glob(f"tritonvlm_{pid_namespace()}_{self.proc.pid}_*"):
+            for path in Path(SHM_DIR).glob(launcher_shm_prefix(self.proc.pid) + "*"):
                 with contextlib.suppress(OSError):
                     path.unlink()
             log(f"{self.name}: killed {len(leftovers)} leftover process(es)")
@@ -982,39 +982,17 @@ def report(results: dict[str, dict], levels: list[int]) -> str:
         def get(system: str, level: int, key: str) -> float | None:
             return results.get(system, {}).get("levels", {}).get(level, {}).get(key)
 
+        # (metric, label, level, other system, bound, higher is better): a's metric over the other's
         checks = [
-            (
-                "tok/s a/b at 8 >= 4",
-                ratio(get("a", 8, "tokens_per_s"), get("b", 8, "tokens_per_s")),
-                4.0,
-                True,
-            ),
-            (
-                "tok/s a/c at 8 >= 0.85",
-                ratio(get("a", 8, "tokens_per_s"), get("c", 8, "tokens_per_s")),
-                0.85,
-                True,
-            ),
-            (
-                "TTFT p50 a/b at 1 <= 1.3",
-                ratio(get("a", 1, "ttft_p50_ms"), get("b", 1, "ttft_p50_ms")),
-                1.3,
-                False,
-            ),
-            (
-                "TTFT p50 a/c at 1 <= 1.5",
-                ratio(get("a", 1, "ttft_p50_ms"), get("c", 1, "ttft_p50_ms")),
-                1.5,
-                False,
-            ),
-            (
-                "tok/s a/c at 8 >= 0.8",
-                ratio(get("a", 8, "tokens_per_s"), get("c", 8, "tokens_per_s")),
-                0.8,
-                True,
-            ),
+            ("tokens_per_s", "tok/s", 8, "b", 4.0, True),
+            ("tokens_per_s", "tok/s", 8, "c", 0.85, True),
+            ("ttft_p50_ms", "TTFT p50", 1, "b", 1.3, False),
+            ("ttft_p50_ms", "TTFT p50", 1, "c", 1.5, False),
+            ("tokens_per_s", "tok/s", 8, "c", 0.8, True),
         ]
-        for label, value, bound, higher in checks:
+        for key, name, level, other, bound, higher in checks:
+            label = f"{name} a/{other} at {level} {'>=' if higher else '<='} {bound:g}"
+            value = ratio(get("a", level, key), get(other, level, key))
             if value is None:
                 verdict = "not measured"
             else:

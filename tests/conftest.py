@@ -171,9 +171,9 @@ class ServerProcess:
         ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
         procs = [line for line in ps.splitlines() if str(self.state_dir) in line and not line.startswith("Z")]
         # The launcher names its shared-memory regions after its own pid (the serve process).
-        from tritonvlm.launcher import pid_namespace
+        from tritonvlm.launcher import SHM_DIR, launcher_shm_prefix
 
-        shm = [str(p) for p in Path("/dev/shm").glob(f"tritonvlm_{pid_namespace()}_{self.proc.pid}_*")]
+        shm = [str(p) for p in Path(SHM_DIR).glob(launcher_shm_prefix(self.proc.pid) + "*")]
         return procs + shm
 
 

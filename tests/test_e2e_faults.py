@@ -23,7 +23,7 @@ import httpx
 import pytest
 from conftest import ServerProcess, make_image, serving
 
-from tritonvlm.launcher import find_stubs, pid_namespace
+from tritonvlm.launcher import find_stubs, launcher_shm_prefix
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +99,7 @@ def _assert_image_request_succeeds(server: Any) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_kill_9_of_a_stub_is_survived(model: str, fault_server: Any) -> None:
     server = fault_server
-    stubs = find_stubs(f"tritonvlm_{pid_namespace()}_{server.proc.pid}_")
+    stubs = find_stubs(launcher_shm_prefix(server.proc.pid))
     victim = min(pid for pid, name in stubs.items() if name == model)
     outcome: dict[str, Any] = {}
     started = threading.Event()

@@ -331,9 +331,9 @@ def test_stale_shared_memory_of_launchers_that_are_gone_is_removed(tmp_path: Pat
     gone.wait()  # a pid no process has now
     ns = launcher.pid_namespace()
     names = {
-        "stale": f"tritonvlm_{ns}_{gone.pid}_0a1b2c3d_region-a",
-        "mapped": f"tritonvlm_{ns}_{gone.pid}_0a1b2c3d_region-b",  # launcher gone, a process maps it
-        "alive": f"tritonvlm_{ns}_{os.getpid()}_0a1b2c3d_region-c",  # its launcher (this process) lives
+        "stale": f"{launcher.launcher_shm_prefix(gone.pid)}0a1b2c3d_region-a",
+        "mapped": f"{launcher.launcher_shm_prefix(gone.pid)}0a1b2c3d_region-b",  # launcher gone, still mapped
+        "alive": f"{launcher.launcher_shm_prefix(os.getpid())}0a1b2c3d_region-c",  # this process launched it
         "elsewhere": f"tritonvlm_{ns}1_{gone.pid}_0a1b2c3d_region-d",  # another PID namespace's pid
         "other": "someone-else",
     }

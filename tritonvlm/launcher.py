@@ -287,6 +287,13 @@ def _mapped_files(directory: str) -> set[str]:
     return held
 
 
+def launcher_shm_prefix(launcher_pid: int) -> str:
+    """The start of the names of every shared-memory region the servers started by the launcher
+    process ``launcher_pid`` (of this PID namespace) create; the trailing "_" keeps pid 12 from
+    matching 123."""
+    return f"tritonvlm_{pid_namespace()}_{launcher_pid}_"
+
+
 def remove_stale_shm(shm_dir: str = SHM_DIR) -> dict[str, int]:
     """Remove the shared-memory regions that a ``tritonvlm`` launcher of this PID namespace which is
     gone left behind (its tritonserver killed with it, e.g. by SIGKILL) and that no live process maps
@@ -514,9 +521,9 @@ class TritonServer:
         self.http_port: int = http_port or next(auto)
         self.grpc_port: int = grpc_port or next(auto)
         self.metrics_port: int = metrics_port or next(auto)
-        # Unique per launcher process and instance; the trailing "_" keeps pid 12 from matching 123.
-        # The PID namespace tells whose pid it is (remove_stale_shm).
-        self.shm_prefix = f"tritonvlm_{pid_namespace()}_{os.getpid()}_{secrets.token_hex(4)}_"
+        # Unique per launcher process and instance; the PID namespace tells whose pid it is
+        # (remove_stale_shm).
+        self.shm_prefix = f"{launcher_shm_prefix(os.getpid())}{secrets.token_hex(4)}_"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._started_at = 0.0

@@ -89,7 +89,7 @@ class KVAdmission:
         while i < len(running):
             seq = running[i]
             need = cache.blocks_for(seq.num_tokens) - len(cache.slot_blocks[seq.slot])
-            if need <= cache.allocator.free_blocks:
+            if need <= allocator.free_blocks:
                 cache.grow(seq.slot, seq.num_tokens)
                 i += 1
             elif allocator.cache_only_blocks and self.prefix_cache.evict():
