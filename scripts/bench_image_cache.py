@@ -39,7 +39,9 @@ from bench import (
     ensure_model,
     free_port,
     log,
+    stage_view,
     stream_one,
+    triton_stats,
     wait_healthy,
 )
 
@@ -80,7 +82,7 @@ def body(png: bytes, max_tokens: int) -> dict[str, Any]:
 
 
 def start_server(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Managed, str]:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     state = logs / "tritonvlm-state"
     state.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -90,6 +92,7 @@ def start_server(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple
         "--host", "127.0.0.1", "--port", str(port),
         "--state-dir", str(state),
         "--triton-metrics-port", str(metrics_port),
+        "--triton-http-port", str(http_port),
         "--startup-timeout", str(args.startup_timeout),
     ]  # fmt: skip
     if args.image_cache_memory is not None:
@@ -97,6 +100,7 @@ def start_server(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple
     cmd += shlex.split(args.serve_flags)
     server = Managed("tritonvlm serve", cmd, child_env(args.threads), logs / "serve.log", cwd=REPO_ROOT)
     server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    server.triton_url = f"http://127.0.0.1:{http_port}"
     base = f"http://127.0.0.1:{port}"
     wait_healthy(server, base + "/health", args.startup_timeout + 30)
     return server, base
@@ -128,6 +132,29 @@ def ms(values: list[float]) -> str:
     return f"{1000 * statistics.median(values):8.1f} {1000 * statistics.fmean(values):8.1f}"
 
 
+STAGES = (
+    "preprocess_compute_ms",
+    "vision_encoder_compute_ms",
+    "vlm_admission_ms",
+    "engine_queue_ms",
+    "prefill_step_ms",
+)
+
+
+def measured(server: Managed, url: str, request: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """TTFT of one request and where its time went (:func:`bench.stage_view` over this request)."""
+    before, stats_before = engine_metrics(server.metrics_url), triton_stats(server.triton_url)
+    seconds = asyncio.run(ttft(url, request))
+    time.sleep(0.3)  # the vlm series are published after the engine's steps
+    after, stats_after = engine_metrics(server.metrics_url), triton_stats(server.triton_url)
+    return seconds, stage_view(before, after, stats_before, stats_after, requests=1)
+
+
+def mean_stages(views: list[dict[str, Any]]) -> dict[str, float]:
+    """Per stage, the mean over the requests (a stage a request skipped counts as 0 ms)."""
+    return {name: statistics.fmean(view.get(name, 0.0) for view in views) for name in STAGES}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = ensure_model(args.model_dir).resolve()
     logs = args.logs or Path(tempfile.mkdtemp(prefix="tritonvlm-bench-imgcache-"))
@@ -137,26 +164,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     url = base + "/v1/chat/completions"
     try:
         asyncio.run(ttft(url, body(noise_png(args.size, seed=10_000), args.max_tokens)))  # warm-up
+        time.sleep(0.3)
         before = cache_counts(server.metrics_url)
-        first, repeat = [], []
+        first, repeat, first_stages, repeat_stages = [], [], [], []
         for i in range(args.images):
             request = body(noise_png(args.size, seed=i), args.max_tokens)
-            first.append(asyncio.run(ttft(url, request)))
-            repeat.append(asyncio.run(ttft(url, request)))
+            for times, stages in ((first, first_stages), (repeat, repeat_stages)):
+                seconds, view = measured(server, url, request)
+                times.append(seconds)
+                stages.append(view)
             log(f"image {i}: first {1000 * first[-1]:.1f} ms, repeat {1000 * repeat[-1]:.1f} ms")
-        time.sleep(0.3)  # the vlm series are published after the engine's steps
         after = cache_counts(server.metrics_url)
     finally:
         server.stop()
     hits, misses = after[0] - before[0], after[1] - before[1]
     reduction = 1 - statistics.median(repeat) / statistics.median(first)
+    stages = {"first": mean_stages(first_stages), "repeat": mean_stages(repeat_stages)}
     print(f"\nTTFT, {args.images} images of {args.size}x{args.size} px, medium model, 1 client (ms)")
     print(f"{'request':<22}{'p50':>8} {'mean':>8}")
     print(f"{'first time (miss)':<22}{ms(first)}")
     print(f"{'seen before (repeat)':<22}{ms(repeat)}")
     print(f"repeat TTFT p50 {100 * reduction:.1f}% lower (target >= 40%); image cache: {hits:.0f} hits, "
           f"{misses:.0f} misses")  # fmt: skip
-    return {"first_s": first, "repeat_s": repeat, "reduction_p50": reduction, "hits": hits, "misses": misses}
+    print("\nwhere a request's time goes before its first token (mean ms; Triton's per-model statistics")
+    print("and the vlm/engine histograms; vlm_admission spans preprocess and encoder calls)")
+    print(f"{'stage':<28}{'first':>8} {'repeat':>8}")
+    for name in STAGES:
+        print(f"{name:<28}{stages['first'][name]:8.1f} {stages['repeat'][name]:8.1f}")
+    return {
+        "first_s": first,
+        "repeat_s": repeat,
+        "reduction_p50": reduction,
+        "hits": hits,
+        "misses": misses,
+        "stages_ms": stages,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
