@@ -253,12 +253,11 @@ def real_models(kit, preprocessor: ChatPreprocessor, calls: list[str]):
         if name == wire.PREPROCESS_MODEL:
             images = [bytes(x) for x in inputs[wire.IMAGES].reshape(-1)]
             out = preprocessor(json.loads(first_bytes(inputs[wire.MESSAGES])), images)
-            packed = np.array([wire.pack_tensors(out.mm)], dtype=object)
-            return {wire.INPUT_IDS: out.input_ids, wire.MM_INPUTS: packed}
-        unpacked = wire.unpack_tensors(first_bytes(inputs[wire.MM_INPUTS]))
+            return {wire.INPUT_IDS: out.input_ids, wire.MM_INPUTS: wire.pack_array(out.mm)}
+        unpacked = wire.unpack_tensors(inputs[wire.MM_INPUTS])
         result = kit.family.encode(kit.hf_model, [{k: torch.from_numpy(v) for k, v in unpacked.items()}])[0]
         embeds = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in result.items()}
-        return {wire.MM_EMBEDS: np.array([[wire.pack_tensors(embeds)]], dtype=object)}
+        return {wire.MM_EMBEDS: wire.pack_array(embeds)[None]}
 
     return call
 

@@ -48,12 +48,12 @@ def fake_models(mm: dict[str, np.ndarray], calls: list[str]):
     def call(name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         calls.append(name)
         if name == wire.PREPROCESS_MODEL:
-            packed = wire.pack_tensors(mm)
-            return {wire.INPUT_IDS: np.array([1, 2, 3]), wire.MM_INPUTS: np.array([packed], dtype=object)}
+            return {wire.INPUT_IDS: np.array([1, 2, 3]), wire.MM_INPUTS: wire.pack_array(mm)}
         assert name == wire.VISION_ENCODER_MODEL
-        got = wire.unpack_tensors(inputs[wire.MM_INPUTS].reshape(-1)[0])
+        assert inputs[wire.MM_INPUTS].dtype == np.uint8 and inputs[wire.MM_INPUTS].shape[0] == 1
+        got = wire.unpack_tensors(inputs[wire.MM_INPUTS])
         embeds = {"image_embeds": got["pixel_values"] * 2}
-        return {wire.MM_EMBEDS: np.array([[wire.pack_tensors(embeds)]], dtype=object)}
+        return {wire.MM_EMBEDS: wire.pack_array(embeds)[None]}
 
     return call
 

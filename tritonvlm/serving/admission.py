@@ -13,7 +13,6 @@ import numpy as np
 
 from tritonvlm import wire
 from tritonvlm.serving.image_cache import ImageCache, content_key
-from tritonvlm.triton_utils import first_bytes
 from tritonvlm.wire import InvalidRequestError
 
 ModelCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -54,17 +53,13 @@ def model_inputs(
         pre_inputs[wire.TOOLS] = given[wire.TOOLS]  # for the chat template
     pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS])
     ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
-    packed = first_bytes(pre[wire.MM_INPUTS])
-    if not packed:
+    packed = np.ascontiguousarray(pre[wire.MM_INPUTS], dtype=np.uint8).reshape(-1)
+    if not packed.size:
         return ids, {}, None
 
     def encode() -> dict[str, np.ndarray]:
-        enc = call(
-            wire.VISION_ENCODER_MODEL,
-            {wire.MM_INPUTS: np.array([[packed]], dtype=np.object_)},
-            [wire.MM_EMBEDS],
-        )
-        return wire.unpack_tensors(first_bytes(enc[wire.MM_EMBEDS]))
+        enc = call(wire.VISION_ENCODER_MODEL, {wire.MM_INPUTS: packed[None]}, [wire.MM_EMBEDS])
+        return wire.unpack_tensors(enc[wire.MM_EMBEDS])
 
     key = content_key(packed)
     if image_cache is None or not image_cache.enabled:

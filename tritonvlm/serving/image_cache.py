@@ -54,8 +54,8 @@ def available_host_memory() -> int:
     return 0
 
 
-def content_key(packed: bytes) -> bytes:
-    """The cache key of one request's packed encoder input."""
+def content_key(packed: bytes | np.ndarray) -> bytes:
+    """The cache key of one request's packed encoder input (its bytes, or its UINT8 tensor)."""
     return hashlib.sha256(packed).digest()
 
 

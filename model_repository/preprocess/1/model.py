@@ -8,7 +8,6 @@ import triton_python_backend_utils as pb_utils
 from tritonvlm import wire
 from tritonvlm.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, ChatPreprocessor
 from tritonvlm.triton_utils import (
-    bytes_tensor,
     first_bytes,
     model_parameters,
     parse_json_input,
@@ -58,6 +57,6 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(wire.INPUT_IDS, np.asarray(out.input_ids, dtype=np.int64)),
-                pb_utils.Tensor(wire.MM_INPUTS, bytes_tensor([wire.pack_tensors(out.mm)])),
+                pb_utils.Tensor(wire.MM_INPUTS, wire.pack_array(out.mm)),
             ]
         )

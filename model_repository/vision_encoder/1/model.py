@@ -8,13 +8,7 @@ import triton_python_backend_utils as pb_utils
 from tritonvlm import wire
 from tritonvlm.families import family_for_model
 from tritonvlm.modeling.device import resolve_device
-from tritonvlm.triton_utils import (
-    bytes_tensor,
-    first_bytes,
-    model_parameters,
-    resolve_model_path,
-    setup_stub_process,
-)
+from tritonvlm.triton_utils import model_parameters, resolve_model_path, setup_stub_process
 
 log = logging.getLogger("tritonvlm.vision_encoder")
 
@@ -44,7 +38,7 @@ class TritonPythonModel:
         try:
             batch = []
             for request in requests:
-                packed = first_bytes(pb_utils.get_input_tensor_by_name(request, wire.MM_INPUTS).as_numpy())
+                packed = pb_utils.get_input_tensor_by_name(request, wire.MM_INPUTS).as_numpy()
                 batch.append({k: torch.from_numpy(v) for k, v in wire.unpack_tensors(packed).items()})
             results = self.family.encode(self.model, batch)
         except Exception as exc:
@@ -53,8 +47,6 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
         for result in results:
-            packed = wire.pack_tensors({k: to_numpy(v) for k, v in result.items()})
-            responses.append(
-                pb_utils.InferenceResponse([pb_utils.Tensor(wire.MM_EMBEDS, bytes_tensor([packed])[None])])
-            )
+            packed = wire.pack_array({k: to_numpy(v) for k, v in result.items()})
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(wire.MM_EMBEDS, packed[None])]))
         return responses
