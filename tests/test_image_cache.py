@@ -23,7 +23,7 @@ from tritonvlm.preprocessing import ChatPreprocessor
 from tritonvlm.serving.admission import model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
 from tritonvlm.serving.image_cache import ImageCache, content_key, parse_cache_memory
-from tritonvlm.triton_utils import first_bytes
+from tritonvlm.serving.preprocess_io import preprocess_outputs
 
 KB = 1000
 
@@ -251,9 +251,8 @@ def real_models(kit, preprocessor: ChatPreprocessor, calls: list[str]):
     def call(name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         calls.append(name)
         if name == wire.PREPROCESS_MODEL:
-            images = [bytes(x) for x in inputs[wire.IMAGES].reshape(-1)]
-            out = preprocessor(json.loads(first_bytes(inputs[wire.MESSAGES])), images)
-            return {wire.INPUT_IDS: out.input_ids, wire.MM_INPUTS: wire.pack_array(out.mm)}
+            calls.append(wire.CACHED_LAYOUT if wire.CACHED_LAYOUT in inputs else wire.IMAGES)
+            return {k: v for k, v in preprocess_outputs(preprocessor, inputs).items() if k in outputs}
         unpacked = wire.unpack_tensors(inputs[wire.MM_INPUTS])
         result = kit.family.encode(kit.hf_model, [{k: torch.from_numpy(v) for k, v in unpacked.items()}])[0]
         embeds = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in result.items()}
@@ -272,44 +271,88 @@ def chat(messages: list[dict], images: list[bytes]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     """The key is each family's real encoder input: the same image through another preprocess instance
-    hits and gives the very tensors the encoder made; a later turn re-sending it hits too (Mllama's
+    hits and gives the very tensors the encoder made, and, sent as the same file, is neither decoded
+    nor processed again (preprocess gets its layout); a later turn re-sending it hits too (Mllama's
     encoder input also holds the prompt's cross-attention mask: the key leaves it out and the request
-    gets its own); another image misses."""
+    gets its own); the same pixels in another file hit the encoder's entry after preprocessing;
+    another image misses."""
     kit = family_kit(name)
     cache, calls = ImageCache(10**8), []
     own = kit.family.prompt_mm_tensors
     image = make_image(64, 48, "red")
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
-    first_ids, first, _ = model_inputs(
+    first_ids, first, first_key = model_inputs(
         chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache, own
     )
-    assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and first
+    assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES, wire.VISION_ENCODER_MODEL] and first
 
     other_instance = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
-    ids, again, _ = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache, own)
-    assert calls.count(wire.VISION_ENCODER_MODEL) == 1 and ids == first_ids
+    calls.clear()
+    ids, again, key = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache, own)
+    assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]  # no image decoded, processed, encoded
+    assert ids == first_ids and key == first_key  # the prefix cache sees the same images
     assert again.keys() == first.keys()
     for key in first:
         np.testing.assert_array_equal(again[key], first[key])
 
     later = [turn, {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Sure?"}]
+    calls.clear()
     later_ids, later_mm, _ = model_inputs(
         chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache, own
     )
-    assert calls.count(wire.VISION_ENCODER_MODEL) == 1
+    assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]
     assert later_mm.keys() == first.keys()
-    fresh = kit.preprocessor(later, [image]).mm  # what the later turn's own preprocess made
+    fresh = kit.preprocessor(later, [image])  # what the later turn's own preprocess makes
+    assert later_ids == fresh.input_ids.tolist()
     for key in first:
         if key in own:  # the request's own prompt tensors (the cached ones are the first turn's)
             assert len(later_ids) > len(first_ids) and later_mm[key].shape[0] == len(later_ids)
-            np.testing.assert_array_equal(later_mm[key], fresh[key])
+            np.testing.assert_array_equal(later_mm[key], fresh.mm[key])
         else:
             np.testing.assert_array_equal(later_mm[key], first[key])
+
+    calls.clear()
+    same_pixels = make_image(64, 48, "red", fmt="BMP")
+    model_inputs(chat([turn], [same_pixels]), real_models(kit, kit.preprocessor, calls), cache, own)
+    assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES]  # processed, but not encoded again
+    assert cache.stats().preprocess_skips == 2
 
     model_inputs(
         chat([turn], [make_image(64, 48, "blue")]), real_models(kit, kit.preprocessor, calls), cache, own
     )
-    assert calls.count(wire.VISION_ENCODER_MODEL) == 2
+    assert calls.count(wire.VISION_ENCODER_MODEL) == 1
+
+
+def test_image_files_of_an_evicted_entry_are_processed_again(family_kit) -> None:
+    """The way from image files to an entry goes with the entry: the files are then preprocessed and
+    encoded again, and the request gets the same ids and tensors."""
+    kit = family_kit(FAMILIES[0])
+    calls: list[str] = []
+    models = real_models(kit, kit.preprocessor, calls)
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    red, blue = make_image(64, 48, "red"), make_image(64, 48, "blue")
+    ids, first, _ = model_inputs(chat([turn], [red]), models, ImageCache(10**8))
+    size = sum(v.nbytes for v in first.values())
+    cache = ImageCache(size)  # room for one entry
+    model_inputs(chat([turn], [red]), models, cache)
+    model_inputs(chat([turn], [blue]), models, cache)  # evicts red's entry
+    calls.clear()
+    again_ids, again, _ = model_inputs(chat([turn], [red]), models, cache)
+    assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES, wire.VISION_ENCODER_MODEL]
+    assert again_ids == ids
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key])
+    assert cache.stats().preprocess_skips == 0
+
+
+def test_image_files_are_not_remembered_with_the_cache_off(family_kit) -> None:
+    kit = family_kit(FAMILIES[0])
+    calls: list[str] = []
+    cache = ImageCache(0)
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    for _ in range(2):
+        model_inputs(chat([turn], [make_image(64, 48)]), real_models(kit, kit.preprocessor, calls), cache)
+    assert calls.count(wire.IMAGES) == 2 and calls.count(wire.VISION_ENCODER_MODEL) == 2
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
@@ -365,9 +408,12 @@ def test_image_cache_metrics_follow_the_cache() -> None:
     assert value("tritonvlm_image_cache_bytes", state="capacity") == 2 * KB
     assert value("tritonvlm_image_cache_entries") == 2
     cache.get_or_compute(b"c", lambda: tensors(KB))
+    cache.remember_files(b"files of c", b"c", b"layout")
+    assert cache.lookup_files(b"files of c") is not None
     metrics.update(EngineStats(), force=True)
     metrics.update(EngineStats(), force=True)  # counters advance by the gain only
-    assert value("tritonvlm_image_cache_hits_total") == 2
+    assert value("tritonvlm_image_cache_hits_total") == 3
+    assert value("tritonvlm_image_cache_preprocess_skips_total") == 1
 
 
 def test_engine_metrics_publish_only_changes_and_sum_responses() -> None:

@@ -1,6 +1,8 @@
 """End to end: the image-embedding cache in the shared server (OpenAI SDK → uvicorn → tritonserver). A
 repeated image skips vision_encoder (the hit counter on Triton's metrics port moves, the encoder's
-own request count does not) and the answer is token for token what transformers' generate() says."""
+own request count does not), and, sent as the same file, its preprocessing (the skip counter moves:
+preprocess rebuilt the prompt from the image's layout); the answer is token for token what
+transformers' generate() says."""
 
 from __future__ import annotations
 
@@ -13,20 +15,23 @@ from test_e2e import data_url, metric, reference_text
 pytestmark = pytest.mark.e2e
 
 HITS, MISSES = "tritonvlm_image_cache_hits_total", "tritonvlm_image_cache_misses_total"
+SKIPS = "tritonvlm_image_cache_preprocess_skips_total"
 ENCODER_CALLS = "nv_inference_request_success"
 
 
-def counts(server) -> tuple[float, float, float]:
+def counts(server) -> tuple[float, float, float, float]:
     return (
         metric(server, HITS, model="vlm"),
         metric(server, MISSES, model="vlm"),
+        metric(server, SKIPS, model="vlm"),
         metric(server, ENCODER_CALLS, model="vision_encoder"),
     )
 
 
-def moved(server, before: tuple[float, float, float], hits: int, misses: int) -> tuple[float, ...]:
-    """The (hits, misses, encoder calls) gained since ``before``, once hits and misses reach the
-    expected values or after 10 s (the vlm series are published after the engine's next step)."""
+def moved(server, before: tuple[float, ...], hits: int, misses: int) -> tuple[float, ...]:
+    """The (hits, misses, preprocess skips, encoder calls) gained since ``before``, once hits and
+    misses reach the expected values or after 10 s (the vlm series are published after the engine's
+    next step)."""
     deadline = time.monotonic() + 10
     while True:
         gained = tuple(now - then for now, then in zip(counts(server), before, strict=True))
@@ -55,12 +60,12 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
 
     before = counts(server)
     first = ask(client, [turn])
-    assert moved(server, before, hits=0, misses=1) == (0, 1, 1)
+    assert moved(server, before, hits=0, misses=1) == (0, 1, 0, 1)
     assert first[:2] == (expected, prompt_len)
 
     before = counts(server)
     again = ask(client, [turn])
-    assert moved(server, before, hits=1, misses=0) == (1, 0, 0)  # no vision_encoder request
+    assert moved(server, before, hits=1, misses=0) == (1, 0, 1, 0)  # no vision_encoder request
     assert again == first
 
     # A later turn of the conversation re-sends the image: a hit too, and still generate()'s answer.
@@ -68,7 +73,7 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
     expected, prompt_len = reference_text(hf_model, processor, conversation, [seen], max_new=16)
     before = counts(server)
     assert ask(client, conversation)[:2] == (expected, prompt_len)
-    assert moved(server, before, hits=1, misses=0) == (1, 0, 0)
+    assert moved(server, before, hits=1, misses=0) == (1, 0, 1, 0)
 
     different = [
         {
@@ -78,4 +83,4 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
     ]
     before = counts(server)
     ask(client, different)
-    assert moved(server, before, hits=0, misses=1) == (0, 1, 1)
+    assert moved(server, before, hits=0, misses=1) == (0, 1, 0, 1)

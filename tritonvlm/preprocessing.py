@@ -11,6 +11,7 @@ from jinja2 import TemplateError
 from PIL import Image
 
 from tritonvlm.families.base import Family, ProcessedPrompt
+from tritonvlm.image_layout import layout_images, record_layout, stand_in_images, tapped
 from tritonvlm.tool_format import prepare_tools
 from tritonvlm.wire import InvalidRequestError
 
@@ -153,23 +154,38 @@ class ChatPreprocessor:
         return self.family.encode_raw_prompt(self.processor, prompt)
 
     def __call__(
-        self, messages: Any, images: list[bytes], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: Any,
+        images: list[bytes],
+        tools: list[dict[str, Any]] | None = None,
+        layout: bytes | None = None,
     ) -> ProcessedPrompt:
+        """The prompt ids and multimodal tensors of a conversation with its image files, and the
+        images' layout (:mod:`tritonvlm.image_layout`). Given the ``layout`` of images seen before
+        instead of the files, the same prompt is built without decoding or processing any image: its
+        multimodal tensors are then only the family's prompt-dependent ones (``prompt_mm_tensors``)."""
+        if layout is not None and images:
+            raise InvalidRequestError("send either the images or their layout, not both", "images")
         conversation, num_placeholders = normalize_messages(messages)
         template = getattr(self.processor, "chat_template", None) or getattr(
             self.processor.tokenizer, "chat_template", None
         )
         conversation, template_kwargs = prepare_tools(conversation, tools, template, self.family.tool_format)
-        if num_placeholders != len(images):
+        num_images = len(images) if layout is None else layout_images(layout)
+        if num_placeholders != num_images:
             raise InvalidRequestError(
-                f"the messages hold {num_placeholders} image parts but {len(images)} images were sent",
+                f"the messages hold {num_placeholders} image parts but {num_images} images were sent",
                 "images",
             )
         self.check_text(conversation)
-        self.family.check_images(len(images))
-        pil_images = [decode_image(data, i, self.max_image_pixels) for i, data in enumerate(images)]
+        self.family.check_images(num_images)
+        if layout is None:
+            pil_images = [decode_image(data, i, self.max_image_pixels) for i, data in enumerate(images)]
+        else:
+            pil_images = stand_in_images(num_images)
+        processor, tap = tapped(self.processor, layout) if pil_images else (self.processor, None)
         try:
-            return self.family.process(self.processor, conversation, pil_images, template_kwargs)
+            out = self.family.process(processor, conversation, pil_images, template_kwargs)
         except InvalidRequestError:
             raise
         except TemplateError as exc:
@@ -181,6 +197,12 @@ class ChatPreprocessor:
             what = "the images" if pil_images else "the conversation"
             param = "messages" if not pil_images else "images"
             raise InvalidRequestError(f"the model's processor cannot take {what}: {exc}", param) from exc
+        if layout is not None:
+            out.mm = {name: out.mm[name] for name in self.family.prompt_mm_tensors if name in out.mm}
+            out.layout = layout
+        elif tap is not None and tap.output is not None:
+            out.layout = record_layout(tap.output, num_images)
+        return out
 
     def check_text(self, conversation: list[dict[str, Any]]) -> None:
         """Refuse over-long text before any tokenization, and special tokens typed as text."""

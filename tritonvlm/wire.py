@@ -33,8 +33,12 @@ closing flag), and the client never sees the end of the stream.
 (plain, non-decoupled requests). Their multimodal tensors are the model family's business, so they
 travel as one packed dict per request (:func:`pack_array`):
 
-`preprocess`   MESSAGES (+ IMAGES) or PROMPT → INPUT_IDS INT64 [-1], MM_INPUTS UINT8 [-1] (the
-               processor's image tensors; no bytes without images)
+`preprocess`   MESSAGES (+ IMAGES or CACHED_LAYOUT) or PROMPT → INPUT_IDS INT64 [-1], MM_INPUTS
+               UINT8 [-1] (the processor's image tensors; no bytes without images), IMAGE_LAYOUT UINT8
+               [-1] (the images as the processor saw them: tritonvlm.image_layout). Given
+               CACHED_LAYOUT (UINT8 [-1], an IMAGE_LAYOUT of images seen before) instead of IMAGES,
+               the prompt is built without the images, and MM_INPUTS holds only the family's
+               prompt-dependent tensors.
 `vision_encoder` (dynamic batching, ragged) MM_INPUTS UINT8 [-1] → MM_EMBEDS UINT8 [-1] (the image
                embeddings and whatever else the decoder needs, e.g. Qwen's image grids)
 """
@@ -53,6 +57,8 @@ TOOLS = "TOOLS"
 # preprocess outputs / vision_encoder inputs and outputs
 INPUT_IDS = "INPUT_IDS"
 MM_INPUTS = "MM_INPUTS"
+IMAGE_LAYOUT = "IMAGE_LAYOUT"
+CACHED_LAYOUT = "CACHED_LAYOUT"
 MM_EMBEDS = "MM_EMBEDS"
 
 # streamed outputs of vlm

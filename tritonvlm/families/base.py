@@ -79,6 +79,7 @@ class ProcessedPrompt:
     input_ids: np.ndarray  # int64 [prompt_len]
     mm: dict[str, np.ndarray]  # the family's multimodal tensors (empty without images)
     num_images: int = 0
+    layout: bytes | None = None  # the images as the processor saw them (tritonvlm.image_layout)
 
 
 def has_torchvision() -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from tritonvlm import wire
-from tritonvlm.serving.image_cache import ImageCache, content_key
+from tritonvlm.serving.image_cache import ImageCache, content_key, images_key
 from tritonvlm.wire import InvalidRequestError
 
 ModelCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -36,7 +36,9 @@ def model_inputs(
     ``image_cache``, an encoder input seen before is not encoded again (the returned arrays are then
     shared and read-only). ``prompt_tensors``: the family's multimodal tensors that depend on the
     prompt and pass through the encoder (``Family.prompt_mm_tensors``): the image cache keys on the
-    other tensors, so a later turn with the same images hits, and these come from the request."""
+    other tensors, so a later turn with the same images hits, and these come from the request.
+    Image files seen before (the same bytes) skip preprocessing too: `preprocess` then rebuilds the
+    prompt from the images' recorded layout (``CACHED_LAYOUT``) instead of the files."""
     forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
     if len(forms) != 1:
         raise InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
@@ -47,11 +49,21 @@ def model_inputs(
         ids = np.asarray(given[wire.INPUT_IDS]).reshape(-1).astype(np.int64)
         return ids.tolist(), {}, None
     pre_inputs = {forms[0]: given[forms[0]]}
-    if images is not None:
-        pre_inputs[wire.IMAGES] = images
     if forms[0] == wire.MESSAGES and given.get(wire.TOOLS) is not None:
         pre_inputs[wire.TOOLS] = given[wire.TOOLS]  # for the chat template
-    pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS])
+    use_cache = image_cache is not None and image_cache.enabled
+    files_key = images_key(images) if images is not None and use_cache else None
+    known = image_cache.lookup_files(files_key) if files_key is not None else None
+    if known is not None:  # these files were seen: no decoding, preprocessing or encoding
+        encoded, layout, image_key = known
+        pre_inputs[wire.CACHED_LAYOUT] = np.frombuffer(layout, dtype=np.uint8)
+        pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS])
+        ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
+        own = wire.unpack_tensors(pre[wire.MM_INPUTS])
+        return ids, {**encoded, **own}, mm_key(image_key, own)
+    if images is not None:
+        pre_inputs[wire.IMAGES] = images
+    pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS, wire.IMAGE_LAYOUT])
     ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
     packed = np.ascontiguousarray(pre[wire.MM_INPUTS], dtype=np.uint8).reshape(-1)
     if not packed.size:
@@ -61,12 +73,18 @@ def model_inputs(
         enc = call(wire.VISION_ENCODER_MODEL, {wire.MM_INPUTS: packed[None]}, [wire.MM_EMBEDS])
         return wire.unpack_tensors(enc[wire.MM_EMBEDS])
 
-    key = content_key(packed)
-    if image_cache is None or not image_cache.enabled:
-        return ids, encode(), key
-    if not prompt_tensors:
-        return ids, image_cache.get_or_compute(key, encode), key
-    tensors = wire.unpack_tensors(packed)
+    if not use_cache:
+        return ids, encode(), content_key(packed)
+    tensors = wire.unpack_tensors(packed) if prompt_tensors else {}
     own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
-    encoded = image_cache.get_or_compute(content_key(wire.pack_tensors(tensors)), encode)
-    return ids, {**encoded, **own}, key
+    image_key = content_key(wire.pack_tensors(tensors)) if prompt_tensors else content_key(packed)
+    encoded = image_cache.get_or_compute(image_key, encode)
+    layout = np.ascontiguousarray(pre.get(wire.IMAGE_LAYOUT, ()), dtype=np.uint8).tobytes()
+    if files_key is not None and layout:
+        image_cache.remember_files(files_key, image_key, layout)
+    return ids, {**encoded, **own}, mm_key(image_key, own)
+
+
+def mm_key(image_key: bytes, own: dict[str, np.ndarray]) -> bytes:
+    """The key of a request's multimodal tensors: its images' cache key, and its own prompt tensors."""
+    return image_key if not own else content_key(image_key + wire.pack_tensors(own))

@@ -129,6 +129,11 @@ IMAGE_CACHE_COUNTERS = {
         "Requests with images whose embeddings came from the image-embedding cache (no vision_encoder call)",
         {"hits": {}},
     ),
+    "tritonvlm_image_cache_preprocess_skips_total": (
+        "Cache hits found by the images' own bytes: no image decoded or processed, the prompt rebuilt from "
+        "their recorded layout",
+        {"preprocess_skips": {}},
+    ),
     "tritonvlm_image_cache_misses_total": (
         "Requests with images that called vision_encoder while the image-embedding cache is on",
         {"misses": {}},

@@ -1,11 +1,16 @@
 """The image-embedding cache: the vision encoder's outputs kept by the content of its input, so that an
-image seen before (asked about again, or re-sent with every turn of a conversation) skips the encoder.
+image seen before (asked about again, or re-sent with every turn of a conversation) skips the encoder,
+and, sent as the same bytes, its decoding and preprocessing too.
 
-The key is a digest of the packed ``MM_INPUTS`` bytes (:func:`content_key`): everything the encoder
-reads (pixel tensors, grids, tile ratios, ...) and nothing else, whatever the family, so a hit gives
-exactly the tensors an encoder call would. The cache is bounded by the bytes of the arrays it holds and
-evicts the least recently used entries first. Concurrent requests with the same new input wait for
-the one that encodes it instead of encoding it again.
+The key of an entry is a digest of the packed ``MM_INPUTS`` bytes (:func:`content_key`): everything
+the encoder reads (pixel tensors, grids, tile ratios, ...) and nothing else, whatever the family, so a
+hit gives exactly the tensors an encoder call would. The cache is bounded by the bytes of the arrays it
+holds and evicts the least recently used entries first. Concurrent requests with the same new input
+wait for the one that encodes it instead of encoding it again.
+
+Beside the entries, the digest of a request's image files (:func:`images_key`) maps to its entry and
+to the images' layout (:mod:`tritonvlm.image_layout`): the same files again find their embeddings
+before any preprocessing, and the prompt is rebuilt from the layout (:meth:`ImageCache.lookup_files`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,16 @@ def content_key(packed: bytes | np.ndarray) -> bytes:
     return hashlib.sha256(packed).digest()
 
 
+def images_key(images: np.ndarray) -> bytes:
+    """The key of a request's image files (a BYTES tensor of encoded images, in prompt order)."""
+    digest = hashlib.sha256()
+    for data in np.asarray(images, dtype=np.object_).reshape(-1):
+        data = data if isinstance(data, bytes) else bytes(data)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.digest()
+
+
 def tensors_nbytes(tensors: Tensors) -> int:
     return sum(int(array.nbytes) for array in tensors.values())
 
@@ -68,6 +83,7 @@ class ImageCacheStats:
     """What the cache did since it started (counters) and what it holds now (gauges)."""
 
     hits: int = 0  # lookups answered without an encoder call (a held entry, or another request's call)
+    preprocess_skips: int = 0  # of the hits, those found by the image files (no preprocessing either)
     misses: int = 0  # lookups that called the encoder
     evictions: int = 0  # entries dropped to make room
     bytes_held: int = 0
@@ -87,12 +103,15 @@ class ImageCache:
     """A thread-safe LRU map ``key -> encoder output tensors``, bounded by the bytes of the tensors.
     ``capacity_bytes=0`` turns it off: every lookup calls the encoder and nothing is kept."""
 
+    MAX_FILE_KEYS = 4096  # image-file digests remembered (a few hundred bytes each)
+
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes < 0:
             raise ValueError("capacity_bytes must be >= 0")
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[bytes, tuple[Tensors, int]] = OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
+        self._files: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # files -> (key, layout)
         self._lock = threading.Lock()
         self._stats = ImageCacheStats(capacity_bytes=capacity_bytes)
 
@@ -133,6 +152,37 @@ class ImageCache:
                 with self._lock:
                     self._stats.hits += 1
                 return pending.value
+
+    def lookup_files(self, files_key: bytes) -> tuple[Tensors, bytes, bytes] | None:
+        """``(tensors, layout, key)`` of the entry the image files with ``files_key`` were encoded
+        into (:meth:`remember_files`), while that entry is held; else None (nothing is counted: the
+        caller goes on to preprocess and :meth:`get_or_compute`)."""
+        with self._lock:
+            known = self._files.get(files_key)
+            if known is None:
+                return None
+            entry = self._entries.get(known[0])
+            if entry is None:  # the entry went: so does the way to it
+                del self._files[files_key]
+                return None
+            self._files.move_to_end(files_key)
+            self._entries.move_to_end(known[0])
+            self._stats.hits += 1
+            self._stats.preprocess_skips += 1
+            return entry[0], known[1], known[0]
+
+    def remember_files(self, files_key: bytes, key: bytes, layout: bytes) -> None:
+        """Let the image files with ``files_key``, laid out as ``layout``, find the entry ``key``
+        (if it is held: an input too large to keep is not remembered either)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if key not in self._entries:
+                return
+            self._files[files_key] = (key, layout)
+            self._files.move_to_end(files_key)
+            while len(self._files) > self.MAX_FILE_KEYS:
+                self._files.popitem(last=False)
 
     def _compute(self, key: bytes, pending: _Pending, compute: Callable[[], Tensors]) -> Tensors:
         try:
