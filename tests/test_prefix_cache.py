@@ -4,6 +4,8 @@ placeholder is never matched across different images."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_image
@@ -14,11 +16,13 @@ from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, prefix_cac
 from tritonvlm.engine.block_manager import BlockAllocator
 from tritonvlm.engine.prefix_cache import (
     MIN_MATCH_TOKENS,
+    BatchSharing,
     PrefixCache,
     PrefixMatch,
     first_placeholder,
     mm_digest,
 )
+from tritonvlm.engine.scheduler import Scheduler
 
 MAX_NEW = 8
 IMAGE_A = make_image(64, 48, "red")
@@ -140,6 +144,40 @@ def test_a_hash_collision_never_matches_other_tokens(monkeypatch):
     assert cache.lookup([1] * 41, None, 41).length == 40
 
 
+def waiting(name: str, tokens: list[int]) -> SimpleNamespace:
+    """What the scheduler and BatchSharing read of a waiting sequence."""
+    n = len(tokens)
+    return SimpleNamespace(
+        request_id=name, context_ids=tokens, prefill_target=n, mm_digest=None, first_image=n
+    )
+
+
+def test_prompts_sharing_uncached_blocks_wait_for_the_next_prefill():
+    """``a``, ``b`` and ``d`` share 40 tokens nobody has cached: only ``a`` is prefilled with the
+    unrelated ``c``; ``b`` and ``d`` keep their places and go next, once ``a``'s prompt is cached."""
+    pool = BlockAllocator(64)
+    cache = PrefixCache(8, pool, BLOCK)
+    shared = list(range(40))
+    a, b, c, d = (
+        waiting("a", [*shared, 100]),
+        waiting("b", [*shared, 200]),
+        waiting("c", list(range(500, 541))),
+        waiting("d", [*shared, 300]),
+    )
+    scheduler = Scheduler(8, 1000, lambda src, dst, n: None, defer=BatchSharing(cache))
+    for seq in (a, b, c, d):
+        scheduler.add(seq)
+    assert [s.request_id for s in scheduler.schedule_prefill()] == ["a", "c"]
+    assert [s.request_id for s in scheduler.waiting] == ["b", "d"]
+    stored(cache, pool, a.context_ids)  # what a's prefill does
+    scheduler.admit([a, c])
+    assert [s.request_id for s in scheduler.schedule_prefill()] == ["b", "d"]  # cached now: together
+    off = Scheduler(8, 1000, lambda src, dst, n: None, defer=BatchSharing(PrefixCache(0, pool, BLOCK)))
+    for seq in (waiting("a", [*shared, 1]), waiting("b", [*shared, 2])):
+        off.add(seq)
+    assert len(off.schedule_prefill()) == 2  # no prefix cache: nothing to wait for
+
+
 def test_digest_and_placeholder_helpers():
     x = {"image_embeds": torch.ones(3, 4), "grid": torch.tensor([[1, 2, 2]])}
     y = {"image_embeds": torch.ones(3, 4), "grid": torch.tensor([[1, 2, 2]])}
@@ -258,6 +296,54 @@ def test_a_running_sequences_prompt_is_shared_with_later_arrivals(kit):
         assert cached(sink, "again") == shared
     else:
         assert cached(sink, "again") == 0
+
+
+def test_prompts_sharing_a_prefix_are_not_prefilled_together(kit):
+    """Three questions about one image and an unrelated prompt arrive at once: the first question is
+    prefilled with the unrelated prompt, the two others in the next step from the first's blocks
+    (they would each compute the image again side by side); every output is generate()'s."""
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    sink = Collector()
+    lead = (
+        "You are looking at a small test picture. Look closely at the shapes in it, at their colours, "
+        "at their sizes and at the background, and take your time before you answer. Then tell me: "
+    )
+    first, again, third = (
+        Case(name, conversation(lead + question, 1), [IMAGE_A])
+        for name, question in (
+            ("first", "what is in it?"),
+            ("again", "which colour stands out?"),
+            ("third", "how many shapes are there?"),
+        )
+    )
+    unrelated = Case("unrelated", conversation("Tell me a story about a cat.", 0))
+    cases = (first, again, unrelated, third)
+    ids = {case.name: kit.engine_inputs(case)[0] for case in cases}
+    for case in cases:
+        case_ids, mm = kit.engine_inputs(case)
+        engine.add_request(case.name, case_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), sink, mm)
+    engine.step()
+    in_first_step = {name for name in ids if sink.outputs.get(name)}
+    block = engine.runner.cache.block_size
+
+    def shared(a: str, b: str) -> int:
+        return next((i for i, (x, y) in enumerate(zip(ids[a], ids[b], strict=False)) if x != y), 0)
+
+    assert shared("first", "again") >= 3 * block  # the test must share more than DEFER_MIN_TOKENS
+    if kit.family.supports_prefix_cache:
+        unrelated_waits = shared("first", "unrelated") // block >= 2  # (a long common chat preamble)
+        assert in_first_step == {"first"} | (set() if unrelated_waits else {"unrelated"})
+    else:
+        assert in_first_step == set(ids)
+    while not all(sink.finished(name) for name in ids):
+        engine.step()
+    for case in cases:
+        assert sink.tokens(case.name) == kit.reference_tokens(case, MAX_NEW), case.name
+    if kit.family.supports_prefix_cache:
+        assert cached(sink, "again") == shared("first", "again")
+        assert cached(sink, "third") == max(shared("first", "third"), shared("again", "third"))
+        computed = sum(len(v) for v in ids.values()) - sum(cached(sink, name) for name in ids)
+        assert engine.stats.prefill_tokens == computed
 
 
 def test_eviction_under_pressure_loses_no_request(kit):

@@ -19,7 +19,7 @@ from tritonvlm.engine.kv_admission import KVAdmission
 from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
-from tritonvlm.engine.prefix_cache import PrefixCache, first_placeholder
+from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, first_placeholder
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
@@ -253,6 +253,7 @@ class LLMEngine:
             cache.move,
             release=self.kv.release,
             reserve=self.kv.reserve,
+            defer=BatchSharing(self.prefix_cache),
         )
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])

@@ -38,6 +38,9 @@ import torch
 MIN_MATCH_TOKENS = 8
 # Entries whose next block is compared token by token at the deepest matched block, newest first.
 MAX_TAIL_CANDIDATES = 64
+# A waiting prompt sharing at least this many uncached tokens with one already in the prefill batch
+# waits for the next step, to start from its keys/values (:class:`BatchSharing`).
+DEFER_MIN_TOKENS = 32
 
 
 def mm_digest(mm: dict[str, torch.Tensor]) -> bytes | None:
@@ -240,3 +243,42 @@ class PrefixCache:
                 del self._index[key]
         self.tokens_held -= len(entry.tokens)
         self.blocks.release(entry.blocks, cached=True)
+
+
+class BatchSharing:
+    """Whether a waiting prompt shares at least ``min_tokens`` not yet cached with a prompt already
+    chosen for the prefill batch being built (``sequence, batch -> bool``, the scheduler's ``defer``).
+
+    Prompts prefilled in the same step cannot share keys/values: each computes the common prefix
+    (the same system prompt and image sent by many clients at once, the same conversation resent).
+    Such a prompt is better left for the next step: the batch's prompts are cached by then, and it
+    starts from them. SGLang's scheduler does the same (in-batch prefix caching). The comparison uses
+    the cache's own block keys: one hash per block, and the keys of the batch are kept across the calls
+    for one batch (the scheduler only appends to it)."""
+
+    def __init__(self, cache: PrefixCache, min_tokens: int = DEFER_MIN_TOKENS) -> None:
+        self.cache = cache
+        self.min_blocks = -(-min_tokens // cache.block_size)
+        self._batch: list | None = None
+        self._seen = 0
+        self._keys: set[int] = set()
+
+    def _chain(self, seq) -> list[int]:
+        return block_chain(seq.context_ids, self.cache.block_size, seq.mm_digest, seq.first_image)[1:]
+
+    def __call__(self, seq, batch: list) -> bool:
+        if not self.cache.enabled or not batch:
+            return False
+        if batch is not self._batch or len(batch) < self._seen:  # another batch: start over
+            self._batch, self._seen, self._keys = batch, 0, set()
+        for member in batch[self._seen :]:
+            self._keys.update(self._chain(member))
+        self._seen = len(batch)
+        shared = 0
+        for key in self._chain(seq):
+            if key in self.cache._index:  # cached already: the batch's prompts find it too
+                continue
+            if key not in self._keys:
+                break
+            shared += 1
+        return shared >= self.min_blocks

@@ -14,7 +14,9 @@ class Scheduler:
     ``move_slot(src, dst, length)`` is called when a sequence leaves and the last one takes its slot;
     ``release(seq)`` when a running sequence leaves for good (its slot still set); ``reserve(seq,
     slot)`` before a waiting sequence takes ``slot``: it returns False when the KV memory the sequence
-    may need is not free now (the sequence, and those behind it, wait).
+    may need is not free now (the sequence, and those behind it, wait). ``defer(seq, batch)``: True
+    when a waiting sequence is better prefilled in a later step than with ``batch`` (it shares a
+    prefix with them that it can then take from the prefix cache); it keeps its place in line.
     """
 
     def __init__(
@@ -24,12 +26,14 @@ class Scheduler:
         move_slot: Callable[[int, int, int], None],
         release: Callable[[Sequence], None] = lambda seq: None,
         reserve: Callable[[Sequence, int], bool] = lambda seq, slot: True,
+        defer: Callable[[Sequence, list[Sequence]], bool] = lambda seq, batch: False,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.move_slot = move_slot
         self.release = release
         self.reserve = reserve
+        self.defer = defer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # A long prompt being prefilled in chunks (its slot is past the running ones; see admit).
@@ -44,25 +48,36 @@ class Scheduler:
 
     def schedule_prefill(self, budget: int | None = None) -> list[Sequence]:
         """The prompts to prefill now: the one being prefilled in chunks, if any, alone; otherwise
-        waiting sequences (FIFO) in free slots, within ``budget`` prompt tokens (default: the prefill
-        token budget) and the KV memory ``reserve`` grants. The first one is always taken when a slot
-        and its memory are free, however long its prompt."""
+        waiting sequences (FIFO, but for those ``defer`` leaves for later) in free slots, within
+        ``budget`` prompt tokens (default: the prefill token budget) and the KV memory ``reserve``
+        grants. The first one is always taken when a slot and its memory are free, however long its
+        prompt."""
         if self.prefilling is not None:
             return [self.prefilling]
         budget = self.max_prefill_tokens if budget is None else budget
         batch: list[Sequence] = []
         tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
-            seq = self.waiting[0]
+        deferred = False
+        for seq in self.waiting:
+            if len(self.running) + len(batch) >= self.max_num_seqs:
+                break
             if batch and tokens + seq.prefill_target > budget:
                 break
+            if batch and self.defer(seq, batch):
+                deferred = True
+                continue
             slot = len(self.running) + len(batch)
             if not self.reserve(seq, slot):
                 break
-            self.waiting.popleft()
             seq.slot = slot
             tokens += seq.prefill_target
             batch.append(seq)
+        if deferred:
+            taken = {id(seq) for seq in batch}
+            self.waiting = deque(seq for seq in self.waiting if id(seq) not in taken)
+        else:
+            for _ in batch:
+                self.waiting.popleft()
         return batch
 
     def admit(self, seqs: list[Sequence]) -> None:
