@@ -20,10 +20,11 @@ from tritonvlm.batch.launch import TritonOptions
 from tritonvlm.cli import build_parser, triton_env
 from tritonvlm.engine.llm_engine import EngineStats
 from tritonvlm.preprocessing import ChatPreprocessor
-from tritonvlm.serving.admission import model_inputs
+from tritonvlm.serving.admission import StageError, model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
-from tritonvlm.serving.image_cache import ImageCache, content_key, parse_cache_memory
+from tritonvlm.serving.image_cache import ImageCache, content_key, images_key, parse_cache_memory
 from tritonvlm.serving.preprocess_io import preprocess_outputs
+from tritonvlm.wire import InvalidRequestError
 
 KB = 1000
 
@@ -343,6 +344,46 @@ def test_image_files_of_an_evicted_entry_are_processed_again(family_kit) -> None
     for key in first:
         np.testing.assert_array_equal(again[key], first[key])
     assert cache.stats().preprocess_skips == 0
+
+
+def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(family_kit) -> None:
+    """A processor the layout replay does not suit (an internal error on CACHED_LAYOUT): the request
+    is served from its images, and later ones do not try the layout again; a client error found on the
+    layout path still reaches the client."""
+    kit = family_kit(FAMILIES[0])
+    calls: list[str] = []
+    real = real_models(kit, kit.preprocessor, calls)
+
+    def failing_layouts(name, inputs, outputs):
+        if wire.CACHED_LAYOUT in inputs:
+            calls.append("failed")
+            raise StageError("preprocess failed: this processor reads pixel values")
+        return real(name, inputs, outputs)
+
+    cache = ImageCache(10**8)
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    image = make_image(64, 48)
+    ids, first, _ = model_inputs(chat([turn], [image]), failing_layouts, cache)
+    calls.clear()
+    again_ids, again, _ = model_inputs(chat([turn], [image]), failing_layouts, cache)
+    assert calls == ["failed", wire.PREPROCESS_MODEL, wire.IMAGES]  # from the images; encoder: a hit
+    assert again_ids == ids and all(np.array_equal(again[k], first[k]) for k in first)
+    calls.clear()
+    model_inputs(chat([turn], [image]), failing_layouts, cache)
+    assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES]  # the layout is not tried again
+
+    def as_triton(name, inputs, outputs):  # a client error comes back from Triton as a StageError
+        try:
+            return real(name, inputs, outputs)
+        except InvalidRequestError as exc:
+            raise StageError(exc.to_wire()) from exc
+
+    other = ImageCache(10**8)
+    model_inputs(chat([turn], [image]), as_triton, other)
+    two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(StageError, match="2 image parts but 1"):
+        model_inputs(chat(two, [image]), as_triton, other)
+    assert other.lookup_files(images_key(np.array([image], dtype=object))) is not None  # still on
 
 
 def test_image_files_are_not_remembered_with_the_cache_off(family_kit) -> None:

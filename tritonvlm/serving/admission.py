@@ -7,6 +7,7 @@ Triton; anything in a unit test), so this module knows nothing of Triton itself.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ from tritonvlm import wire
 from tritonvlm.serving.image_cache import ImageCache, content_key, images_key
 from tritonvlm.wire import InvalidRequestError
 
+log = logging.getLogger("tritonvlm.vlm")
 ModelCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 PROMPT_FORMS = (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS)
 
@@ -56,11 +58,23 @@ def model_inputs(
     known = image_cache.lookup_files(files_key) if files_key is not None else None
     if known is not None:  # these files were seen: no decoding, preprocessing or encoding
         encoded, layout, image_key = known
-        pre_inputs[wire.CACHED_LAYOUT] = np.frombuffer(layout, dtype=np.uint8)
-        pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS])
-        ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
-        own = wire.unpack_tensors(pre[wire.MM_INPUTS])
-        return ids, {**encoded, **own}, mm_key(image_key, own)
+        try:
+            pre = call(
+                wire.PREPROCESS_MODEL,
+                {**pre_inputs, wire.CACHED_LAYOUT: np.frombuffer(layout, dtype=np.uint8)},
+                [wire.INPUT_IDS, wire.MM_INPUTS],
+            )
+        except StageError as exc:
+            if wire.parse_wire_error(str(exc))[0]:
+                raise  # the client's mistake: the same answer as from the images
+            # A processor the layout replay does not suit: serve from the images, now and from now on.
+            log.warning("preprocess could not rebuild a prompt from an image layout (%s); image files "
+                        "are preprocessed on every request from now on", exc)  # fmt: skip
+            image_cache.stop_remembering_files()
+        else:
+            ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
+            own = wire.unpack_tensors(pre[wire.MM_INPUTS])
+            return ids, {**encoded, **own}, mm_key(image_key, own)
     if images is not None:
         pre_inputs[wire.IMAGES] = images
     pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS, wire.IMAGE_LAYOUT])

@@ -112,6 +112,7 @@ class ImageCache:
         self._entries: OrderedDict[bytes, tuple[Tensors, int]] = OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
         self._files: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # files -> (key, layout)
+        self._remember_files = True
         self._lock = threading.Lock()
         self._stats = ImageCacheStats(capacity_bytes=capacity_bytes)
 
@@ -177,12 +178,18 @@ class ImageCache:
         if not self.enabled:
             return
         with self._lock:
-            if key not in self._entries:
+            if key not in self._entries or not self._remember_files:
                 return
             self._files[files_key] = (key, layout)
             self._files.move_to_end(files_key)
             while len(self._files) > self.MAX_FILE_KEYS:
                 self._files.popitem(last=False)
+
+    def stop_remembering_files(self) -> None:
+        """Forget every image-file digest and remember none from now on (the entries stay)."""
+        with self._lock:
+            self._remember_files = False
+            self._files.clear()
 
     def _compute(self, key: bytes, pending: _Pending, compute: Callable[[], Tensors]) -> Tensors:
         try:
