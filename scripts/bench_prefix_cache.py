@@ -13,9 +13,13 @@ second turn finds its conversation's keys/values only if the cache kept all of t
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 5 --prefix-words 700 --json out.json
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 0 --conversations 64
     .venv/bin/python scripts/bench_prefix_cache.py --lookups    # the lookup alone, no server
+    .venv/bin/python scripts/bench_prefix_cache.py --burst 8 --prefix-words 130   # engine alone
 
 ``--lookups`` times ``PrefixCache.lookup`` alone with 4 to 1,024 entries of 1,000 tokens behind a
 shared 300-token system prompt (half the prompts continue an entry, half share only the system prompt).
+``--burst N`` runs the engine alone: N requests with a new shared system prompt arrive at once, prefilled
+with the engine's in-batch sharing (a prompt sharing uncached blocks with one in the step's batch waits
+a step and starts from its cached blocks) and without it, three bursts each, interleaved.
 """
 
 from __future__ import annotations
@@ -151,6 +155,60 @@ def lookup_costs() -> None:
         print(f"| {count} | {(time.perf_counter() - start) / len(prompts) * 1e6:.0f} |")
 
 
+def burst_costs(args: argparse.Namespace) -> None:
+    """The engine alone (medium model): bursts of ``--burst`` requests with a new shared system prompt
+    of ``--prefix-words`` words and a question each, all added at once, with the engine's in-batch
+    sharing (prompts sharing uncached blocks wait one step) and without it, interleaved."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+    from tritonvlm.preprocessing import ChatPreprocessor
+
+    model_dir = str(bench.ensure_model(args.model_dir))
+    preprocess = ChatPreprocessor.from_pretrained(model_dir)
+    family = preprocess.family
+    model = family.strip_for_decoder(family.load_model(model_dir))
+    config = EngineConfig(max_num_seqs=max(16, args.burst), max_model_len=4096)
+    engine = LLMEngine(model, preprocess.processor.tokenizer, config, family)
+    sharing = engine.scheduler.defer
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    def burst(seed: int) -> tuple[list[float], int, int]:
+        system = {"role": "system", "content": system_prompt(seed, args.prefix_words)}
+        prompts = [
+            preprocess([system, {"role": "user", "content": f"Question {i}: which word comes {i}th?"}], [])
+            for i in range(args.burst)
+        ]
+        start, firsts, done = time.perf_counter(), {}, set()
+        computed = engine.stats.prefill_tokens
+        for i, prompt in enumerate(prompts):
+
+            def on_output(out, i=i) -> None:
+                if out.token_ids and i not in firsts:
+                    firsts[i] = time.perf_counter() - start
+                if out.finished:
+                    done.add(i)
+
+            engine.add_request(f"burst-{seed}-{i}", prompt.input_ids.tolist(), params, on_output)
+        while len(done) < len(prompts):
+            engine.step()
+        return sorted(firsts.values()), engine.stats.prefill_tokens - computed, len(prompts[0].input_ids)
+
+    burst(0)  # warm-up
+    rows = []
+    for r in range(3):
+        for mode in ("off", "in-batch sharing"):
+            engine.scheduler.defer = sharing if mode != "off" else (lambda seq, batch: False)
+            firsts, computed, prompt_len = burst(1 + 2 * r + (mode != "off"))
+            rows.append((mode, statistics.median(firsts) * 1000, firsts[-1] * 1000, computed, prompt_len))
+            bench.log(f"{mode}: TTFT p50 {rows[-1][1]:.0f} ms, prompt tokens computed {computed}")
+    print(f"\n{args.burst} requests at once, each ~{rows[0][4]} prompt tokens sharing a new system prompt")
+    print("| engine | TTFT p50 ms | TTFT max ms | prompt tokens computed |\n|---|---:|---:|---:|")
+    for mode, p50, last, computed, _ in rows:
+        print(f"| {mode} | {p50:.0f} | {last:.0f} | {computed} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,9 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--lookups", action="store_true", help="time the lookup alone (no server) and exit")
+    parser.add_argument(
+        "--burst", type=int, default=0, help="N requests sharing a new prefix at once (engine), exit"
+    )
     args = parser.parse_args(argv)
     if args.lookups:
         lookup_costs()
+        return 0
+    if args.burst:
+        burst_costs(args)
         return 0
     args.server_log_level = "warning"
     args.model_repository = bench.REPO_ROOT / "model_repository"
