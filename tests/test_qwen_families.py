@@ -23,8 +23,10 @@ MAX_NEW = 8
 
 
 def run_engine(kit, requests: list[tuple[list[int], dict]], max_new: int = MAX_NEW) -> list[list[int]]:
-    """Greedy tokens of each request, all queued before the first step (so they prefill together)."""
-    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    """Greedy tokens of each request, all queued before the first step (so they prefill together: no
+    prefix cache, which would leave a repeated prompt for the next step to start from the first)."""
+    config = EngineConfig(max_model_len=1024, prefix_cache_slots=0)
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
     outputs: dict[str, list] = {}
     for i, (ids, mm) in enumerate(requests):
         params = SamplingParams(max_tokens=max_new, temperature=0.0)
