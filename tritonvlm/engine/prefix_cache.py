@@ -225,6 +225,10 @@ class PrefixCache:
         self._drop(victim)
         return True
 
+    def has_block(self, key: int) -> bool:
+        """True while some entry holds the block with index key ``key`` (:func:`block_chain`)."""
+        return key in self._index
+
     def holds(self, entry: PrefixEntry) -> bool:
         """True while ``entry`` is in the cache."""
         return self._entries.get(id(entry)) is entry
@@ -276,7 +280,7 @@ class BatchSharing:
         self._seen = len(batch)
         shared = 0
         for key in self._chain(seq):
-            if key in self.cache._index:  # cached already: the batch's prompts find it too
+            if self.cache.has_block(key):  # cached already: the batch's prompts find it too
                 continue
             if key not in self._keys:
                 break

@@ -61,7 +61,7 @@ def model_inputs(
         try:
             pre = call(
                 wire.PREPROCESS_MODEL,
-                {**pre_inputs, wire.CACHED_LAYOUT: np.frombuffer(layout, dtype=np.uint8)},
+                {**pre_inputs, wire.CACHED_LAYOUT: wire.bytes_array(layout)},
                 [wire.INPUT_IDS, wire.MM_INPUTS],
             )
         except StageError as exc:
@@ -93,7 +93,7 @@ def model_inputs(
     own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
     image_key = content_key(wire.pack_tensors(tensors)) if prompt_tensors else content_key(packed)
     encoded = image_cache.get_or_compute(image_key, encode)
-    layout = np.ascontiguousarray(pre.get(wire.IMAGE_LAYOUT, ()), dtype=np.uint8).tobytes()
+    layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
     if files_key is not None and layout:
         image_cache.remember_files(files_key, image_key, layout)
     return ids, {**encoded, **own}, mm_key(image_key, own)

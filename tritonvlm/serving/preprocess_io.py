@@ -32,10 +32,10 @@ def preprocess_outputs(
             parse_json_input(messages, None),
             images,
             parse_json_input(inputs.get(wire.TOOLS), None),
-            layout=None if layout is None else np.ascontiguousarray(layout, dtype=np.uint8).tobytes(),
+            layout=None if layout is None else wire.array_bytes(layout),
         )
     return {
         wire.INPUT_IDS: np.asarray(out.input_ids, dtype=np.int64),
         wire.MM_INPUTS: wire.pack_array(out.mm),
-        wire.IMAGE_LAYOUT: np.frombuffer(out.layout or b"", dtype=np.uint8),
+        wire.IMAGE_LAYOUT: wire.bytes_array(out.layout or b""),
     }
