@@ -178,20 +178,23 @@ def test_a_failed_computation_reaches_its_caller_and_waiters_try_again() -> None
 
 
 def test_many_threads_keep_the_bound_and_the_counts() -> None:
+    # Five keys of 1-3 KB in 8 KB: entries are evicted, and held ones are found again. (With 23 keys
+    # cycling in order, a hit needed two lookups of one key in flight at once: on a slow machine
+    # there were none, and the test failed on timing alone.)
     cache = ImageCache(8 * KB)
-    lookups, computed = 2000, []
+    lookups, computed, keys = 2000, [], 5
     lock = threading.Lock()
 
     def look(i: int) -> None:
-        key = b"k%d" % (i % 23)
+        key = b"k%d" % (i % keys)
 
         def compute() -> dict[str, np.ndarray]:
             with lock:
                 computed.append(key)
-            return tensors(KB * (1 + i % 3), fill=float(i % 23))
+            return tensors(KB * (1 + i % 3), fill=float(i % keys))
 
         value = cache.get_or_compute(key, compute)
-        assert value["image_embeds"][0] == float(i % 23)  # never another key's tensors
+        assert value["image_embeds"][0] == float(i % keys)  # never another key's tensors
         assert cache.stats().bytes_held <= 8 * KB
 
     with ThreadPoolExecutor(16) as pool:
