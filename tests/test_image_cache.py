@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image
-from family_harness import FAMILIES
+from family_harness import FAMILIES, Case, conversation
+from test_engine import Collector
 from test_serving import fake_models
 
 from tritonvlm import wire
 from tritonvlm.batch.launch import TritonOptions
 from tritonvlm.cli import build_parser, triton_env
+from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
 from tritonvlm.engine.llm_engine import EngineStats
 from tritonvlm.preprocessing import ChatPreprocessor
 from tritonvlm.serving.admission import StageError, model_inputs
@@ -177,6 +179,57 @@ def test_a_failed_computation_reaches_its_caller_and_waiters_try_again() -> None
     assert cache.stats().entries == 1
 
 
+def test_each_image_is_looked_up_and_only_the_missing_ones_computed_in_one_call() -> None:
+    cache = ImageCache(10 * KB)
+    calls: list[list[int]] = []
+
+    def compute(indices: list[int]) -> list[dict[str, np.ndarray]]:
+        calls.append(indices)
+        return [tensors(KB, fill=float(i)) for i in indices]
+
+    first = cache.get_or_compute_each([b"a", b"b"], compute)
+    assert calls == [[0, 1]] and [v["image_embeds"][0] for v in first] == [0.0, 1.0]
+    calls.clear()
+    # b held, c new and given twice (computed once), a held
+    again = cache.get_or_compute_each([b"b", b"c", b"a", b"c"], lambda idx: compute(idx))
+    assert calls == [[1]]
+    assert again[0] is first[1] and again[2] is first[0] and again[1] is again[3]
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (3, 3, 3)
+    with pytest.raises(ValueError):
+        again[1]["image_embeds"][0] = 5.0  # shared: read-only
+    off = ImageCache(0)
+    assert len(off.get_or_compute_each([b"a", b"a"], compute)) == 2 and calls[-1] == [0, 1]
+
+
+def test_images_in_flight_for_another_request_are_waited_for_and_failures_retried() -> None:
+    cache = ImageCache(10 * KB)
+    started, release = threading.Event(), threading.Event()
+    computed: list[list[int]] = []
+
+    def slow_then_fail(indices: list[int]) -> list[dict[str, np.ndarray]]:
+        started.set()
+        release.wait(5)
+        raise RuntimeError("encoder down")
+
+    def works(indices: list[int]) -> list[dict[str, np.ndarray]]:
+        computed.append(indices)
+        return [tensors(KB, fill=7.0) for _ in indices]
+
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(cache.get_or_compute_each, [b"x"], slow_then_fail)
+        assert started.wait(5)
+        waiter = pool.submit(cache.get_or_compute_each, [b"y", b"x"], works)
+        time.sleep(0.1)
+        assert computed == [[0]]  # y computed at once; x waits for the leader's call
+        release.set()
+        with pytest.raises(RuntimeError, match="encoder down"):
+            leader.result(5)
+        assert [v["image_embeds"][0] for v in waiter.result(5)] == [7.0, 7.0]
+    assert computed == [[0], [1]]  # x again, by the waiter, after the leader's call failed
+    assert cache.stats().entries == 2
+
+
 def test_many_threads_keep_the_bound_and_the_counts() -> None:
     # Five keys of 1-3 KB in 8 KB: entries are evicted, and held ones are found again. (With 23 keys
     # cycling in order, a hit needed two lookups of one key in flight at once: on a slow machine
@@ -286,13 +339,15 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     image = make_image(64, 48, "red")
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     first_ids, first, first_key = model_inputs(
-        chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache, own
+        chat([turn], [image]), real_models(kit, kit.preprocessor, calls), cache, kit.family
     )
     assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES, wire.VISION_ENCODER_MODEL] and first
 
     other_instance = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
     calls.clear()
-    ids, again, key = model_inputs(chat([turn], [image]), real_models(kit, other_instance, calls), cache, own)
+    ids, again, key = model_inputs(
+        chat([turn], [image]), real_models(kit, other_instance, calls), cache, kit.family
+    )
     assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]  # no image decoded, processed, encoded
     assert ids == first_ids and key == first_key  # the prefix cache sees the same images
     assert again.keys() == first.keys()
@@ -302,7 +357,7 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     later = [turn, {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Sure?"}]
     calls.clear()
     later_ids, later_mm, _ = model_inputs(
-        chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache, own
+        chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache, kit.family
     )
     assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]
     assert later_mm.keys() == first.keys()
@@ -317,14 +372,74 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
 
     calls.clear()
     same_pixels = make_image(64, 48, "red", fmt="BMP")
-    model_inputs(chat([turn], [same_pixels]), real_models(kit, kit.preprocessor, calls), cache, own)
+    model_inputs(chat([turn], [same_pixels]), real_models(kit, kit.preprocessor, calls), cache, kit.family)
     assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES]  # processed, but not encoded again
     assert cache.stats().preprocess_skips == 2
 
     model_inputs(
-        chat([turn], [make_image(64, 48, "blue")]), real_models(kit, kit.preprocessor, calls), cache, own
+        chat([turn], [make_image(64, 48, "blue")]),
+        real_models(kit, kit.preprocessor, calls),
+        cache,
+        kit.family,
     )
     assert calls.count(wire.VISION_ENCODER_MODEL) == 1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(name: str, family_kit) -> None:
+    """Turn 2 re-sends image A with the first answer and adds image B: only B is encoded (A's entry is
+    its own), the joined embeddings are bit for bit those of encoding both at once, and the engine,
+    given each image's digest, starts turn 2 from turn 1's keys/values past A (one digest for the
+    set would stop at A's first placeholder) and answers what generate() answers."""
+    kit = family_kit(name)
+    probe = kit.preprocessor(conversation("?", 1), [make_image(64, 48)]).mm
+    if kit.family.split_images(probe) is None:
+        pytest.skip("this family keeps a request's images as one cache entry")
+    cache, calls, encoded = ImageCache(10**8), [], []
+    real = real_models(kit, kit.preprocessor, calls)
+
+    def models(model, inputs, outputs):
+        if model == wire.VISION_ENCODER_MODEL:
+            encoded.append(kit.family.split_images(wire.unpack_tensors(inputs[wire.MM_INPUTS])))
+        return real(model, inputs, outputs)
+
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    sink = Collector()
+    a, b = make_image(64, 48, "red"), make_image(56, 84, "blue", "square")
+    first = conversation("What is in this image?", 1)
+
+    def ask(rid: str, messages: list[dict], images: list[bytes]) -> tuple[list[int], list]:
+        ids, mm, digests = model_inputs(chat(messages, images), models, cache, kit.family)
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in mm.items()}
+        engine.add_request(
+            rid, ids, SamplingParams(max_tokens=8, temperature=0.0), sink, tensors, None, None, digests
+        )
+        while not sink.finished(rid):
+            engine.step()
+        assert sink.tokens(rid) == kit.reference_tokens(Case(rid, messages, images), 8), rid
+        return ids, digests
+
+    first_ids, first_digests = ask("turn 1", first, [a])
+    second = first + [
+        {"role": "assistant", "content": [{"type": "text", "text": sink.text("turn 1")}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
+    ]
+    encoded.clear()
+    ids, digests = ask("turn 2", second, [a, b])
+    (only,) = encoded  # one encoder call, for B alone
+    (b_input,) = only
+    whole = kit.engine_inputs(Case("both", second, [a, b]))[1]
+    _, joined, _ = model_inputs(chat(second, [a, b]), models, cache, kit.family)
+    for key, tensor in whole.items():
+        np.testing.assert_array_equal(
+            joined[key], tensor.float().numpy() if tensor.is_floating_point() else tensor
+        )
+    assert digests[0] == first_digests[0] and digests[1][1] != digests[0][1]
+    assert digests[1][0] == kit.family.image_tokens(b_input)
+    assert ids[: len(first_ids)] == first_ids
+    if kit.family.supports_prefix_cache:  # (not with sliding-window layers)
+        image_a = ids.index(kit.family.image_token_id)
+        assert sink.outputs["turn 2"][-1].cached_tokens >= len(first_ids) - 1 > image_a
 
 
 def test_image_files_of_an_evicted_entry_are_processed_again(family_kit) -> None:
@@ -452,7 +567,7 @@ def test_image_cache_metrics_follow_the_cache() -> None:
     assert value("tritonvlm_image_cache_bytes", state="capacity") == 2 * KB
     assert value("tritonvlm_image_cache_entries") == 2
     cache.get_or_compute(b"c", lambda: tensors(KB))
-    cache.remember_files(b"files of c", b"c", b"layout")
+    cache.remember_files(b"files of c", [b"c"], b"layout")
     assert cache.lookup_files(b"files of c") is not None
     metrics.update(EngineStats(), force=True)
     metrics.update(EngineStats(), force=True)  # counters advance by the gain only

@@ -1,8 +1,9 @@
 """End to end: the image-embedding cache in the shared server (OpenAI SDK → uvicorn → tritonserver). A
 repeated image skips vision_encoder (the hit counter on Triton's metrics port moves, the encoder's
 own request count does not), and, sent as the same file, its preprocessing (the skip counter moves:
-preprocess rebuilt the prompt from the image's layout); the answer is token for token what
-transformers' generate() says."""
+preprocess rebuilt the prompt from the image's layout); a turn adding an image encodes the new one
+alone and reuses the earlier turn's keys/values; the answer is token for token what transformers'
+generate() says."""
 
 from __future__ import annotations
 
@@ -72,8 +73,29 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
     conversation = [turn, {"role": "assistant", "content": first[0]}, {"role": "user", "content": "Again?"}]
     expected, prompt_len = reference_text(hf_model, processor, conversation, [seen], max_new=16)
     before = counts(server)
-    assert ask(client, conversation)[:2] == (expected, prompt_len)
+    later = ask(client, conversation)
+    assert later[:2] == (expected, prompt_len)
     assert moved(server, before, hits=1, misses=0) == (1, 0, 1, 0)
+
+    # A turn adding a new image: the first image hits its own entry and only the new one is encoded;
+    # the prompt starts from the cached keys/values past the first image, up to the new one.
+    added = make_image(60, 88, "#7b9c3a", "square")
+    longer = conversation + [
+        {"role": "assistant", "content": later[0]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(added)}},
+                {"type": "text", "text": "And this one?"},
+            ],
+        },
+    ]
+    expected, prompt_len = reference_text(hf_model, processor, longer, [seen, added], max_new=16)
+    before = counts(server)
+    response = client.chat.completions.create(model="tiny", messages=longer, temperature=0, max_tokens=16)
+    assert (response.choices[0].message.content, response.usage.prompt_tokens) == (expected, prompt_len)
+    assert moved(server, before, hits=1, misses=1) == (1, 1, 0, 1)
+    assert response.usage.prompt_tokens_details.cached_tokens >= later[1]  # all of the earlier turn
 
     different = [
         {

@@ -20,6 +20,8 @@ from tritonvlm.engine.prefix_cache import (
     PrefixCache,
     PrefixMatch,
     first_placeholder,
+    image_marks,
+    marks_differ_at,
     mm_digest,
 )
 from tritonvlm.engine.scheduler import Scheduler
@@ -38,16 +40,21 @@ def stored(
 ) -> list[int]:
     """Store ``tokens`` as a finished sequence would: from blocks it holds, which it then releases."""
     blocks = pool.allocate(-(-len(tokens) // BLOCK) + 1)  # (a sequence may hold one block more)
-    cache.store(blocks, tokens, digest, len(tokens) if first_image is None else first_image)
+    cache.store(blocks, tokens, marks(digest, len(tokens) if first_image is None else first_image))
     pool.release(blocks)
     return blocks
+
+
+def marks(digest: bytes | None, first_image: int) -> tuple:
+    """One mark for all images (the digest of a request's whole set) at its first placeholder."""
+    return () if digest is None else ((first_image, digest),)
 
 
 def lookup_and_record(
     cache: PrefixCache, prompt: list[int], digest: bytes | None, first_image: int
 ) -> PrefixMatch | None:
     """What admission does: look the prompt up and record the result."""
-    found = cache.lookup(prompt, digest, first_image)
+    found = cache.lookup(prompt, marks(digest, first_image))
     cache.record(len(prompt), found)
     return found
 
@@ -67,7 +74,7 @@ def test_longest_match_wins_and_the_last_prompt_token_is_always_computed():
     # The whole prompt is cached: all but its last token are taken.
     assert lookup_and_record(cache, list(range(40)), None, 40).length == 39
     assert cache.hits == 2 and cache.hit_tokens == 69 and cache.queries == 2
-    assert cache.lookup(list(range(40)), None, 40).length == 39 and cache.queries == 2  # lookup: no count
+    assert cache.lookup(list(range(40)), ()).length == 39 and cache.queries == 2  # lookup: no count
 
 
 def test_short_matches_are_not_worth_it():
@@ -88,6 +95,44 @@ def test_other_images_match_only_up_to_the_first_placeholder():
     assert lookup_and_record(cache, tokens + [1], b"image-a", 12).length == len(tokens)
     assert lookup_and_record(cache, tokens + [1], b"image-b", 12).length == 12
     assert lookup_and_record(cache, tokens + [1], None, len(tokens) + 1).length == 12
+
+
+def test_a_later_turn_adding_an_image_reuses_everything_before_it():
+    """Per-image marks: turn 1 (image A) cached; turn 2 re-sends A and adds B after the answer: the
+    match runs through A and the answer up to B's placeholders; with another first image it stops at
+    the first placeholder; a whole-set mark (one digest for A+B) would stop at A."""
+    pool = BlockAllocator(64)
+    cache = PrefixCache(4, pool, BLOCK)
+    ph = frozenset([999])
+    turn1 = list(range(12)) + [999] * 10 + list(range(50, 70))  # A at 12..21, then text and the answer
+    stored(cache, pool, turn1, b"a", 12)  # (an entry from a whole-set digest: one image, same mark)
+    turn2 = turn1 + [80, 81] + [999] * 6 + [90, 91, 92]  # B's placeholders start at 44 (999: the placeholder)
+    per_image = [(10, b"a"), (6, b"b")]
+    assert image_marks(turn2, ph, None, per_image) == ((12, b"a"), (44, b"b"))
+    assert cache.lookup(turn2, image_marks(turn2, ph, None, per_image)).length == len(turn1)
+    assert cache.lookup(turn2, image_marks(turn2, ph, None, [(10, b"c"), (6, b"b")])).length == 12
+    assert cache.lookup(turn2, image_marks(turn2, ph, b"a+b")).length == 12
+    # Stored with its marks, turn 2 is found up to the end of B by a turn 3 (same images).
+    stored_marks = image_marks(turn2, ph, None, per_image)
+    blocks = pool.allocate(-(-len(turn2) // BLOCK) + 1)
+    cache.store(blocks, turn2, stored_marks)
+    pool.release(blocks)
+    turn3 = turn2 + [95, 96, 97, 98]
+    assert cache.lookup(turn3, image_marks(turn3, ph, None, per_image)).length == len(turn2)
+    other_b = image_marks(turn3, ph, None, [(10, b"a"), (6, b"x")])
+    assert cache.lookup(turn3, other_b).length == 44  # another second image: up to it
+
+
+def test_image_marks_fall_back_to_one_mark_when_the_counts_do_not_fit():
+    ph = frozenset([7])
+    ids = [1, 2, 7, 7, 3, 7, 7, 7, 4]
+    assert image_marks(ids, ph, None, [(2, b"a"), (3, b"b")]) == ((2, b"a"), (5, b"b"))
+    (mark,) = image_marks(ids, ph, None, [(2, b"a"), (2, b"b")])  # 4 != 5 placeholders
+    assert mark[0] == 2 and mark[1] not in (b"a", b"b")
+    assert image_marks(ids, ph, b"all") == ((2, b"all"),)
+    assert image_marks([1, 2, 3], ph, None) == ()
+    assert marks_differ_at(((2, b"a"), (5, b"b")), ((2, b"a"),)) == 5
+    assert marks_differ_at(((2, b"a"),), ((2, b"a"),)) is None
 
 
 def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
@@ -126,12 +171,12 @@ def test_many_conversations_each_find_their_own_through_the_block_index(monkeypa
     real = prefix_cache.common_prefix
     monkeypatch.setattr(prefix_cache, "common_prefix", lambda *a, **k: compared.append(1) or real(*a, **k))
     for n, tokens in enumerate(conversations):
-        match = cache.lookup(tokens + [42, 43], None, len(tokens) + 2)
+        match = cache.lookup(tokens + [42, 43], ())
         assert match is not None and match.entry.tokens == tokens and match.length == len(tokens), n
     assert len(compared) <= 300 * prefix_cache.MAX_TAIL_CANDIDATES
     compared.clear()
     stranger = system + [9999] * 10  # shares only the system prompt: at most 64 entries are compared
-    assert cache.lookup(stranger, None, len(stranger)).length == len(system)
+    assert cache.lookup(stranger, ()).length == len(system)
     assert 1 <= len(compared) <= prefix_cache.MAX_TAIL_CANDIDATES
 
 
@@ -140,16 +185,14 @@ def test_a_hash_collision_never_matches_other_tokens(monkeypatch):
     cache = PrefixCache(4, pool, BLOCK)
     monkeypatch.setattr(prefix_cache, "hash", lambda value: 0, raising=False)  # every key collides
     stored(cache, pool, [1] * 40)
-    assert cache.lookup([2] * 41, None, 41) is None
-    assert cache.lookup([1] * 41, None, 41).length == 40
+    assert cache.lookup([2] * 41, ()) is None
+    assert cache.lookup([1] * 41, ()).length == 40
 
 
 def waiting(name: str, tokens: list[int]) -> SimpleNamespace:
     """What the scheduler and BatchSharing read of a waiting sequence."""
     n = len(tokens)
-    return SimpleNamespace(
-        request_id=name, context_ids=tokens, prefill_target=n, mm_digest=None, first_image=n
-    )
+    return SimpleNamespace(request_id=name, context_ids=tokens, prefill_target=n, image_marks=())
 
 
 def test_prompts_sharing_uncached_blocks_wait_for_the_next_prefill():
@@ -390,7 +433,7 @@ def test_entries_give_their_blocks_back_to_a_sequence_that_needs_them(kit):
     long = Case("long", conversation("Write a poem about the sea.", 0))
     ids, mm = kit.engine_inputs(long)
     new = 40
-    match = engine.prefix_cache.lookup(ids, None, len(ids))
+    match = engine.prefix_cache.lookup(ids, ())
     shared = match.length // cache.block_size if match else 0
     # Leave one block too few for what "long" will write: it must take one of the entry's.
     spare = cache.allocator.allocate(

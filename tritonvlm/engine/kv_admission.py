@@ -50,7 +50,7 @@ class KVAdmission:
         cache, allocator = self.cache, self.cache.allocator
         context = seq.context_ids
         held = seq.prefill_target + 1 if self.preemptive else seq.prompt_len + seq.params.max_tokens
-        match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
+        match = self.prefix_cache.lookup(context, seq.image_marks)
         while True:
             shared = match.length // cache.block_size if match else 0
             need = cache.blocks_for(held) - shared
@@ -64,7 +64,7 @@ class KVAdmission:
             if not self.prefix_cache.evict(keep=match.entry if match else None):
                 return False
             if match is not None and not self.prefix_cache.holds(match.entry):
-                match = self.prefix_cache.lookup(context, seq.mm_digest, seq.first_image)
+                match = self.prefix_cache.lookup(context, seq.image_marks)
         if not seq.resumed:  # (a resumed sequence reports its first admission's cached tokens)
             self.prefix_cache.record(seq.prompt_len, match)
             seq.cached_len = match.length if match is not None else 0

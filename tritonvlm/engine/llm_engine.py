@@ -19,7 +19,7 @@ from tritonvlm.engine.kv_admission import KVAdmission
 from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
-from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, first_placeholder
+from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
@@ -316,10 +316,14 @@ class LLMEngine:
         mm: dict[str, torch.Tensor] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
         mm_digest: bytes | None = None,
+        image_digests: list[tuple[int, bytes]] | None = None,
     ) -> None:
         """Queue a request. ``mm``: the family's multimodal tensors from the vision encoder (image
         embeddings and what else the decoder needs); ``mm_digest``: a digest that is equal only for
-        equal ``mm`` (e.g. of the encoder's input), else the prefix cache hashes ``mm`` itself.
+        equal ``mm`` (e.g. of the encoder's input), else the prefix cache hashes ``mm`` itself;
+        ``image_digests``: better, each image's number of placeholder tokens and a digest of it alone,
+        in prompt order, so that a prompt sharing only some of the images (a later turn that adds one)
+        still starts from the cached keys/values before the first image that differs.
         Raises InvalidRequestError if it can never be served."""
         mm = mm or {}
         self.validate(prompt_ids, params, mm)
@@ -335,9 +339,11 @@ class LLMEngine:
             guide=None if params.guided is None else self.guided.start(params.guided),
         )
         if self.prefix_cache.enabled:  # here, on the caller's thread: hashing images takes a while
-            given = mm_digest if seq.mm else None
-            seq.mm_digest = given if given is not None else tensors_digest(seq.mm)
-            seq.first_image = first_placeholder(seq.prompt_ids, self._placeholders)
+            per_image = image_digests if seq.mm else None
+            digest = mm_digest if seq.mm and mm_digest is not None else None
+            if digest is None and not per_image:
+                digest = tensors_digest(seq.mm)
+            seq.image_marks = image_marks(seq.prompt_ids, self._placeholders, digest, per_image)
         self._incoming.put(seq)
         self._wakeup.set()
 
@@ -515,7 +521,7 @@ class LLMEngine:
         held = seq.prompt_ids if prompt_only else seq.prompt_ids + seq.output_ids[:-1]  # (last: never fed)
         blocks = self.runner.cache.slot_blocks[seq.slot]
         try:
-            self.prefix_cache.store(blocks, held, seq.mm_digest, seq.first_image)
+            self.prefix_cache.store(blocks, held, seq.image_marks)
         except Exception:
             log.exception("could not keep %s in the prefix cache", seq.request_id)
 

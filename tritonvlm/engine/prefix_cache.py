@@ -7,8 +7,10 @@ An entry holds a reference to the blocks of the tokens whose keys/values it keep
 generated tokens fed back) and a digest of the sequence's multimodal tensors. A new sequence shares
 the matched prefix's full blocks (no copy; nothing writes to them again) and copies the positions of
 a partly matched last block into a block of its own. Image placeholder tokens are the same ids
-whatever the image, so a match may run past a prompt's first placeholder only when both requests
-carry the same images (same digest); otherwise it stops there.
+whatever the image, so each entry keeps its *image marks*: where each image's placeholders start and a
+digest of that image (or one mark for all of a request's images, where they cannot be told apart). A
+match runs past an image's placeholders only when both prompts carry the same image there: a later
+turn that adds an image reuses everything before the new image.
 
 The cache never holds back a request: when a new sequence needs the blocks its entries hold, the
 least recently used entries let go of them (``evict``), and storing past ``capacity`` entries does the
@@ -17,8 +19,8 @@ same.
 Entries are found through their blocks, not by comparing prompts with each entry: every full block of
 an entry is indexed by a hash chained over the blocks before it (vLLM's automatic prefix caching does
 the same), so a lookup costs one hash per block of the prompt whatever the number of entries (the
-first key covers the first :data:`MIN_MATCH_TOKENS` tokens, for matches shorter than a block). Blocks
-from a prompt's first image placeholder on hash the images' digest too. The match then runs on, token
+first key covers the first :data:`MIN_MATCH_TOKENS` tokens, for matches shorter than a block). A key
+hashes the digests of the images that start in its tokens too. The match then runs on, token
 by token, into the next block (of the most recent entries found at the deepest block) and is checked
 against the entry's tokens, so a hash collision can never give wrong keys/values.
 """
@@ -43,6 +45,10 @@ MAX_TAIL_CANDIDATES = 64
 DEFER_MIN_TOKENS = 32
 
 
+# Where each image's placeholder tokens start in a prompt and a digest of that image, in prompt order.
+ImageMarks = tuple[tuple[int, bytes], ...]
+
+
 def mm_digest(mm: dict[str, torch.Tensor]) -> bytes | None:
     """A digest of a request's multimodal tensors (None without any): equal digests, equal images."""
     if not mm:
@@ -63,6 +69,44 @@ def first_placeholder(ids: list[int], placeholder_ids: frozenset[int]) -> int:
     return len(ids)
 
 
+def image_marks(
+    ids: list[int],
+    placeholder_ids: frozenset[int],
+    digest: bytes | None,
+    per_image: Sequence[tuple[int, bytes]] | None = None,
+) -> ImageMarks:
+    """The image marks of a prompt: with ``per_image`` (each image's number of placeholder tokens and
+    its digest, in prompt order), a mark where each image's placeholders start; otherwise (or when the
+    counts do not add up to the prompt's placeholders) one mark with ``digest`` at the first one."""
+    if per_image:
+        starts = [n for n, token in enumerate(ids) if token in placeholder_ids]
+        if sum(count for count, _ in per_image) == len(starts) and all(c > 0 for c, _ in per_image):
+            marks, seen = [], 0
+            for count, image_digest in per_image:
+                marks.append((starts[seen], image_digest))
+                seen += count
+            return tuple(marks)
+        digest = hashlib.blake2b(b"".join(d for _, d in per_image), digest_size=16).digest()
+    if digest is None:
+        return ()
+    return ((first_placeholder(ids, placeholder_ids), digest),)
+
+
+def marks_within(marks: ImageMarks, length: int) -> ImageMarks:
+    """The marks of images that start in the first ``length`` tokens."""
+    return tuple(mark for mark in marks if mark[0] < length)
+
+
+def marks_differ_at(a: ImageMarks, b: ImageMarks) -> int | None:
+    """The first prompt position from which two prompts' images may differ (None: nowhere)."""
+    for (pos_a, digest_a), (pos_b, digest_b) in zip(a, b, strict=False):
+        if pos_a != pos_b or digest_a != digest_b:
+            return min(pos_a, pos_b)
+    if len(a) != len(b):
+        return (a if len(a) > len(b) else b)[min(len(a), len(b))][0]
+    return None
+
+
 class Blocks(Protocol):
     """Reference counting of KV blocks (the KV cache's allocator)."""
 
@@ -74,8 +118,7 @@ class Blocks(Protocol):
 class PrefixEntry:
     blocks: list[int]  # KV blocks holding the keys/values of ``tokens`` (one reference held by the entry)
     tokens: list[int]
-    digest: bytes | None
-    first_image: int  # index of the first image placeholder in ``tokens`` (len(tokens) if none)
+    marks: ImageMarks  # the images that start in ``tokens``
     chain: list[int] = field(default_factory=list)  # its index keys (:func:`block_chain`)
 
 
@@ -94,16 +137,19 @@ def common_prefix(a: list[int], b: list[int], start: int = 0, stop: int | None =
     return i
 
 
-def block_chain(tokens: list[int], block_size: int, digest: bytes | None, first_image: int) -> list[int]:
+def block_chain(tokens: list[int], block_size: int, marks: ImageMarks) -> list[int]:
     """Index keys of ``tokens``: first one of its first :data:`MIN_MATCH_TOKENS` tokens (none if it is
     shorter), then one per full block, each hashing the previous key and the block's tokens. A key
-    whose tokens reach the first image placeholder hashes the images' digest too."""
+    hashes the digests of the images starting in its tokens too (the ones before: through the chain)."""
     if len(tokens) < MIN_MATCH_TOKENS:
         return []
-    key = hash((tuple(tokens[:MIN_MATCH_TOKENS]), digest if first_image < MIN_MATCH_TOKENS else None))
+    covered = MIN_MATCH_TOKENS
+    key = hash((tuple(tokens[:covered]), tuple(d for p, d in marks if p < covered)))
     chain = [key]
     for end in range(block_size, len(tokens) + 1, block_size):
-        key = hash((key, tuple(tokens[end - block_size : end]), digest if end > first_image else None))
+        starting = tuple(d for p, d in marks if covered <= p < end) if end > covered else ()
+        covered = max(covered, end)
+        key = hash((key, tuple(tokens[end - block_size : end]), starting))
         chain.append(key)
     return chain
 
@@ -140,12 +186,12 @@ class PrefixCache:
     def _touch(self, entry: PrefixEntry) -> None:
         self._lru.move_to_end(id(entry))
 
-    def lookup(self, prompt: list[int], digest: bytes | None, first_image: int) -> PrefixMatch | None:
+    def lookup(self, prompt: list[int], marks: ImageMarks) -> PrefixMatch | None:
         """The longest usable cached prefix of ``prompt`` (at most all but its last token, which must
         be computed for its logits); None below :data:`MIN_MATCH_TOKENS`. Changes nothing."""
         if not self._entries:
             return None
-        chain = block_chain(prompt, self.block_size, digest, first_image)
+        chain = block_chain(prompt, self.block_size, marks)
         found = self._index.get(chain[0]) if chain else None
         if not found:
             return None
@@ -159,8 +205,9 @@ class PrefixCache:
         best: PrefixMatch | None = None
         for entry in itertools.islice(reversed(found.values()), MAX_TAIL_CANDIDATES):
             n = common_prefix(entry.tokens, prompt, start, stop)
-            if entry.digest != digest:
-                n = min(n, entry.first_image, first_image)
+            differ = marks_differ_at(entry.marks, marks_within(marks, len(entry.tokens)))
+            if differ is not None:
+                n = min(n, differ)
             n = min(n, len(prompt) - 1)
             if best is None or n > best.length:
                 best = PrefixMatch(entry, n)
@@ -184,16 +231,16 @@ class PrefixCache:
             self.hits += 1
             self.hit_tokens += match.length
 
-    def store(self, blocks: Sequence[int], tokens: list[int], digest: bytes | None, first_image: int) -> None:
+    def store(self, blocks: Sequence[int], tokens: list[int], marks: ImageMarks) -> None:
         """Keep the keys/values of ``tokens``, held in ``blocks`` (position order), as an entry, unless
         an entry already covers them; an entry they extend, or the least recently used one when the
         cache is full, makes room."""
         if not self.enabled or len(tokens) < MIN_MATCH_TOKENS:
             return
-        first_image = min(first_image, len(tokens))
-        chain = block_chain(tokens, self.block_size, digest, first_image)
+        marks = marks_within(marks, len(tokens))
+        chain = block_chain(tokens, self.block_size, marks)
         for entry in self._index.get(chain[-1], {}).values():
-            if entry.digest == digest and entry.tokens[: len(tokens)] == tokens:
+            if entry.tokens[: len(tokens)] == tokens and marks_within(entry.marks, len(tokens)) == marks:
                 self._touch(entry)
                 return
         superseded = [
@@ -201,8 +248,8 @@ class PrefixCache:
             for depth, key in enumerate(chain, start=1)
             for entry in self._index.get(key, {}).values()
             if len(entry.chain) == depth
-            and entry.digest == digest
             and tokens[: len(entry.tokens)] == entry.tokens
+            and entry.marks == marks_within(marks, len(entry.tokens))
         ]
         for entry in superseded:
             self._drop(entry)
@@ -210,7 +257,7 @@ class PrefixCache:
             self._drop(next(iter(self._lru.values())))
         held = list(blocks[: -(-len(tokens) // self.block_size)])
         self.blocks.share(held, cached=True)
-        entry = PrefixEntry(held, list(tokens), digest, first_image, chain)
+        entry = PrefixEntry(held, list(tokens), marks, chain)
         self._entries[id(entry)] = entry
         self._lru[id(entry)] = entry
         for key in chain:
@@ -268,7 +315,7 @@ class BatchSharing:
         self._keys: set[int] = set()
 
     def _chain(self, seq) -> list[int]:
-        return block_chain(seq.context_ids, self.cache.block_size, seq.mm_digest, seq.first_image)[1:]
+        return block_chain(seq.context_ids, self.cache.block_size, seq.image_marks)[1:]
 
     def __call__(self, seq, batch: list) -> bool:
         if not self.cache.enabled or not batch:

@@ -63,10 +63,10 @@ class Sequence:
     first_token_time: float | None = None
     cancel_requested: bool = False
     guide: Any = None  # a constrained sequence's grammar state (tritonvlm.engine.guided.Guide)
-    # Prefix cache: a digest of ``mm`` and where the first image placeholder is (set when the cache is
-    # on), and how many leading prompt tokens were copied from a cached prefix instead of computed.
-    mm_digest: bytes | None = None
-    first_image: int = 0
+    # Prefix cache: where each image's placeholders start and its digest (set when the cache is on;
+    # see prefix_cache.ImageMarks), and how many leading prompt tokens were copied from a cached prefix
+    # instead of computed.
+    image_marks: tuple[tuple[int, bytes], ...] = ()
     cached_len: int = 0
     # Prefill progress: tokens whose keys/values are in the slot, and where the next prefill forward
     # stops (``prefill_target`` unless a long prompt is prefilled in chunks).

@@ -275,6 +275,43 @@ class Family:
             features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
         return features.reshape(-1, features.shape[-1])
 
+    # ---- per-image cache entries ----------------------------------------------------------------------
+    def split_images(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+        """One request's encoder input (``multimodal_inputs``) as one input per image, in prompt order,
+        where each image's embeddings depend on its own input alone (an image may also be a crop or a
+        tile the encoder takes on its own). The image cache then keeps each image apart, and a prefix
+        match runs up to the first image that differs. None (the default): the family cannot split
+        them, and a request's images are kept, and matched, as one set."""
+        return None
+
+    def image_tokens(self, image: dict[str, np.ndarray]) -> int:
+        """The number of placeholder tokens (and ``IMAGE_EMBEDS`` rows) of one image from
+        :meth:`split_images` (families that split must say)."""
+        raise NotImplementedError
+
+    def join_images(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Several images' encoder inputs (or their encoder outputs) as one request's: each tensor
+        concatenated along its first axis, in order."""
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def split_encoded(
+        self, encoded: dict[str, np.ndarray], images: list[dict[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray]]:
+        """The encoder output of the joined ``images`` back per image: a tensor with a row per image
+        token is split by each image's :meth:`image_tokens`, one with a row per image row by row."""
+        tokens = [self.image_tokens(image) for image in images]
+        out: list[dict[str, np.ndarray]] = [{} for _ in images]
+        for name, array in encoded.items():
+            if array.shape[0] == sum(tokens):
+                bounds = np.cumsum(tokens)[:-1]
+            elif array.shape[0] == len(images):
+                bounds = np.arange(1, len(images))
+            else:
+                raise ValueError(f"encoder output {name} {array.shape} splits by neither token nor image")
+            for part, rows in zip(out, np.split(array, bounds), strict=True):
+                part[name] = rows
+        return out
+
     # ---- decoder ------------------------------------------------------------------------------------
     def bind(self, model: Any) -> None:
         """Called once by the engine with the loaded model: keep whatever the decoder hooks need."""

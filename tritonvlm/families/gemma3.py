@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from transformers import Gemma3ForConditionalGeneration
 from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
@@ -54,6 +55,16 @@ class Gemma3Family(Family):
     # ---- vision encoder -----------------------------------------------------------------------------
     def tokens_per_image(self) -> int:
         return int(self.config.mm_tokens_per_image)
+
+    def split_images(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+        """Each image (or pan-and-scan crop): the tower encodes every one on its own."""
+        pixels = inputs.get("pixel_values")
+        if pixels is None or len(inputs) != 1:
+            return None
+        return [{"pixel_values": pixels[i : i + 1]} for i in range(pixels.shape[0])]
+
+    def image_tokens(self, image: dict[str, np.ndarray]) -> int:
+        return self.tokens_per_image() * int(image["pixel_values"].shape[0])
 
     @torch.inference_mode()
     def encode(self, model: Any, batch: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

@@ -48,6 +48,21 @@ class Qwen2_5_VLFamily(Family):
             GRID: np.asarray(encoded[GRID], dtype=np.int64).reshape(-1, 3),
         }
 
+    def split_images(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+        """Each image's patches (``t * h * w`` rows) and grid: the tower attends within an image only."""
+        pixels, grid = inputs.get("pixel_values"), inputs.get(GRID)
+        if pixels is None or grid is None or len(inputs) != 2:
+            return None
+        grid = grid.reshape(-1, 3)
+        rows = grid.prod(-1)
+        if int(rows.sum()) != pixels.shape[0]:
+            return None
+        parts = np.split(pixels, np.cumsum(rows)[:-1])
+        return [{"pixel_values": part, GRID: g[None]} for part, g in zip(parts, grid, strict=True)]
+
+    def image_tokens(self, image: dict[str, np.ndarray]) -> int:
+        return int(np.prod(image[GRID])) // self.merge_size() ** 2
+
     def strip_for_vision(self, model: Any) -> Any:
         """The tower alone, its windows and images attended in one SDPA call per length instead of one
         call per window (:mod:`tritonvlm.modeling.varlen_attention`)."""

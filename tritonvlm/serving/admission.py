@@ -7,12 +7,14 @@ Triton; anything in a unit test), so this module knows nothing of Triton itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from tritonvlm import wire
+from tritonvlm.families.base import IMAGE_EMBEDS, Family
 from tritonvlm.serving.image_cache import ImageCache, content_key, images_key
 from tritonvlm.wire import InvalidRequestError
 
@@ -25,22 +27,29 @@ class StageError(Exception):
     """A model behind `vlm` answered with an error; its message goes to the client unchanged."""
 
 
+ImageDigests = list[tuple[int, bytes]]
+
+
 def model_inputs(
     given: dict[str, np.ndarray | None],
     call: ModelCall,
     image_cache: ImageCache | None = None,
-    prompt_tensors: tuple[str, ...] = (),
-) -> tuple[list[int], dict[str, np.ndarray], bytes | None]:
-    """``(prompt token ids, multimodal tensors, their key)`` for one request. ``given`` maps the `vlm`
-    input names (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where absent.
-    The key is a digest of the encoder's input (None without images): equal keys, equal tensors, so
-    the engine's prefix cache can use it instead of hashing the tensors again. With an enabled
-    ``image_cache``, an encoder input seen before is not encoded again (the returned arrays are then
-    shared and read-only). ``prompt_tensors``: the family's multimodal tensors that depend on the
-    prompt and pass through the encoder (``Family.prompt_mm_tensors``): the image cache keys on the
-    other tensors, so a later turn with the same images hits, and these come from the request.
-    Image files seen before (the same bytes) skip preprocessing too: `preprocess` then rebuilds the
-    prompt from the images' recorded layout (``CACHED_LAYOUT``) instead of the files."""
+    family: Family | None = None,
+) -> tuple[list[int], dict[str, np.ndarray], ImageDigests | None]:
+    """``(prompt token ids, multimodal tensors, image digests)`` for one request. ``given`` maps the
+    `vlm` input names (MESSAGES, PROMPT, INPUT_IDS, IMAGES, TOOLS) to their arrays, or None where
+    absent. The digests (None without images) are, per image in prompt order, its number of
+    placeholder tokens and a digest of its encoder input, for the engine's prefix cache
+    (``LLMEngine.add_request(image_digests=)``); where the ``family`` cannot split its images
+    (``Family.split_images``), one digest of the whole set with the prompt's placeholder count.
+
+    With an enabled ``image_cache``, an image (a set of images, where they cannot be split) seen
+    before is not encoded again (the returned arrays are then shared and read-only); a request adding
+    an image to ones seen before has only the new one encoded. The family's multimodal tensors that
+    depend on the prompt and pass through the encoder (``Family.prompt_mm_tensors``) are left out of
+    the key, so that a later turn with the same images hits, and come from the request. Image files
+    seen before (the same bytes) skip preprocessing too: `preprocess` then rebuilds the prompt from
+    the images' recorded layout (``CACHED_LAYOUT``) instead of the files."""
     forms = [name for name in PROMPT_FORMS if given.get(name) is not None]
     if len(forms) != 1:
         raise InvalidRequestError("send exactly one of MESSAGES, PROMPT or INPUT_IDS", "messages")
@@ -53,11 +62,12 @@ def model_inputs(
     pre_inputs = {forms[0]: given[forms[0]]}
     if forms[0] == wire.MESSAGES and given.get(wire.TOOLS) is not None:
         pre_inputs[wire.TOOLS] = given[wire.TOOLS]  # for the chat template
+    prompt_tensors = family.prompt_mm_tensors if family is not None else ()
     use_cache = image_cache is not None and image_cache.enabled
     files_key = images_key(images) if images is not None and use_cache else None
     known = image_cache.lookup_files(files_key) if files_key is not None else None
     if known is not None:  # these files were seen: no decoding, preprocessing or encoding
-        encoded, layout, image_key = known
+        encoded, layout, keys = known
         try:
             pre = call(
                 wire.PREPROCESS_MODEL,
@@ -74,7 +84,10 @@ def model_inputs(
         else:
             ids = np.asarray(pre[wire.INPUT_IDS]).reshape(-1).tolist()
             own = wire.unpack_tensors(pre[wire.MM_INPUTS])
-            return ids, {**encoded, **own}, mm_key(image_key, own)
+            if len(keys) > 1:  # (kept per image: a family that splits)
+                assert family is not None
+                return ids, family.join_images(encoded), per_image_digests(encoded, keys)
+            return ids, {**encoded[0], **own}, whole_set_digests(ids, family, keys[0], own)
     if images is not None:
         pre_inputs[wire.IMAGES] = images
     pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS, wire.IMAGE_LAYOUT])
@@ -83,20 +96,58 @@ def model_inputs(
     if not packed.size:
         return ids, {}, None
 
-    def encode() -> dict[str, np.ndarray]:
+    def encode(packed: np.ndarray = packed) -> dict[str, np.ndarray]:
         enc = call(wire.VISION_ENCODER_MODEL, {wire.MM_INPUTS: packed[None]}, [wire.MM_EMBEDS])
         return wire.unpack_tensors(enc[wire.MM_EMBEDS])
 
     if not use_cache:
-        return ids, encode(), content_key(packed)
-    tensors = wire.unpack_tensors(packed) if prompt_tensors else {}
+        return ids, encode(), whole_set_digests(ids, family, content_key(packed), {})
+    assert image_cache is not None
+    layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
+    tensors = wire.unpack_tensors(packed)
+    parts = family.split_images(tensors) if family is not None and not prompt_tensors else None
+    if parts:
+        assert family is not None
+        keys = [tensors_key(part) for part in parts]
+
+        def encode_each(indices: list[int]) -> list[dict[str, np.ndarray]]:
+            chosen = [parts[i] for i in indices]
+            return family.split_encoded(encode(wire.pack_array(family.join_images(chosen))), chosen)
+
+        outputs = image_cache.get_or_compute_each(keys, encode_each)
+        if files_key is not None and layout:
+            image_cache.remember_files(files_key, keys, layout)
+        return ids, family.join_images(outputs), per_image_digests(outputs, keys)
     own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
     image_key = content_key(wire.pack_tensors(tensors)) if prompt_tensors else content_key(packed)
     encoded = image_cache.get_or_compute(image_key, encode)
-    layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
     if files_key is not None and layout:
-        image_cache.remember_files(files_key, image_key, layout)
-    return ids, {**encoded, **own}, mm_key(image_key, own)
+        image_cache.remember_files(files_key, [image_key], layout)
+    return ids, {**encoded, **own}, whole_set_digests(ids, family, image_key, own)
+
+
+def tensors_key(tensors: dict[str, np.ndarray]) -> bytes:
+    """The cache key of one image's encoder input: its tensors' names, types, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.digest()
+
+
+def per_image_digests(outputs: list[dict[str, np.ndarray]], keys: Sequence[bytes]) -> ImageDigests:
+    """Each image's placeholder count (its embedding rows) and key."""
+    return [(int(out[IMAGE_EMBEDS].shape[0]), key) for out, key in zip(outputs, keys, strict=True)]
+
+
+def whole_set_digests(
+    ids: list[int], family: Family | None, image_key: bytes, own: dict[str, np.ndarray]
+) -> ImageDigests:
+    """One digest for all of a request's images (and its own prompt tensors) over all placeholders."""
+    token = family.image_token_id if family is not None else None
+    count = sum(1 for t in ids if t == token) if token is not None else 0
+    return [(count, mm_key(image_key, own))]
 
 
 def mm_key(image_key: bytes, own: dict[str, np.ndarray]) -> bytes:

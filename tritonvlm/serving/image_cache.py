@@ -4,11 +4,14 @@ and, sent as the same bytes, its decoding and preprocessing too.
 
 The key of an entry is a digest of the packed ``MM_INPUTS`` bytes (:func:`content_key`): everything
 the encoder reads (pixel tensors, grids, tile ratios, ...) and nothing else, whatever the family, so a
-hit gives exactly the tensors an encoder call would. The cache is bounded by the bytes of the arrays it
-holds and evicts the least recently used entries first. Concurrent requests with the same new input
+hit gives exactly the tensors an encoder call would. Where the family can split a request's encoder
+input per image (``Family.split_images``), each image is an entry of its own (keyed by its part of the
+input): a later turn that adds an image to those sent before encodes the new one alone
+(:meth:`ImageCache.get_or_compute_each`). The cache is bounded by the bytes of the arrays it holds and
+evicts the least recently used entries first. Concurrent requests with the same new input
 wait for the one that encodes it instead of encoding it again.
 
-Beside the entries, the digest of a request's image files (:func:`images_key`) maps to its entry and
+Beside the entries, the digest of a request's image files (:func:`images_key`) maps to its entries and
 to the images' layout (:mod:`tritonvlm.image_layout`): the same files again find their embeddings
 before any preprocessing, and the prompt is rebuilt from the layout (:meth:`ImageCache.lookup_files`).
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,9 +85,10 @@ def tensors_nbytes(tensors: Tensors) -> int:
 class ImageCacheStats:
     """What the cache did since it started (counters) and what it holds now (gauges)."""
 
-    hits: int = 0  # lookups answered without an encoder call (a held entry, or another request's call)
+    # Lookups, one per image (per request where the family cannot split its images):
+    hits: int = 0  # answered without an encoder call (a held entry, or another request's call)
     preprocess_skips: int = 0  # of the hits, those found by the image files (no preprocessing either)
-    misses: int = 0  # lookups that called the encoder
+    misses: int = 0  # that called the encoder
     evictions: int = 0  # entries dropped to make room
     bytes_held: int = 0
     entries: int = 0
@@ -111,7 +115,8 @@ class ImageCache:
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[bytes, tuple[Tensors, int]] = OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
-        self._files: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # files -> (key, layout)
+        # image files -> (their entries' keys, layout)
+        self._files: OrderedDict[bytes, tuple[tuple[bytes, ...], bytes]] = OrderedDict()
         self._remember_files = True
         self._lock = threading.Lock()
         self._stats = ImageCacheStats(capacity_bytes=capacity_bytes)
@@ -154,33 +159,107 @@ class ImageCache:
                     self._stats.hits += 1
                 return pending.value
 
-    def lookup_files(self, files_key: bytes) -> tuple[Tensors, bytes, bytes] | None:
-        """``(tensors, layout, key)`` of the entry the image files with ``files_key`` were encoded
-        into (:meth:`remember_files`), while that entry is held; else None (nothing is counted: the
-        caller goes on to preprocess and :meth:`get_or_compute`)."""
+    def get_or_compute_each(
+        self, keys: Sequence[bytes], compute: Callable[[list[int]], list[Tensors]]
+    ) -> list[Tensors]:
+        """The tensors of each of ``keys`` (one per image): held ones, those of calls already running
+        in other threads, and for the others one call ``compute(indices)`` that returns their tensors
+        in the order of ``indices`` (a key given twice is computed once). Read-only, shared arrays, as
+        :meth:`get_or_compute`'s. An exception of ``compute`` reaches its caller only."""
+        if not self.enabled:
+            with self._lock:
+                self._stats.misses += len(keys)
+            return compute(list(range(len(keys))))
+        results: list[Tensors | None] = [None] * len(keys)
+        waits: dict[int, _Pending] = {}
+        mine: dict[bytes, int] = {}  # key -> index of its first occurrence, computed here
+        with self._lock:
+            for i, key in enumerate(keys):
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self._stats.hits += 1
+                    results[i] = entry[0]
+                elif key in mine or key in self._pending:
+                    waits[i] = self._pending[key]
+                else:
+                    mine[key] = i
+                    self._pending[key] = _Pending()
+                    self._stats.misses += 1
+        if mine:
+            self._compute_each(mine, keys, compute, results)
+        for i, pending in waits.items():
+            pending.done.wait()
+            if pending.value is None:  # that call failed: compute it here
+                results[i] = self.get_or_compute(keys[i], lambda i=i: compute([i])[0])
+                continue
+            with self._lock:
+                self._stats.hits += 1
+            results[i] = pending.value
+        return results  # type: ignore[return-value]
+
+    def _compute_each(
+        self,
+        mine: dict[bytes, int],
+        keys: Sequence[bytes],
+        compute: Callable[[list[int]], list[Tensors]],
+        results: list[Tensors | None],
+    ) -> None:
+        pendings = {key: self._pending[key] for key in mine}
+        try:
+            values = compute(list(mine.values()))
+            if len(values) != len(mine):
+                raise ValueError(f"{len(values)} encoder results for {len(mine)} images")
+            for value in values:
+                for array in value.values():
+                    array.flags.writeable = False
+        except BaseException:
+            with self._lock:
+                for key in mine:
+                    del self._pending[key]
+            for pending in pendings.values():
+                pending.done.set()
+            raise
+        try:
+            with self._lock:
+                for key, value in zip(mine, values, strict=True):
+                    del self._pending[key]
+                    self._insert(key, value)
+        finally:  # the waiters get the values even if keeping them failed
+            for (key, i), value in zip(mine.items(), values, strict=True):
+                results[i] = value
+                pendings[key].value = value
+                pendings[key].done.set()
+
+    def lookup_files(self, files_key: bytes) -> tuple[list[Tensors], bytes, tuple[bytes, ...]] | None:
+        """``(tensors of each entry, layout, keys)`` of the entries the image files with ``files_key``
+        were encoded into (:meth:`remember_files`), while all of them are held; else None (nothing is
+        counted: the caller goes on to preprocess and look its images up)."""
         with self._lock:
             known = self._files.get(files_key)
             if known is None:
                 return None
-            entry = self._entries.get(known[0])
-            if entry is None:  # the entry went: so does the way to it
+            keys, layout = known
+            entries = [self._entries.get(key) for key in keys]
+            if any(entry is None for entry in entries):  # an entry went: so does the way to them
                 del self._files[files_key]
                 return None
             self._files.move_to_end(files_key)
-            self._entries.move_to_end(known[0])
-            self._stats.hits += 1
-            self._stats.preprocess_skips += 1
-            return entry[0], known[1], known[0]
+            for key in keys:
+                self._entries.move_to_end(key)
+            self._stats.hits += len(keys)
+            self._stats.preprocess_skips += len(keys)
+            return [entry[0] for entry in entries], layout, keys  # type: ignore[index]
 
-    def remember_files(self, files_key: bytes, key: bytes, layout: bytes) -> None:
-        """Let the image files with ``files_key``, laid out as ``layout``, find the entry ``key``
-        (if it is held: an input too large to keep is not remembered either)."""
+    def remember_files(self, files_key: bytes, keys: Sequence[bytes], layout: bytes) -> None:
+        """Let the image files with ``files_key``, laid out as ``layout``, find the entries ``keys``
+        (if they are held: an input too large to keep is not remembered either)."""
         if not self.enabled:
             return
         with self._lock:
-            if key not in self._entries or not self._remember_files:
+            if not self._remember_files or any(key not in self._entries for key in keys):
                 return
-            self._files[files_key] = (key, layout)
+            self._files[files_key] = (tuple(keys), layout)
             self._files.move_to_end(files_key)
             while len(self._files) > self.MAX_FILE_KEYS:
                 self._files.popitem(last=False)

@@ -139,8 +139,7 @@ class TritonPythonModel:
                 raise wire.InvalidRequestError("PARAMETERS must be a JSON object", "parameters")
             sampling = SamplingParams.from_dict(params)
             given = {name: _numpy(request, name) for name in PROMPT_INPUTS}
-            prompt_tensors = self.engine.family.prompt_mm_tensors
-            ids, mm, mm_key = model_inputs(given, call_model, self.image_cache, prompt_tensors)
+            ids, mm, digests = model_inputs(given, call_model, self.image_cache, self.engine.family)
             if tracked.poll_cancelled():
                 self._close(tracked, "cancelled before decoding")
                 return
@@ -154,7 +153,7 @@ class TritonPythonModel:
                 sampling,
                 on_output=lambda out: self.streamer.put(tracked, out),
                 mm={name: torch.from_numpy(np.array(value)) for name, value in mm.items()},
-                mm_digest=mm_key,
+                image_digests=digests,
             )
         except wire.InvalidRequestError as exc:
             self._fail(tracked, exc.to_wire(), f"rejected: {exc.message}")
