@@ -154,6 +154,8 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # arrival of each chunk carrying text/tokens
     tokens: int | None = None  # completion tokens (usage), when the server says
     error: str | None = None
+    usage: dict[str, Any] | None = None  # the usage chunk, when the server sends one
+    text: str = ""  # the streamed content
 
 
 def summarize(records: list[RequestRecord], wall: float) -> dict[str, Any]:
@@ -666,10 +668,12 @@ async def stream_one(client: Any, url: str, body: dict[str, Any], rec: RequestRe
                     rec.error = f"stream error: {str(obj['error'])[:300]}"
                     return
                 if obj.get("usage"):
+                    rec.usage = obj["usage"]
                     rec.tokens = int(obj["usage"].get("completion_tokens") or 0)
                 for choice in obj.get("choices") or []:
                     if (choice.get("delta") or {}).get("content"):
                         rec.token_times.append(now)
+                        rec.text += choice["delta"]["content"]
     except asyncio.CancelledError:  # the level ran out of time
         rec.error = "timed out"
         raise

@@ -10,8 +10,15 @@ repeat saves what the image cache saves and not its prefill too. It prints TTFT 
 content chunk) of first and repeated requests, the reduction, and the cache's hit/miss counters from
 Triton's metrics port. The issue's target: a repeated image's TTFT at least 40% lower.
 
+With ``--conversation N`` it measures a conversation instead: N turns, each re-sending the earlier
+turns (their images and the answers) and adding a new image, with the prefix cache on. Per turn it
+prints TTFT, the images encoded, the prompt tokens and how many came from the prefix cache: where a
+family keeps each image apart (``Family.split_images``), a turn encodes only its new image and starts
+from the earlier turns' keys/values.
+
     python scripts/bench_image_cache.py                      # 5 images, 448x448, medium model
     python scripts/bench_image_cache.py --images 10 --size 896 --image-cache-memory 0   # the cache off
+    python scripts/bench_image_cache.py --conversation 4     # 4 turns, one more image each
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from bench import (
 )
 
 SERVED_NAME = "bench"
+DEFAULT_SERVE_FLAGS = "--prefix-cache-slots 0"
 PROMPT = "Describe this image in detail."
 
 
@@ -60,19 +68,18 @@ def noise_png(size: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def body(png: bytes, max_tokens: int) -> dict[str, Any]:
+def user_turn(png: bytes, text: str = PROMPT) -> dict[str, Any]:
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     return {
+        "role": "user",
+        "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+    }
+
+
+def body(png: bytes, max_tokens: int, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
         "model": SERVED_NAME,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": PROMPT},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ],
-            }
-        ],
+        "messages": [*(history or []), user_turn(png)],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -106,8 +113,8 @@ def start_server(model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple
     return server, base
 
 
-async def ttft(url: str, request: dict[str, Any]) -> float:
-    """Seconds from sending ``request`` to its first content chunk."""
+async def streamed(url: str, request: dict[str, Any]) -> RequestRecord:
+    """One streamed request's record (raises if it failed)."""
     import httpx
 
     rec = RequestRecord()
@@ -115,6 +122,12 @@ async def ttft(url: str, request: dict[str, Any]) -> float:
         await stream_one(client, url, request, rec)
     if rec.error or not rec.token_times:
         raise RuntimeError(f"request failed: {rec.error or 'no tokens'}")
+    return rec
+
+
+async def ttft(url: str, request: dict[str, Any]) -> float:
+    """Seconds from sending ``request`` to its first content chunk."""
+    rec = await streamed(url, request)
     return rec.token_times[0] - rec.start
 
 
@@ -143,16 +156,60 @@ STAGES = (
 
 def measured(server: Managed, url: str, request: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """TTFT of one request and where its time went (:func:`bench.stage_view` over this request)."""
+    rec, view = measured_record(server, url, request)
+    return rec.token_times[0] - rec.start, view
+
+
+def measured_record(
+    server: Managed, url: str, request: dict[str, Any]
+) -> tuple[RequestRecord, dict[str, Any]]:
+    """One request's record and where its time went; the view also has the image-cache misses
+    (``images_encoded``)."""
     before, stats_before = engine_metrics(server.metrics_url), triton_stats(server.triton_url)
-    seconds = asyncio.run(ttft(url, request))
+    misses_before = cache_counts(server.metrics_url)[1]
+    rec = asyncio.run(streamed(url, request))
     time.sleep(0.3)  # the vlm series are published after the engine's steps
     after, stats_after = engine_metrics(server.metrics_url), triton_stats(server.triton_url)
-    return seconds, stage_view(before, after, stats_before, stats_after, requests=1)
+    view = stage_view(before, after, stats_before, stats_after, requests=1)
+    view["images_encoded"] = cache_counts(server.metrics_url)[1] - misses_before
+    return rec, view
 
 
 def mean_stages(views: list[dict[str, Any]]) -> dict[str, float]:
     """Per stage, the mean over the requests (a stage a request skipped counts as 0 ms)."""
     return {name: statistics.fmean(view.get(name, 0.0) for view in views) for name in STAGES}
+
+
+def run_conversation(args: argparse.Namespace, server: Managed, url: str) -> dict[str, Any]:
+    """``--conversation N``: N turns, each adding an image to the conversation so far."""
+    history: list[dict[str, Any]] = []
+    turns = []
+    for turn in range(args.conversation):
+        request = body(noise_png(args.size, seed=100 + turn), args.max_tokens, history)
+        rec, view = measured_record(server, url, request)
+        usage = rec.usage or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        row = {
+            "turn": turn + 1,
+            "images": turn + 1,
+            "ttft_ms": 1000 * (rec.token_times[0] - rec.start),
+            "images_encoded": view["images_encoded"],
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": cached,
+            **{name: view.get(name, 0.0) for name in STAGES},
+        }
+        turns.append(row)
+        log(f"turn {turn + 1}: TTFT {row['ttft_ms']:.1f} ms, {row['images_encoded']:.0f} image-cache misses, "
+            f"{cached}/{row['prompt_tokens']} prompt tokens cached")  # fmt: skip
+        history += [request["messages"][-1], {"role": "assistant", "content": rec.text}]
+    print(f"\nA conversation adding one {args.size}x{args.size} image per turn, medium model (ms)")
+    print(f"{'turn':>4} {'images':>6} {'misses':>7} {'prompt':>6} {'cached':>6} {'TTFT':>8} "
+          f"{'preproc':>8} {'encoder':>8} {'prefill':>8}")  # fmt: skip
+    for row in turns:
+        print(f"{row['turn']:>4} {row['images']:>6} {row['images_encoded']:>7.0f} {row['prompt_tokens']:>6} "
+              f"{row['cached_tokens']:>6} {row['ttft_ms']:8.1f} {row['preprocess_compute_ms']:8.1f} "
+              f"{row['vision_encoder_compute_ms']:8.1f} {row['prefill_step_ms']:8.1f}")  # fmt: skip
+    return {"conversation": turns}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,6 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         asyncio.run(ttft(url, body(noise_png(args.size, seed=10_000), args.max_tokens)))  # warm-up
         time.sleep(0.3)
+        if args.conversation:
+            return run_conversation(args, server, url)
         before = cache_counts(server.metrics_url)
         first, repeat, first_stages, repeat_stages = [], [], [], []
         for i in range(args.images):
@@ -211,12 +270,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--size", type=int, default=448, help="image width and height in pixels (default 448)"
     )
     parser.add_argument("--max-tokens", type=int, default=4, help="output tokens per request (default 4)")
+    parser.add_argument(
+        "--conversation",
+        type=int,
+        default=0,
+        help="measure a conversation of this many turns, one new image each (prefix cache on)",
+    )
     parser.add_argument("--image-cache-memory", help="serve --image-cache-memory (default: serve's, 1GiB)")
     parser.add_argument(
         "--serve-flags",
-        default="--prefix-cache-slots 0",
+        default=DEFAULT_SERVE_FLAGS,
         help="more serve flags (default: --prefix-cache-slots 0, so that the prefix cache does not also "
-        "skip the repeat's prefill; \"\" for serve's defaults)",
+        "skip the repeat's prefill; \"\" for serve's defaults, which --conversation uses)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to start the server")
@@ -233,6 +298,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.conversation and args.serve_flags == DEFAULT_SERVE_FLAGS:
+        args.serve_flags = ""  # a conversation is what the prefix cache is for
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run(args)
