@@ -318,6 +318,10 @@ def real_models(kit, preprocessor: ChatPreprocessor, calls: list[str]):
     return call
 
 
+# A family whose images are looked up one by one, and one whose images are looked up as a set.
+BOTH_PATHS = ("qwen2_5_vl", "llava_onevision")
+
+
 def chat(messages: list[dict], images: list[bytes]) -> dict[str, np.ndarray]:
     return {
         wire.MESSAGES: np.array([json.dumps(messages).encode()], dtype=object),
@@ -387,20 +391,24 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(name: str, family_kit) -> None:
-    """Turn 2 re-sends image A with the first answer and adds image B: only B is encoded (A's entry is
-    its own), the joined embeddings are bit for bit those of encoding both at once, and the engine,
-    given each image's digest, starts turn 2 from turn 1's keys/values past A (one digest for the
-    set would stop at A's first placeholder) and answers what generate() answers."""
+    """Turn 2 re-sends image A with the first answer and adds image B: only B's file is decoded and
+    processed (A's layout is replayed) and only B is encoded (A's entry is its own), the joined
+    embeddings are bit for bit those of encoding both at once, and the engine, given each image's
+    digest, starts turn 2 from turn 1's keys/values past A (one digest for the set would stop at A's
+    first placeholder) and answers what generate() answers. Sent again, neither file is processed."""
     kit = family_kit(name)
-    probe = kit.preprocessor(conversation("?", 1), [make_image(64, 48)]).mm
-    if kit.family.split_images(probe) is None:
+    if not kit.family.per_image_preprocessing:
         pytest.skip("this family keeps a request's images as one cache entry")
     cache, calls, encoded = ImageCache(10**8), [], []
     real = real_models(kit, kit.preprocessor, calls)
 
+    files: list[int] = []  # image files preprocess got, per call
+
     def models(model, inputs, outputs):
         if model == wire.VISION_ENCODER_MODEL:
             encoded.append(kit.family.split_images(wire.unpack_tensors(inputs[wire.MM_INPUTS])))
+        else:
+            files.append(sum(1 for data in inputs.get(wire.IMAGES, []) if len(data)))
         return real(model, inputs, outputs)
 
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
@@ -425,11 +433,14 @@ def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(nam
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
     ]
     encoded.clear()
+    files.clear()
     ids, digests = ask("turn 2", second, [a, b])
     (only,) = encoded  # one encoder call, for B alone
     (b_input,) = only
+    assert files == [1]  # A came as its layout
     whole = kit.engine_inputs(Case("both", second, [a, b]))[1]
-    _, joined, _ = model_inputs(chat(second, [a, b]), models, cache, kit.family)
+    _, joined, again = model_inputs(chat(second, [a, b]), models, cache, kit.family)
+    assert files == [1, 0] and len(encoded) == 1 and again == digests
     for key, tensor in whole.items():
         np.testing.assert_array_equal(
             joined[key], tensor.float().numpy() if tensor.is_floating_point() else tensor
@@ -442,21 +453,22 @@ def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(nam
         assert sink.outputs["turn 2"][-1].cached_tokens >= len(first_ids) - 1 > image_a
 
 
-def test_image_files_of_an_evicted_entry_are_processed_again(family_kit) -> None:
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_image_files_of_an_evicted_entry_are_processed_again(name: str, family_kit) -> None:
     """The way from image files to an entry goes with the entry: the files are then preprocessed and
     encoded again, and the request gets the same ids and tensors."""
-    kit = family_kit(FAMILIES[0])
+    kit = family_kit(name)
     calls: list[str] = []
     models = real_models(kit, kit.preprocessor, calls)
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     red, blue = make_image(64, 48, "red"), make_image(64, 48, "blue")
-    ids, first, _ = model_inputs(chat([turn], [red]), models, ImageCache(10**8))
+    ids, first, _ = model_inputs(chat([turn], [red]), models, ImageCache(10**8), kit.family)
     size = sum(v.nbytes for v in first.values())
     cache = ImageCache(size)  # room for one entry
-    model_inputs(chat([turn], [red]), models, cache)
-    model_inputs(chat([turn], [blue]), models, cache)  # evicts red's entry
+    model_inputs(chat([turn], [red]), models, cache, kit.family)
+    model_inputs(chat([turn], [blue]), models, cache, kit.family)  # evicts red's entry
     calls.clear()
-    again_ids, again, _ = model_inputs(chat([turn], [red]), models, cache)
+    again_ids, again, _ = model_inputs(chat([turn], [red]), models, cache, kit.family)
     assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES, wire.VISION_ENCODER_MODEL]
     assert again_ids == ids
     for key in first:
@@ -464,11 +476,12 @@ def test_image_files_of_an_evicted_entry_are_processed_again(family_kit) -> None
     assert cache.stats().preprocess_skips == 0
 
 
-def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(family_kit) -> None:
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(name: str, family_kit) -> None:
     """A processor the layout replay does not suit (an internal error on CACHED_LAYOUT): the request
     is served from its images, and later ones do not try the layout again; a client error found on the
     layout path still reaches the client."""
-    kit = family_kit(FAMILIES[0])
+    kit = family_kit(name)
     calls: list[str] = []
     real = real_models(kit, kit.preprocessor, calls)
 
@@ -481,13 +494,13 @@ def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(family
     cache = ImageCache(10**8)
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     image = make_image(64, 48)
-    ids, first, _ = model_inputs(chat([turn], [image]), failing_layouts, cache)
+    ids, first, _ = model_inputs(chat([turn], [image]), failing_layouts, cache, kit.family)
     calls.clear()
-    again_ids, again, _ = model_inputs(chat([turn], [image]), failing_layouts, cache)
+    again_ids, again, _ = model_inputs(chat([turn], [image]), failing_layouts, cache, kit.family)
     assert calls == ["failed", wire.PREPROCESS_MODEL, wire.IMAGES]  # from the images; encoder: a hit
     assert again_ids == ids and all(np.array_equal(again[k], first[k]) for k in first)
     calls.clear()
-    model_inputs(chat([turn], [image]), failing_layouts, cache)
+    model_inputs(chat([turn], [image]), failing_layouts, cache, kit.family)
     assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES]  # the layout is not tried again
 
     def as_triton(name, inputs, outputs):  # a client error comes back from Triton as a StageError
@@ -497,20 +510,23 @@ def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(family
             raise StageError(exc.to_wire()) from exc
 
     other = ImageCache(10**8)
-    model_inputs(chat([turn], [image]), as_triton, other)
+    model_inputs(chat([turn], [image]), as_triton, other, kit.family)
     two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
     with pytest.raises(StageError, match="2 image parts but 1"):
-        model_inputs(chat(two, [image]), as_triton, other)
+        model_inputs(chat(two, [image]), as_triton, other, kit.family)
     assert other.lookup_files(images_key(np.array([image], dtype=object))) is not None  # still on
 
 
-def test_image_files_are_not_remembered_with_the_cache_off(family_kit) -> None:
-    kit = family_kit(FAMILIES[0])
+@pytest.mark.parametrize("name", BOTH_PATHS)
+def test_image_files_are_not_remembered_with_the_cache_off(name: str, family_kit) -> None:
+    kit = family_kit(name)
     calls: list[str] = []
     cache = ImageCache(0)
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     for _ in range(2):
-        model_inputs(chat([turn], [make_image(64, 48)]), real_models(kit, kit.preprocessor, calls), cache)
+        model_inputs(
+            chat([turn], [make_image(64, 48)]), real_models(kit, kit.preprocessor, calls), cache, kit.family
+        )
     assert calls.count(wire.IMAGES) == 2 and calls.count(wire.VISION_ENCODER_MODEL) == 2
 
 

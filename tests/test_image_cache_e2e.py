@@ -1,8 +1,8 @@
 """End to end: the image-embedding cache in the shared server (OpenAI SDK → uvicorn → tritonserver). A
 repeated image skips vision_encoder (the hit counter on Triton's metrics port moves, the encoder's
 own request count does not), and, sent as the same file, its preprocessing (the skip counter moves:
-preprocess rebuilt the prompt from the image's layout); a turn adding an image encodes the new one
-alone and reuses the earlier turn's keys/values; the answer is token for token what transformers'
+preprocess rebuilt the prompt from the image's layout); a turn adding an image processes and encodes
+the new one alone and reuses the earlier turn's keys/values; the answer is token for token what transformers'
 generate() says."""
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
     assert later[:2] == (expected, prompt_len)
     assert moved(server, before, hits=1, misses=0) == (1, 0, 1, 0)
 
-    # A turn adding a new image: the first image hits its own entry and only the new one is encoded;
-    # the prompt starts from the cached keys/values past the first image, up to the new one.
+    # A turn adding a new image: the first image hits its own entry by its file (neither processed nor
+    # encoded) and only the new one is processed and encoded; the prompt starts from the cached
+    # keys/values past the first image, up to the new one.
     added = make_image(60, 88, "#7b9c3a", "square")
     longer = conversation + [
         {"role": "assistant", "content": later[0]},
@@ -94,7 +95,7 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
     before = counts(server)
     response = client.chat.completions.create(model="tiny", messages=longer, temperature=0, max_tokens=16)
     assert (response.choices[0].message.content, response.usage.prompt_tokens) == (expected, prompt_len)
-    assert moved(server, before, hits=1, misses=1) == (1, 1, 0, 1)
+    assert moved(server, before, hits=1, misses=1) == (1, 1, 1, 1)
     assert response.usage.prompt_tokens_details.cached_tokens >= later[1]  # all of the earlier turn
 
     different = [

@@ -9,8 +9,15 @@ from conftest import make_image
 from family_harness import FAMILIES
 
 from tritonvlm import image_layout
-from tritonvlm.image_layout import layout_images, record_layout, replay_features
-from tritonvlm.preprocessing import ChatPreprocessor
+from tritonvlm.image_layout import (
+    join_layouts,
+    layout_images,
+    pack_image_layouts,
+    record_layout,
+    replay_features,
+    unpack_image_layouts,
+)
+from tritonvlm.preprocessing import ChatPreprocessor, decode_image
 from tritonvlm.wire import InvalidRequestError
 
 
@@ -29,8 +36,11 @@ def test_every_family_rebuilds_the_prompt_from_the_layout(name: str, family_kit,
     later = [*first, {"role": "assistant", "content": "Shapes."}, turn("Which colors?", 0)]
     preprocessor = ChatPreprocessor(kit.family, kit.family_cls.load_processor(str(kit.model_dir)))
     full = preprocessor(first, images)
-    assert full.layout is not None and layout_images(full.layout) == len(images)
-    assert len(full.layout) < 4096  # grids and sizes, not pixels
+    assert full.layout is not None and len(full.layout) < 4096  # grids and sizes, not pixels
+    if kit.family.per_image_preprocessing:  # one layout per image: joined, they are the set's
+        per_image = unpack_image_layouts(full.layout)
+        full.layout = join_layouts([per_image[i] for i in range(len(images))])
+    assert layout_images(full.layout) == len(images)
     expected = {"first": full, "later": kit.preprocessor(later, images)}
 
     def no_decoding(*args, **kwargs):
@@ -45,6 +55,47 @@ def test_every_family_rebuilds_the_prompt_from_the_layout(name: str, family_kit,
         for key in rebuilt.mm:
             np.testing.assert_array_equal(rebuilt.mm[key], want.mm[key], err_msg=f"{label}: {key}")
     assert not isinstance(preprocessor.processor.image_processor, image_layout._ImageProcessorTap)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_images_seen_before_are_replayed_beside_new_ones(name: str, family_kit, monkeypatch) -> None:
+    """Per-image families: three images, the first and last sent as their layouts. Only the middle
+    one is decoded and processed; the ids equal the full path's, the multimodal tensors are the
+    middle image's part of the full path's, its layout is its own; and processing the images one by
+    one gives what the processor gives for all of them at once."""
+    kit = family_kit(name)
+    if not kit.family.per_image_preprocessing:
+        pytest.skip("this family processes a request's images together")
+    images = [make_image(96, 64, "red"), make_image(40, 120, "blue", "square"), make_image(64, 64, "green")]
+    messages = [turn("What is in these pictures?", 3)]
+    full = kit.preprocessor(messages, images)
+    together = kit.family.process(
+        kit.processor, messages, [decode_image(data, i) for i, data in enumerate(images)]
+    )
+    assert full.mm.keys() == together.mm.keys()
+    for key in full.mm:
+        np.testing.assert_array_equal(full.mm[key], together.mm[key])
+    np.testing.assert_array_equal(full.input_ids, together.input_ids)
+    layouts = unpack_image_layouts(full.layout)
+    assert sorted(layouts) == [0, 1, 2]
+
+    decoded = []
+    real_decode = decode_image
+    monkeypatch.setattr(
+        "tritonvlm.preprocessing.decode_image",
+        lambda data, i, *a: decoded.append(i) or real_decode(data, i, *a),
+    )
+    known = pack_image_layouts({0: layouts[0], 2: layouts[2]})
+    mixed = kit.preprocessor(messages, [b"", images[1], b""], layout=known)
+    assert decoded == [1]
+    np.testing.assert_array_equal(mixed.input_ids, full.input_ids)
+    middle = kit.family.split_images(full.mm)[1]
+    assert mixed.mm.keys() == middle.keys()
+    for key in middle:
+        np.testing.assert_array_equal(mixed.mm[key], middle[key])
+    assert unpack_image_layouts(mixed.layout) == {1: layouts[1]}
+    with pytest.raises(InvalidRequestError, match="without its file"):
+        kit.preprocessor(messages, images, layout=known)
 
 
 def test_layout_keeps_small_values_and_only_the_shape_of_pixels() -> None:
@@ -66,6 +117,8 @@ def test_layout_keeps_small_values_and_only_the_shape_of_pixels() -> None:
 def test_layout_and_images_together_are_refused(family_kit) -> None:
     kit = family_kit(FAMILIES[0])
     layout = kit.preprocessor([turn("Hi", 1)], [make_image(32, 32)]).layout
+    per_image = unpack_image_layouts(layout)
+    layout = join_layouts(list(per_image.values())) if per_image else layout  # one layout of the set
     with pytest.raises(InvalidRequestError, match="not both"):
         kit.preprocessor([turn("Hi", 1)], [make_image(32, 32)], layout=layout)
     with pytest.raises(InvalidRequestError, match="2 image parts but 1"):

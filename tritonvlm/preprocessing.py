@@ -11,7 +11,14 @@ from jinja2 import TemplateError
 from PIL import Image
 
 from tritonvlm.families.base import Family, ProcessedPrompt
-from tritonvlm.image_layout import layout_images, record_layout, stand_in_images, tapped
+from tritonvlm.image_layout import (
+    layout_images,
+    pack_image_layouts,
+    record_layout,
+    stand_in_images,
+    tapped,
+    unpack_image_layouts,
+)
 from tritonvlm.tool_format import prepare_tools
 from tritonvlm.wire import InvalidRequestError
 
@@ -163,8 +170,22 @@ class ChatPreprocessor:
         """The prompt ids and multimodal tensors of a conversation with its image files, and the
         images' layout (:mod:`tritonvlm.image_layout`). Given the ``layout`` of images seen before
         instead of the files, the same prompt is built without decoding or processing any image: its
-        multimodal tensors are then only the family's prompt-dependent ones (``prompt_mm_tensors``)."""
-        if layout is not None and images:
+        multimodal tensors are then only the family's prompt-dependent ones (``prompt_mm_tensors``).
+
+        Families that process each image on its own (``Family.per_image_preprocessing``) return one
+        layout per image (``pack_image_layouts``), and take layouts of some of the images: those
+        images' files are then empty, they are neither decoded nor processed, and the multimodal
+        tensors and layouts returned are the other images' only."""
+        known = unpack_image_layouts(layout) if layout is not None else None
+        if known is not None:
+            if not self.family.per_image_preprocessing:
+                raise ValueError(f"{self.family.name} takes one layout for all of a request's images")
+            if any(not 0 <= i < len(images) or images[i] for i in known):
+                raise InvalidRequestError(
+                    "an image sent with its layout must come without its file", "images"
+                )
+            layout = None
+        elif layout is not None and images:
             raise InvalidRequestError("send either the images or their layout, not both", "images")
         conversation, num_placeholders = normalize_messages(messages)
         template = getattr(self.processor, "chat_template", None) or getattr(
@@ -180,10 +201,17 @@ class ChatPreprocessor:
         self.check_text(conversation)
         self.family.check_images(num_images)
         if layout is None:
-            pil_images = [decode_image(data, i, self.max_image_pixels) for i, data in enumerate(images)]
+            stand_in = stand_in_images(1)[0]
+            pil_images = [
+                stand_in if known and i in known else decode_image(data, i, self.max_image_pixels)
+                for i, data in enumerate(images)
+            ]
         else:
             pil_images = stand_in_images(num_images)
-        processor, tap = tapped(self.processor, layout) if pil_images else (self.processor, None)
+        per_image = self.family.per_image_preprocessing and layout is None
+        processor, tap = (
+            tapped(self.processor, layout, per_image, known) if pil_images else (self.processor, None)
+        )
         try:
             out = self.family.process(processor, conversation, pil_images, template_kwargs)
         except InvalidRequestError:
@@ -200,9 +228,24 @@ class ChatPreprocessor:
         if layout is not None:
             out.mm = {name: out.mm[name] for name in self.family.prompt_mm_tensors if name in out.mm}
             out.layout = layout
+        elif tap is not None and per_image:
+            self._keep_new_images(out, tap, known or {})
         elif tap is not None and tap.output is not None:
             out.layout = record_layout(tap.output, num_images)
         return out
+
+    def _keep_new_images(self, out: ProcessedPrompt, tap: Any, known: dict[int, bytes]) -> None:
+        """Per-image processing: the layout of each processed image, and, where some images were
+        replayed from their layouts, the multimodal tensors of the processed ones only."""
+        layouts = {i: record_layout(output, 1) for i, output in tap.outputs.items()}
+        out.layout = None if None in layouts.values() else pack_image_layouts(layouts)
+        if not known:
+            return
+        parts = self.family.split_images(out.mm)
+        if parts is None or len(parts) != out.num_images:
+            raise ValueError(f"{self.family.name}: the processed images do not split one part per image")
+        new = [parts[i] for i in range(len(parts)) if i not in known]
+        out.mm = self.family.join_images(new) if new else {}
 
     def check_text(self, conversation: list[dict[str, Any]]) -> None:
         """Refuse over-long text before any tokenization, and special tokens typed as text."""

@@ -143,6 +143,11 @@ class Family:
     # Multimodal tensors that depend on the prompt, not the images (the vision encoder passes them
     # through): the image cache keys on the others and takes these from each request.
     prompt_mm_tensors: ClassVar[tuple[str, ...]] = ()
+    # Whether the processor's image processor handles each image on its own: its output for several
+    # images is each image's output alone, concatenated along the first axis, and ``split_images``
+    # gives one part per image. An image file seen before then skips decoding and preprocessing
+    # whatever images come with it (tritonvlm.image_layout); otherwise only with the same set.
+    per_image_preprocessing: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

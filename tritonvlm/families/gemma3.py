@@ -56,6 +56,8 @@ class Gemma3Family(Family):
     def tokens_per_image(self) -> int:
         return int(self.config.mm_tokens_per_image)
 
+    per_image_preprocessing = True
+
     def split_images(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
         """Each image (or pan-and-scan crop): the tower encodes every one on its own."""
         pixels = inputs.get("pixel_values")

@@ -48,6 +48,8 @@ class Qwen2_5_VLFamily(Family):
             GRID: np.asarray(encoded[GRID], dtype=np.int64).reshape(-1, 3),
         }
 
+    per_image_preprocessing = True
+
     def split_images(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
         """Each image's patches (``t * h * w`` rows) and grid: the tower attends within an image only."""
         pixels, grid = inputs.get("pixel_values"), inputs.get(GRID)
