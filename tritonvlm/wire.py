@@ -38,7 +38,9 @@ travel as one packed dict per request (:func:`pack_array`):
                [-1] (the images as the processor saw them: tritonvlm.image_layout). Given
                CACHED_LAYOUT (UINT8 [-1], an IMAGE_LAYOUT of images seen before) instead of IMAGES,
                the prompt is built without the images, and MM_INPUTS holds only the family's
-               prompt-dependent tensors.
+               prompt-dependent tensors. Families that process each image alone have one layout per
+               image (image_layout.pack_image_layouts): CACHED_LAYOUT may then hold those of some
+               images, whose IMAGES elements are empty; MM_INPUTS and IMAGE_LAYOUT are the others'.
 `vision_encoder` (dynamic batching, ragged) MM_INPUTS UINT8 [-1] → MM_EMBEDS UINT8 [-1] (the image
                embeddings and whatever else the decoder needs, e.g. Qwen's image grids)
 """
