@@ -96,6 +96,10 @@ def test_images_seen_before_are_replayed_beside_new_ones(name: str, family_kit, 
     assert unpack_image_layouts(mixed.layout) == {1: layouts[1]}
     with pytest.raises(InvalidRequestError, match="without its file"):
         kit.preprocessor(messages, images, layout=known)
+    # Forged layouts whose stand-ins are each within the bound but not together: refused.
+    big = record_layout({"pixel_values": np.broadcast_to(np.float32(0), (1 << 18, 1 << 10))}, 1)
+    with pytest.raises(ValueError, match="stand-in elements in all"):
+        kit.preprocessor(messages, [b"", images[1], b""], layout=pack_image_layouts({0: big, 2: big}))
 
 
 def test_layout_keeps_small_values_and_only_the_shape_of_pixels() -> None:

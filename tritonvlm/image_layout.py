@@ -213,6 +213,15 @@ def tapped(
     threads)."""
     replay = None if layout is None else replay_features(layout)
     replayed = {i: replay_features(data) for i, data in (known or {}).items()}
+    # Joined with the processed images, the replayed stand-ins are materialized: bound them together.
+    stand_ins = sum(
+        int(np.prod(value.shape, dtype=np.float64))
+        for features in replayed.values()
+        for value in features.values()
+        if isinstance(value, np.ndarray) and value.size > 1 and 0 in value.strides
+    )
+    if stand_ins > MAX_STAND_IN_ELEMENTS:
+        raise ValueError(f"image layouts: {stand_ins} stand-in elements in all")
     tap = _ImageProcessorTap(processor.image_processor, replay, per_image, replayed)
     copied = copy.copy(processor)
     copied.image_processor = tap
