@@ -9,8 +9,6 @@ others are looked up by their whole set of images here.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from tritonvlm import wire
@@ -20,15 +18,14 @@ from tritonvlm.serving.model_calls import (
     ImageDigests,
     ModelCall,
     StageError,
-    client_error,
     encode,
+    layout_refused,
     prompt_ids,
 )
 from tritonvlm.serving.per_image_admission import per_image_inputs
 from tritonvlm.wire import InvalidRequestError
 
 __all__ = ["ImageDigests", "ModelCall", "StageError", "model_inputs"]
-log = logging.getLogger("tritonvlm.vlm")
 PROMPT_FORMS = (wire.MESSAGES, wire.PROMPT, wire.INPUT_IDS)
 
 
@@ -81,12 +78,7 @@ def model_inputs(
                 [wire.INPUT_IDS, wire.MM_INPUTS],
             )
         except StageError as exc:
-            if client_error(exc):
-                raise  # the client's mistake: the same answer as from the images
-            # A processor the layout replay does not suit: serve from the images, now and from now on.
-            log.warning("preprocess could not rebuild a prompt from an image layout (%s); image files "
-                        "are preprocessed on every request from now on", exc)  # fmt: skip
-            image_cache.stop_remembering_files()
+            layout_refused(exc, image_cache)  # (re-raises the client's own mistakes)
         else:
             ids = prompt_ids(pre)
             own = wire.unpack_tensors(pre[wire.MM_INPUTS])

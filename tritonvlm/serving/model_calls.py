@@ -4,12 +4,16 @@ function, the vision encoder's call, and the keys and digests of images."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from tritonvlm import wire
 from tritonvlm.families.base import IMAGE_EMBEDS
+from tritonvlm.serving.image_cache import ImageCache
+
+log = logging.getLogger("tritonvlm.vlm")
 
 # ``call(model_name, inputs, output_names) -> outputs``: BLS inside Triton, anything in a unit test.
 ModelCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -24,6 +28,17 @@ class StageError(Exception):
 def client_error(exc: StageError) -> bool:
     """Whether a stage's error is the client's own mistake (an error in the OpenAI shape)."""
     return bool(wire.parse_wire_error(str(exc))[0])
+
+
+def layout_refused(exc: StageError, cache: ImageCache) -> None:
+    """After `preprocess` failed to rebuild a prompt from image layouts: re-raise the client's own
+    mistakes (the same answer as from the images); otherwise the processor does not suit the layout
+    replay, and the caller serves the request from its images, as all requests from now on."""
+    if client_error(exc):
+        raise exc
+    log.warning("preprocess could not rebuild a prompt from image layouts (%s); image files are "
+                "preprocessed on every request from now on", exc)  # fmt: skip
+    cache.stop_remembering_files()
 
 
 def prompt_ids(pre: dict[str, np.ndarray]) -> list[int]:
