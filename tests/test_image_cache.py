@@ -517,6 +517,35 @@ def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(name: 
     assert other.lookup_files(images_key(np.array([image], dtype=object))) is not None  # still on
 
 
+def test_a_refused_mixed_layout_falls_back_to_all_the_images(family_kit) -> None:
+    """Per-image families: image A seen, then A and a new B, where preprocess refuses the layouts (an
+    internal error): the request is served from both files, B alone is encoded (A's embeddings are
+    found by its encoder input), and its ids and tensors are those of the full path."""
+    kit = family_kit("qwen2_5_vl")
+    calls: list[str] = []
+    real = real_models(kit, kit.preprocessor, calls)
+
+    def failing_layouts(name, inputs, outputs):
+        if wire.CACHED_LAYOUT in inputs:
+            calls.append("failed")
+            raise StageError("preprocess failed: this processor reads pixel values")
+        return real(name, inputs, outputs)
+
+    cache = ImageCache(10**8)
+    a, b = make_image(64, 48, "red"), make_image(56, 84, "blue", "square")
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+    model_inputs(chat(one, [a]), failing_layouts, cache, kit.family)
+    calls.clear()
+    ids, mm, _ = model_inputs(chat(two, [a, b]), failing_layouts, cache, kit.family)
+    assert calls == ["failed", wire.PREPROCESS_MODEL, wire.IMAGES, wire.VISION_ENCODER_MODEL]
+    assert cache.stats().misses == 2  # A, then B alone
+    full_ids, full, _ = model_inputs(chat(two, [a, b]), real, ImageCache(0), kit.family)
+    assert ids == full_ids and mm.keys() == full.keys()
+    for key in full:
+        np.testing.assert_array_equal(mm[key], full[key])
+
+
 @pytest.mark.parametrize("name", BOTH_PATHS)
 def test_image_files_are_not_remembered_with_the_cache_off(name: str, family_kit) -> None:
     kit = family_kit(name)
