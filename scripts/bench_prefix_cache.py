@@ -146,12 +146,12 @@ def lookup_costs() -> None:
         entries = [system + [rng.randrange(30000) for _ in range(700)] for _ in range(count)]
         for tokens in entries:
             blocks = pool.allocate(-(-len(tokens) // 16))
-            cache.store(blocks, tokens, None, len(tokens))
+            cache.store(blocks, tokens, ())
             pool.release(blocks)
         prompts = [tokens + [1, 2, 3] for tokens in entries[:50]] + [system + [5] * 700] * 50
         start = time.perf_counter()
         for prompt in prompts:
-            cache.lookup(prompt, None, len(prompt))
+            cache.lookup(prompt, ())
         print(f"| {count} | {(time.perf_counter() - start) / len(prompts) * 1e6:.0f} |")
 
 
