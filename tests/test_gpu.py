@@ -151,3 +151,35 @@ def test_gpu_decode_throughput_figure(family_kit, capsys):
             mode = "CUDA graphs" if graphs else "eager"
             print(f"\n[gpu] tiny model, batch {batch}, {mode}: {rate:.0f} output tokens/s")
         assert rate > 0
+
+
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f in ("qwen2_5_vl", "gemma3")])
+def test_images_encoded_alone_match_encoded_together_on_cuda(name, family_kit):
+    """The image cache keeps each image's embeddings apart and encodes a request's new images without
+    the others (``Family.split_images``): on the GPU, an image encoded alone must give what it gives
+    encoded with others, within float32 rounding (kernels may differ with the batch's size); the bf16
+    deviation is printed."""
+    import numpy as np
+
+    kit = family_kit(name)
+    images = [make_image(64, 48, "red"), make_image(56, 84, "blue", "square")]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}
+    ]
+    processed = kit.preprocessor(messages, images)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=dtype)
+        family = kit.family_cls(model.config)
+
+        def encode(tensors, family=family, model=model):
+            out = family.encode(model, [{k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}])[0]
+            return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in out.items()}
+
+        together = encode(processed.mm)
+        parts = family.split_images(processed.mm)
+        alone = family.join_images([encode(part) for part in parts])
+        for key in together:
+            deviation = float(np.abs(together[key].astype(np.float64) - alone[key]).max())
+            print(f"\n{name} {dtype}: {key} encoded alone vs together, max |diff| {deviation:.3g}")
+            if dtype == torch.float32:
+                np.testing.assert_allclose(alone[key], together[key], rtol=1e-4, atol=1e-5)
