@@ -107,3 +107,42 @@ def test_a_repeated_image_hits_the_cache_and_answers_the_same(server, client, hf
     before = counts(server)
     ask(client, different)
     assert moved(server, before, hits=0, misses=1) == (0, 1, 0, 1)
+
+
+def test_concurrent_conversations_sharing_images_answer_as_generate_does(server, client, hf_model, processor):
+    """Six conversations at once, three turns each, every turn adding an image from a pool of four
+    that they share (so images are looked up, remembered, encoded and waited for across requests, in
+    every combination): each answer is what generate() says for that conversation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = [make_image(72 + 8 * i, 56, color, "square" if i % 2 else "circle") for i, color in
+            enumerate(("#1f6f8b", "#8b1f6f", "#6f8b1f", "#99582a"))]  # fmt: skip
+
+    def converse(n: int) -> list[tuple[list[dict], list[bytes], str, int]]:
+        messages: list[dict] = []
+        images: list[bytes] = []
+        turns = []
+        for turn in range(3):
+            image = pool[(n + turn * (1 + n % 2)) % len(pool)]
+            images.append(image)
+            messages.append({
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(image)}},
+                    {"type": "text", "text": f"Turn {turn}: what is new?"},
+                ],
+            })  # fmt: skip
+            response = client.chat.completions.create(
+                model="tiny", messages=messages, temperature=0, max_tokens=8
+            )
+            answer = response.choices[0].message.content
+            turns.append((list(messages), list(images), answer, response.usage.prompt_tokens))
+            messages.append({"role": "assistant", "content": answer})
+        return turns
+
+    with ThreadPoolExecutor(6) as workers:
+        conversations = list(workers.map(converse, range(6)))
+    for n, turns in enumerate(conversations):
+        for turn, (messages, images, answer, prompt_len) in enumerate(turns):
+            expected = reference_text(hf_model, processor, messages, images, max_new=8)
+            assert (answer, prompt_len) == expected, (n, turn)
