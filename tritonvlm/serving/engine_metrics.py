@@ -126,7 +126,8 @@ IMAGE_CACHE_GAUGES = {
 }
 IMAGE_CACHE_COUNTERS = {
     "tritonvlm_image_cache_hits_total": (
-        "Requests with images whose embeddings came from the image-embedding cache (no vision_encoder call)",
+        "Images (image sets, for families that keep them as one entry) whose embeddings came from the "
+        "image-embedding cache (no vision_encoder call)",
         {"hits": {}},
     ),
     "tritonvlm_image_cache_preprocess_skips_total": (
@@ -135,7 +136,8 @@ IMAGE_CACHE_COUNTERS = {
         {"preprocess_skips": {}},
     ),
     "tritonvlm_image_cache_misses_total": (
-        "Requests with images that called vision_encoder while the image-embedding cache is on",
+        "Images (image sets, for families that keep them as one entry) sent to vision_encoder while the "
+        "image-embedding cache is on",
         {"misses": {}},
     ),
     "tritonvlm_image_cache_evictions_total": (
