@@ -546,6 +546,32 @@ def test_a_refused_mixed_layout_falls_back_to_all_the_images(family_kit) -> None
         np.testing.assert_array_equal(mm[key], full[key])
 
 
+def test_a_bad_new_image_beside_a_known_one_is_the_clients_error_alone(family_kit) -> None:
+    """A known image (its layout replayed) beside a new file that cannot be decoded: the client gets
+    preprocess's 400, and layouts stay in use for the next requests (a client's bad file must not
+    turn them off for everyone)."""
+    kit = family_kit("qwen2_5_vl")
+    calls: list[str] = []
+    real = real_models(kit, kit.preprocessor, calls)
+
+    def as_triton(name, inputs, outputs):  # a client error comes back from Triton as a StageError
+        try:
+            return real(name, inputs, outputs)
+        except InvalidRequestError as exc:
+            raise StageError(exc.to_wire()) from exc
+
+    cache = ImageCache(10**8)
+    a = make_image(64, 48, "red")
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+    model_inputs(chat(one, [a]), as_triton, cache, kit.family)
+    with pytest.raises(StageError, match="image 1 could not be decoded"):
+        model_inputs(chat(two, [a, b"not an image"]), as_triton, cache, kit.family)
+    calls.clear()
+    model_inputs(chat(one, [a]), as_triton, cache, kit.family)
+    assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]  # still replayed from its layout
+
+
 @pytest.mark.parametrize("name", BOTH_PATHS)
 def test_image_files_are_not_remembered_with_the_cache_off(name: str, family_kit) -> None:
     kit = family_kit(name)
