@@ -14,12 +14,18 @@ second turn finds its conversation's keys/values only if the cache kept all of t
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 0 --conversations 64
     .venv/bin/python scripts/bench_prefix_cache.py --lookups    # the lookup alone, no server
     .venv/bin/python scripts/bench_prefix_cache.py --burst 8 --prefix-words 130   # engine alone
+    .venv/bin/python scripts/bench_prefix_cache.py --pressure 8 --prefix-words 150  # engine alone
 
 ``--lookups`` times ``PrefixCache.lookup`` alone with 4 to 1,024 entries of 1,000 tokens behind a
 shared 300-token system prompt (half the prompts continue an entry, half share only the system prompt).
 ``--burst N`` runs the engine alone: N requests with a new shared system prompt arrive at once, prefilled
 with the engine's in-batch sharing (a prompt sharing uncached blocks with one in the step's batch waits
 a step and starts from its cached blocks) and without it, three bursts each, interleaved.
+``--pressure N`` runs the engine alone too: N conversations, each with a system prompt of its own, take
+turns in order (each turn re-sends its conversation with the answers so far and a new question) in a KV
+budget of ``--pressure-tokens`` tokens, too small for all of them: the prefix cache gives blocks back
+from the tail of the least recently used entry (the engine's policy) or drops that entry whole (the
+policy before), side by side; it prints the prompt tokens computed and taken from the cache.
 """
 
 from __future__ import annotations
@@ -209,6 +215,74 @@ def burst_costs(args: argparse.Namespace) -> None:
         print(f"| {mode} | {p50:.0f} | {last:.0f} | {computed} |")
 
 
+def pressure_costs(args: argparse.Namespace) -> None:
+    """The engine alone (medium model): ``--pressure`` conversations taking turns in a KV budget of
+    ``--pressure-tokens`` tokens, with the prefix cache evicting tails of entries (the engine's policy)
+    and whole entries (the policy before), interleaved by round."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+    from tritonvlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
+    from tritonvlm.engine.prefix_cache import PrefixCache
+    from tritonvlm.preprocessing import ChatPreprocessor
+
+    model_dir = str(bench.ensure_model(args.model_dir))
+    preprocess = ChatPreprocessor.from_pretrained(model_dir)
+    family = preprocess.family
+    model = family.strip_for_decoder(family.load_model(model_dir))
+    heads, head_dim = family.kv_geometry()
+    per_block = PagedKVCache.bytes_per_block(family.layer_kinds(), heads, head_dim, torch.float32)
+    budget = (-(-args.pressure_tokens // DEFAULT_BLOCK_SIZE) + 1) * per_block
+    config = EngineConfig(max_num_seqs=4, max_model_len=args.pressure_tokens, kv_cache_memory=str(budget))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    tail_first = PrefixCache.evict
+
+    def whole_entries(cache, keep=None) -> bool:  # the policy before: the LRU entry goes whole
+        if not cache._lru:
+            return False
+        cache._drop(next((e for e in cache._lru.values() if e is not keep), keep))
+        return True
+
+    def run(policy: str, seed: int) -> tuple[int, int, float]:
+        PrefixCache.evict = tail_first if policy == "tail blocks first" else whole_entries
+        engine = LLMEngine(model, preprocess.processor.tokenizer, config, family)
+        conversations = [
+            [{"role": "system", "content": system_prompt(seed * 100 + n, args.prefix_words)}]
+            for n in range(args.pressure)
+        ]
+        prompt_tokens = cached = 0
+        start = time.perf_counter()
+        for turn in range(args.turns):
+            for n, messages in enumerate(conversations):
+                messages.append({"role": "user", "content": f"Turn {turn}: which word comes {turn + n}th?"})
+                ids = preprocess(messages, []).input_ids.tolist()
+                outs = []
+                engine.add_request(f"c{n}-{turn}", ids, params, outs.append)
+                while not (outs and outs[-1].finished):
+                    engine.step()
+                text = "".join(o.text for o in outs)
+                messages.append({"role": "assistant", "content": text})
+                prompt_tokens += len(ids)
+                cached += outs[-1].cached_tokens
+        PrefixCache.evict = tail_first
+        return prompt_tokens, cached, time.perf_counter() - start
+
+    rows = []
+    for r in range(args.pressure_rounds):
+        for policy in ("whole entries", "tail blocks first"):
+            prompt_tokens, cached, seconds = run(policy, r)
+            rows.append((policy, prompt_tokens, cached, seconds))
+            bench.log(f"{policy}: {cached}/{prompt_tokens} prompt tokens cached, {seconds:.1f} s")
+    print(
+        f"\n{args.pressure} conversations x {args.turns} turns in turn, KV budget "
+        f"{args.pressure_tokens} tokens"
+    )
+    print("| eviction | prompt tokens | cached | computed | wall s |\n|---|---:|---:|---:|---:|")
+    for policy, prompt_tokens, cached, seconds in rows:
+        print(f"| {policy} | {prompt_tokens} | {cached} | {prompt_tokens - cached} | {seconds:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,12 +307,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--burst", type=int, default=0, help="N requests sharing a new prefix at once (engine), exit"
     )
+    parser.add_argument(
+        "--pressure",
+        type=int,
+        default=0,
+        help="N conversations taking turns in a small KV budget (engine), exit",
+    )
+    parser.add_argument("--pressure-tokens", type=int, default=2048, help="--pressure: KV budget in tokens")
+    parser.add_argument("--turns", type=int, default=4, help="--pressure: turns per conversation")
+    parser.add_argument("--pressure-rounds", type=int, default=2, help="--pressure: runs of each policy")
     args = parser.parse_args(argv)
     if args.lookups:
         lookup_costs()
         return 0
     if args.burst:
         burst_costs(args)
+        return 0
+    if args.pressure:
+        pressure_costs(args)
         return 0
     args.server_log_level = "warning"
     args.model_repository = bench.REPO_ROOT / "model_repository"

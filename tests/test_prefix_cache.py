@@ -152,9 +152,19 @@ def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
     stored(cache, pool, a)  # already covered: nothing new kept
     assert pool.used_blocks == used and len(cache.entries) == 2
     longer_a = next(e for e in cache.entries if e.tokens[0] == 1)
-    assert cache.evict(keep=longer_a) and cache.entries == [longer_a]  # the others go first
-    assert cache.evict(keep=longer_a) and cache.entries == [] and pool.used_blocks == 0
-    assert not cache.evict()
+    c_entry = next(e for e in cache.entries if e.tokens[0] == 3)
+    # Eviction gives back one block at a time, from the tail of the least recently used entry (the
+    # one to keep last): c shrinks block by block and goes below MIN_MATCH_TOKENS.
+    assert cache.evict(keep=longer_a) and len(c_entry.tokens) == 16 and pool.used_blocks == used - 1
+    assert cache.lookup([3] * 21, ()).length == 16  # what is left of c still matches
+    while cache.holds(c_entry):
+        assert cache.evict(keep=longer_a)
+    assert cache.entries == [longer_a] and len(longer_a.tokens) == 25 and pool.used_blocks == 7
+    assert cache.evict(keep=longer_a) and len(longer_a.tokens) == 24  # its partial last block first
+    assert cache.lookup(a + [9] * 5 + [1], ()).length == 24
+    while cache.evict():
+        pass
+    assert cache.entries == [] and pool.used_blocks == 0 and cache.tokens_held == 0
 
 
 def test_many_conversations_each_find_their_own_through_the_block_index(monkeypatch):
@@ -447,6 +457,41 @@ def test_entries_give_their_blocks_back_to_a_sequence_that_needs_them(kit):
     assert engine.stats.preemptions == 0
     engine.prefix_cache.clear()
     assert cache.allocator.used_blocks == len(spare)  # nothing else held
+
+
+def test_an_entry_cut_short_by_memory_pressure_still_serves_its_prefix(family_kit):
+    """A request needing two blocks more than are free takes them from the tail of the least recently
+    used entry, a finished conversation: the conversation's next turn then starts from what is left
+    of it (fewer cached tokens than the full entry, more than none) and gets generate()'s tokens."""
+    kit = family_kit("qwen2_5_vl")
+    engine = LLMEngine(
+        kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=512, max_num_seqs=2), kit.family
+    )
+    cache = engine.runner.cache
+    sink = Collector()
+    story = "Tell me a long story about " + " ".join(f"cat{i}" for i in range(40)) + "."
+    first = Case("first", conversation(story, 0))
+    run(engine, sink, "first", first, kit)
+    (entry,) = engine.prefix_cache.entries
+    held = len(entry.tokens)
+    other = Case("other", conversation("Write a poem about the sea.", 0))
+    ids, mm = kit.engine_inputs(other)
+    new = 40
+    spare = cache.allocator.allocate(cache.allocator.free_blocks - (cache.blocks_for(len(ids) + new) - 2))
+    engine.add_request("other", ids, SamplingParams(max_tokens=new, temperature=0.0), sink, mm)
+    while not sink.finished("other"):
+        engine.step()
+    assert sink.tokens("other") == kit.reference_tokens(other, new)
+    assert engine.prefix_cache.holds(entry) and held - 2 * cache.block_size <= len(entry.tokens) < held
+    assert engine.stats.preemptions == 0
+    cache.allocator.release(spare)
+    answer = kit.tokenizer.decode(sink.tokens("first"), skip_special_tokens=True)
+    later = Case("later", first.messages + [
+        {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}
+    ])  # fmt: skip
+    tokens = run(engine, sink, "later", later, kit)
+    assert tokens == kit.reference_tokens(later, MAX_NEW)
+    assert 0 < cached(sink, "later") <= len(entry.tokens) < held
 
 
 def test_engine_config_defaults_by_device():

@@ -63,7 +63,7 @@ class KVAdmission:
                 return False
             if not self.prefix_cache.evict(keep=match.entry if match else None):
                 return False
-            if match is not None and not self.prefix_cache.holds(match.entry):
+            if match is not None and not self.prefix_cache.still_valid(match):
                 match = self.prefix_cache.lookup(context, seq.image_marks)
         if not seq.resumed:  # (a resumed sequence reports its first admission's cached tokens)
             self.prefix_cache.record(seq.prompt_len, match)

@@ -13,8 +13,9 @@ match runs past an image's placeholders only when both prompts carry the same im
 turn that adds an image reuses everything before the new image.
 
 The cache never holds back a request: when a new sequence needs the blocks its entries hold, the
-least recently used entries let go of them (``evict``), and storing past ``capacity`` entries does the
-same.
+least recently used entry lets go of its last block, then the one before, and so on (``evict``): as
+in vLLM and SGLang, the tail of a conversation goes first and the rest of it stays a usable prefix.
+Storing past ``capacity`` entries drops the least recently used entry whole.
 
 Entries are found through their blocks, not by comparing prompts with each entry: every full block of
 an entry is indexed by a hash chained over the blocks before it (vLLM's automatic prefix caching does
@@ -265,12 +266,32 @@ class PrefixCache:
         self.tokens_held += len(tokens)
 
     def evict(self, keep: PrefixEntry | None = None) -> bool:
-        """Let go of the least recently used entry (``keep`` last of all); False when there is none."""
+        """Let go of the last block of the least recently used entry (``keep``'s last of all); an entry
+        left with fewer than :data:`MIN_MATCH_TOKENS` tokens goes. False when there is none."""
         if not self._lru:
             return False
         victim = next((e for e in self._lru.values() if e is not keep), keep)
-        self._drop(victim)
+        assert victim is not None
+        kept_blocks = len(victim.blocks) - 1
+        kept_tokens = min(len(victim.tokens), kept_blocks * self.block_size)
+        if kept_tokens < MIN_MATCH_TOKENS:
+            self._drop(victim)
+            return True
+        kept_keys = 1 + kept_tokens // self.block_size  # (chain: the first tokens' key, then one a block)
+        for key in victim.chain[kept_keys:]:
+            self._unindex(victim, key)
+        released = victim.blocks[kept_blocks:]
+        self.tokens_held -= len(victim.tokens) - kept_tokens
+        victim.chain = victim.chain[:kept_keys]
+        victim.blocks = victim.blocks[:kept_blocks]
+        victim.tokens = victim.tokens[:kept_tokens]
+        victim.marks = marks_within(victim.marks, kept_tokens)
+        self.blocks.release(released, cached=True)
         return True
+
+    def still_valid(self, match: PrefixMatch) -> bool:
+        """Whether ``match`` can still be used: its entry is held and still holds the matched tokens."""
+        return self.holds(match.entry) and match.length <= len(match.entry.tokens)
 
     def has_block(self, key: int) -> bool:
         """True while some entry holds the block with index key ``key`` (:func:`block_chain`)."""
@@ -288,12 +309,15 @@ class PrefixCache:
         del self._entries[id(entry)]
         del self._lru[id(entry)]
         for key in entry.chain:
-            holders = self._index[key]
-            del holders[id(entry)]
-            if not holders:
-                del self._index[key]
+            self._unindex(entry, key)
         self.tokens_held -= len(entry.tokens)
         self.blocks.release(entry.blocks, cached=True)
+
+    def _unindex(self, entry: PrefixEntry, key: int) -> None:
+        holders = self._index[key]
+        del holders[id(entry)]
+        if not holders:
+            del self._index[key]
 
 
 class BatchSharing:
