@@ -453,6 +453,58 @@ def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(nam
         assert sink.outputs["turn 2"][-1].cached_tokens >= len(first_ids) - 1 > image_a
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_images_processed_together_are_still_encoded_and_matched_one_by_one(name: str, family_kit) -> None:
+    """Families whose processor must see a request's images together (LLaVA-OneVision tiles an image
+    alone in its prompt, not one among others) still keep each image of a multi-image prompt as its own
+    entry: turn 2 re-sends A and B and adds C; every file is processed again, but only C is encoded,
+    the embeddings are bit for bit those of encoding all three at once, and turn 2 starts from turn 1's
+    keys/values up to C, with generate()'s answer."""
+    kit = family_kit(name)
+    limit = kit.family.max_images_per_prompt
+    two = conversation("Compare these.", 2)
+    a, b, c = make_image(64, 48, "red"), make_image(56, 84, "blue", "square"), make_image(48, 48, "green")
+    if kit.family.per_image_preprocessing or (limit is not None and limit < 3):
+        pytest.skip("not a family that processes images together but encodes them one by one")
+    assert kit.family.split_images(kit.preprocessor(two, [a, b]).mm) is not None
+    cache, calls, encoded = ImageCache(10**8), [], []
+    real = real_models(kit, kit.preprocessor, calls)
+
+    def models(model, inputs, outputs):
+        if model == wire.VISION_ENCODER_MODEL:
+            encoded.append(kit.family.split_images(wire.unpack_tensors(inputs[wire.MM_INPUTS])) or [None])
+        return real(model, inputs, outputs)
+
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=2048), kit.family)
+    sink = Collector()
+
+    def ask(rid: str, messages: list[dict], images: list[bytes]) -> tuple[list[int], dict, list]:
+        ids, mm, digests = model_inputs(chat(messages, images), models, cache, kit.family)
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in mm.items()}
+        engine.add_request(
+            rid, ids, SamplingParams(max_tokens=8, temperature=0.0), sink, tensors, None, None, digests
+        )
+        while not sink.finished(rid):
+            engine.step()
+        assert sink.tokens(rid) == kit.reference_tokens(Case(rid, messages, images), 8), rid
+        return ids, mm, digests
+
+    first_ids, _, first_digests = ask("turn 1", two, [a, b])
+    second = two + [
+        {"role": "assistant", "content": [{"type": "text", "text": sink.text("turn 1")}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
+    ]
+    encoded.clear()
+    ids, joined, digests = ask("turn 2", second, [a, b, c])
+    assert [len(parts) for parts in encoded] == [1]  # one encoder call, for C alone
+    whole = kit.engine_inputs(Case("all", second, [a, b, c]))[1]
+    for key, tensor in whole.items():
+        np.testing.assert_array_equal(joined[key], tensor.float().numpy())
+    assert digests[:2] == first_digests and len(digests) == 3
+    if kit.family.supports_prefix_cache:
+        assert sink.outputs["turn 2"][-1].cached_tokens >= len(first_ids) - 1
+
+
 @pytest.mark.parametrize("name", BOTH_PATHS)
 def test_image_files_of_an_evicted_entry_are_processed_again(name: str, family_kit) -> None:
     """The way from image files to an entry goes with the entry: the files are then preprocessed and

@@ -16,6 +16,10 @@ tower forward, then split back per image. Nothing is padded: padding each reques
 count (what the processor's 5-D ``pixel_values`` does within one call) would run the tower on up to
 36 all-zero tiles per request. Groups are capped at :attr:`LlavaOnevisionFamily.max_tiles_per_forward`
 tiles to bound the tower's activation memory (a single request is never split).
+
+Image-cache entries: the images of a multi-image prompt are each their base tile alone, so each is an
+entry of its own (:meth:`LlavaOnevisionFamily.split_images`, marked ``in_company``); encoded without the
+others, such an image still must not be tiled as if it were alone (:meth:`LlavaOnevisionFamily.as_sample`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PIXELS = "pixel_values"  # float32 [tiles of all images, 3, image_size, image_size], prompt order
 SIZES = "image_sizes"  # int64 [images, 2]: each image's original (height, width)
+# Marks the encoder input of images cut from a prompt with several (one per image, any value): each is
+# its base tile alone, whatever the number of images encoded with it.
+COMPANY = "in_company"
 
 
 class LlavaOnevisionFamily(Family):
@@ -97,8 +104,10 @@ class LlavaOnevisionFamily(Family):
     @torch.inference_mode()
     def encode(self, model: Any, batch: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """The tiles of several requests in one tower forward per group (see the module docstring)."""
+        samples = [self.as_sample(mm) for mm in batch]
         out: list[dict[str, torch.Tensor]] = []
-        for group in self.groups(batch):
+        keep = iter([kept for _, kept in samples])
+        for group in self.groups([mm for mm, _ in samples]):
             sizes = [mm[SIZES].long().reshape(-1, 2) for mm in group]
             features = model.model.get_image_features(
                 pixel_values=self.to_model(model, torch.cat([mm[PIXELS] for mm in group])),
@@ -108,8 +117,42 @@ class LlavaOnevisionFamily(Family):
             per_image = list(getattr(features, "pooler_output", features))
             for s in sizes:
                 mine, per_image = per_image[: len(s)], per_image[len(s) :]
-                out.append({IMAGE_EMBEDS: torch.cat(mine)})
+                out.append({IMAGE_EMBEDS: torch.cat(mine[: next(keep)])})
         return out
+
+    @staticmethod
+    def as_sample(mm: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """What the tower takes for one request's encoder input, and how many of its images to keep.
+        Images cut from a prompt with several (:meth:`split_images`) are each one base tile: encoded
+        as a prompt of several images, even one alone (it goes with a copy of itself, whose output is
+        dropped: ``get_image_features`` tiles an image that is alone in its prompt)."""
+        count = int(mm[SIZES].reshape(-1, 2).shape[0])
+        if COMPANY not in mm:
+            return mm, count
+        if count > 1:
+            return {PIXELS: mm[PIXELS], SIZES: mm[SIZES]}, count
+        return {PIXELS: mm[PIXELS].repeat(2, 1, 1, 1), SIZES: mm[SIZES].reshape(-1, 2).repeat(2, 1)}, 1
+
+    # ---- per-image cache entries ----------------------------------------------------------------------
+    def split_images(self, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+        """The images of a prompt with several (each its base tile alone), marked as such; an image
+        alone in its prompt is tiled by its size and stays one entry."""
+        pixels, sizes = inputs.get(PIXELS), inputs.get(SIZES)
+        if pixels is None or sizes is None or len(inputs) != 2:
+            return None
+        sizes = sizes.reshape(-1, 2)
+        if len(sizes) < 2 or pixels.shape[0] != len(sizes):
+            return None
+        company = np.ones(1, dtype=np.int64)
+        return [
+            {PIXELS: pixels[i : i + 1], SIZES: sizes[i : i + 1], COMPANY: company} for i in range(len(sizes))
+        ]
+
+    def split_encoded(
+        self, encoded: dict[str, np.ndarray], images: list[dict[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Each image is one base tile and its newline: the same number of rows each."""
+        return [{IMAGE_EMBEDS: rows} for rows in np.split(encoded[IMAGE_EMBEDS], len(images))]
 
     def groups(self, batch: list[dict[str, torch.Tensor]]) -> Iterator[list[dict[str, torch.Tensor]]]:
         """Consecutive requests with at most :attr:`max_tiles_per_forward` tiles together (a request

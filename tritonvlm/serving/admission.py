@@ -19,8 +19,11 @@ from tritonvlm.serving.model_calls import (
     ModelCall,
     StageError,
     encode,
+    encode_parts,
     layout_refused,
+    per_image_digests,
     prompt_ids,
+    tensors_key,
 )
 from tritonvlm.serving.per_image_admission import per_image_inputs
 from tritonvlm.wire import InvalidRequestError
@@ -81,6 +84,9 @@ def model_inputs(
             layout_refused(exc, image_cache)  # (re-raises the client's own mistakes)
         else:
             ids = prompt_ids(pre)
+            if len(keys) > 1:  # the images were kept apart (Family.split_images)
+                assert family is not None
+                return ids, family.join_images(encoded), per_image_digests(encoded, keys)
             own = wire.unpack_tensors(pre[wire.MM_INPUTS])
             return ids, {**encoded[0], **own}, whole_set_digests(ids, family, keys[0], own)
     if images is not None:
@@ -93,11 +99,21 @@ def model_inputs(
     if not use_cache:
         return ids, encode(call, packed), whole_set_digests(ids, family, content_key(packed), {})
     assert image_cache is not None
-    tensors = wire.unpack_tensors(packed) if prompt_tensors else {}
+    layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
+    tensors = wire.unpack_tensors(packed)
+    parts = family.split_images(tensors) if family is not None and not prompt_tensors else None
+    if parts:  # each image its own entry (a set's files are still remembered as one)
+        assert family is not None
+        keys = [tensors_key(part) for part in parts]
+        outputs = image_cache.get_or_compute_each(
+            keys, lambda indices: encode_parts(call, family, parts, indices)
+        )
+        if files_key is not None and layout:
+            image_cache.remember_files(files_key, keys, layout)
+        return ids, family.join_images(outputs), per_image_digests(outputs, keys)
     own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
     image_key = content_key(wire.pack_tensors(tensors)) if prompt_tensors else content_key(packed)
     encoded = image_cache.get_or_compute(image_key, lambda: encode(call, packed))
-    layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
     if files_key is not None and layout:
         image_cache.remember_files(files_key, [image_key], layout)
     return ids, {**encoded, **own}, whole_set_digests(ids, family, image_key, own)

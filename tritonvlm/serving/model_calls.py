@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tritonvlm import wire
-from tritonvlm.families.base import IMAGE_EMBEDS
+from tritonvlm.families.base import IMAGE_EMBEDS, Family
 from tritonvlm.serving.image_cache import ImageCache
 
 log = logging.getLogger("tritonvlm.vlm")
@@ -50,6 +50,15 @@ def encode(call: ModelCall, packed: np.ndarray) -> dict[str, np.ndarray]:
     """The vision encoder's output for a packed encoder input (``MM_INPUTS`` bytes as UINT8)."""
     out = call(wire.VISION_ENCODER_MODEL, {wire.MM_INPUTS: packed.reshape(1, -1)}, [wire.MM_EMBEDS])
     return wire.unpack_tensors(out[wire.MM_EMBEDS])
+
+
+def encode_parts(
+    call: ModelCall, family: Family, parts: list[dict[str, np.ndarray]], indices: list[int]
+) -> list:
+    """The encoder outputs of the images ``parts[i]`` for ``i`` in ``indices`` (``Family.split_images``
+    parts), from one encoder call on them joined."""
+    chosen = [parts[i] for i in indices]
+    return family.split_encoded(encode(call, wire.pack_array(family.join_images(chosen))), chosen)
 
 
 def tensors_key(tensors: dict[str, np.ndarray]) -> bytes:

@@ -20,7 +20,7 @@ from tritonvlm.serving.model_calls import (
     ImageDigests,
     ModelCall,
     StageError,
-    encode,
+    encode_parts,
     layout_refused,
     per_image_digests,
     prompt_ids,
@@ -103,10 +103,7 @@ class _Request:
         keys = [tensors_key(part) for part in parts]
 
         def encode_each(indices: list[int]) -> list[Tensors]:
-            chosen = [parts[i] for i in indices]
-            return family.split_encoded(
-                encode(self.call, wire.pack_array(family.join_images(chosen))), chosen
-            )
+            return encode_parts(self.call, family, parts, indices)
 
         outputs = self.cache.get_or_compute_each(keys, encode_each) if parts else []
         new = [i for i in range(len(self.files)) if i not in self.known]
