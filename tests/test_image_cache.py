@@ -322,6 +322,31 @@ def real_models(kit, preprocessor: ChatPreprocessor, calls: list[str]):
 BOTH_PATHS = ("qwen2_5_vl", "llava_onevision")
 
 
+def refusing_layouts(real, calls: list[str]):
+    """``real`` models, but `preprocess` fails (an internal error) on CACHED_LAYOUT, as a processor the
+    layout replay does not suit would."""
+
+    def call(name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        if wire.CACHED_LAYOUT in inputs:
+            calls.append("failed")
+            raise StageError("preprocess failed: this processor reads pixel values")
+        return real(name, inputs, outputs)
+
+    return call
+
+
+def as_triton(real):
+    """``real`` models whose client errors come back as Triton sends them: a StageError in the wire shape."""
+
+    def call(name: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        try:
+            return real(name, inputs, outputs)
+        except InvalidRequestError as exc:
+            raise StageError(exc.to_wire()) from exc
+
+    return call
+
+
 def chat(messages: list[dict], images: list[bytes]) -> dict[str, np.ndarray]:
     return {
         wire.MESSAGES: np.array([json.dumps(messages).encode()], dtype=object),
@@ -389,6 +414,41 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     assert calls.count(wire.VISION_ENCODER_MODEL) == 1
 
 
+class Talk:
+    """Requests through admission (the real preprocess and encoder, an image cache) into an engine,
+    each checked against generate(); what the encoder got (its input split per image) and how many
+    image files preprocess got, call by call."""
+
+    def __init__(self, kit, max_model_len: int) -> None:
+        self.kit, self.cache = kit, ImageCache(10**8)
+        self.encoded: list[list] = []
+        self.files: list[int] = []
+        self.real = real_models(kit, kit.preprocessor, [])
+        config = EngineConfig(max_model_len=max_model_len)
+        self.engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+        self.sink = Collector()
+
+    def models(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        if model == wire.VISION_ENCODER_MODEL:
+            tensors = wire.unpack_tensors(inputs[wire.MM_INPUTS])
+            self.encoded.append(self.kit.family.split_images(tensors) or [tensors])
+        else:
+            self.files.append(sum(1 for data in inputs.get(wire.IMAGES, []) if len(data)))
+        return self.real(model, inputs, outputs)
+
+    def ask(self, rid: str, messages: list[dict], images: list[bytes]) -> tuple[list[int], dict, list]:
+        """``(ids, tensors, image digests)`` of one request, run in the engine to its end."""
+        kit, sink = self.kit, self.sink
+        ids, mm, digests = model_inputs(chat(messages, images), self.models, self.cache, kit.family)
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in mm.items()}
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        self.engine.add_request(rid, ids, params, sink, tensors, None, None, digests)
+        while not sink.finished(rid):
+            self.engine.step()
+        assert sink.tokens(rid) == kit.reference_tokens(Case(rid, messages, images), 8), rid
+        return ids, mm, digests
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(name: str, family_kit) -> None:
     """Turn 2 re-sends image A with the first answer and adds image B: only B's file is decoded and
@@ -399,47 +459,24 @@ def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(nam
     kit = family_kit(name)
     if not kit.family.per_image_preprocessing:
         pytest.skip("this family keeps a request's images as one cache entry")
-    cache, calls, encoded = ImageCache(10**8), [], []
-    real = real_models(kit, kit.preprocessor, calls)
-
-    files: list[int] = []  # image files preprocess got, per call
-
-    def models(model, inputs, outputs):
-        if model == wire.VISION_ENCODER_MODEL:
-            encoded.append(kit.family.split_images(wire.unpack_tensors(inputs[wire.MM_INPUTS])))
-        else:
-            files.append(sum(1 for data in inputs.get(wire.IMAGES, []) if len(data)))
-        return real(model, inputs, outputs)
-
-    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
-    sink = Collector()
+    talk = Talk(kit, max_model_len=1024)
+    encoded, files, sink, cache = talk.encoded, talk.files, talk.sink, talk.cache
     a, b = make_image(64, 48, "red"), make_image(56, 84, "blue", "square")
     first = conversation("What is in this image?", 1)
 
-    def ask(rid: str, messages: list[dict], images: list[bytes]) -> tuple[list[int], list]:
-        ids, mm, digests = model_inputs(chat(messages, images), models, cache, kit.family)
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in mm.items()}
-        engine.add_request(
-            rid, ids, SamplingParams(max_tokens=8, temperature=0.0), sink, tensors, None, None, digests
-        )
-        while not sink.finished(rid):
-            engine.step()
-        assert sink.tokens(rid) == kit.reference_tokens(Case(rid, messages, images), 8), rid
-        return ids, digests
-
-    first_ids, first_digests = ask("turn 1", first, [a])
+    first_ids, _, first_digests = talk.ask("turn 1", first, [a])
     second = first + [
         {"role": "assistant", "content": [{"type": "text", "text": sink.text("turn 1")}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
     ]
     encoded.clear()
     files.clear()
-    ids, digests = ask("turn 2", second, [a, b])
+    ids, _, digests = talk.ask("turn 2", second, [a, b])
     (only,) = encoded  # one encoder call, for B alone
     (b_input,) = only
     assert files == [1]  # A came as its layout
     whole = kit.engine_inputs(Case("both", second, [a, b]))[1]
-    _, joined, again = model_inputs(chat(second, [a, b]), models, cache, kit.family)
+    _, joined, again = model_inputs(chat(second, [a, b]), talk.models, cache, kit.family)
     assert files == [1, 0] and len(encoded) == 1 and again == digests
     for key, tensor in whole.items():
         np.testing.assert_array_equal(
@@ -467,27 +504,8 @@ def test_images_processed_together_are_still_encoded_and_matched_one_by_one(name
     if kit.family.per_image_preprocessing or (limit is not None and limit < 3):
         pytest.skip("not a family that processes images together but encodes them one by one")
     assert kit.family.split_images(kit.preprocessor(two, [a, b]).mm) is not None
-    cache, calls, encoded = ImageCache(10**8), [], []
-    real = real_models(kit, kit.preprocessor, calls)
-
-    def models(model, inputs, outputs):
-        if model == wire.VISION_ENCODER_MODEL:
-            encoded.append(kit.family.split_images(wire.unpack_tensors(inputs[wire.MM_INPUTS])) or [None])
-        return real(model, inputs, outputs)
-
-    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=2048), kit.family)
-    sink = Collector()
-
-    def ask(rid: str, messages: list[dict], images: list[bytes]) -> tuple[list[int], dict, list]:
-        ids, mm, digests = model_inputs(chat(messages, images), models, cache, kit.family)
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in mm.items()}
-        engine.add_request(
-            rid, ids, SamplingParams(max_tokens=8, temperature=0.0), sink, tensors, None, None, digests
-        )
-        while not sink.finished(rid):
-            engine.step()
-        assert sink.tokens(rid) == kit.reference_tokens(Case(rid, messages, images), 8), rid
-        return ids, mm, digests
+    talk = Talk(kit, max_model_len=2048)
+    encoded, sink, ask = talk.encoded, talk.sink, talk.ask
 
     first_ids, _, first_digests = ask("turn 1", two, [a, b])
     second = two + [
@@ -537,11 +555,7 @@ def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(name: 
     calls: list[str] = []
     real = real_models(kit, kit.preprocessor, calls)
 
-    def failing_layouts(name, inputs, outputs):
-        if wire.CACHED_LAYOUT in inputs:
-            calls.append("failed")
-            raise StageError("preprocess failed: this processor reads pixel values")
-        return real(name, inputs, outputs)
+    failing_layouts = refusing_layouts(real, calls)
 
     cache = ImageCache(10**8)
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
@@ -555,17 +569,13 @@ def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(name: 
     model_inputs(chat([turn], [image]), failing_layouts, cache, kit.family)
     assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES]  # the layout is not tried again
 
-    def as_triton(name, inputs, outputs):  # a client error comes back from Triton as a StageError
-        try:
-            return real(name, inputs, outputs)
-        except InvalidRequestError as exc:
-            raise StageError(exc.to_wire()) from exc
+    triton = as_triton(real)
 
     other = ImageCache(10**8)
-    model_inputs(chat([turn], [image]), as_triton, other, kit.family)
+    model_inputs(chat([turn], [image]), triton, other, kit.family)
     two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
     with pytest.raises(StageError, match="2 image parts but 1"):
-        model_inputs(chat(two, [image]), as_triton, other, kit.family)
+        model_inputs(chat(two, [image]), triton, other, kit.family)
     assert other.lookup_files(images_key(np.array([image], dtype=object))) is not None  # still on
 
 
@@ -577,11 +587,7 @@ def test_a_refused_mixed_layout_falls_back_to_all_the_images(family_kit) -> None
     calls: list[str] = []
     real = real_models(kit, kit.preprocessor, calls)
 
-    def failing_layouts(name, inputs, outputs):
-        if wire.CACHED_LAYOUT in inputs:
-            calls.append("failed")
-            raise StageError("preprocess failed: this processor reads pixel values")
-        return real(name, inputs, outputs)
+    failing_layouts = refusing_layouts(real, calls)
 
     cache = ImageCache(10**8)
     a, b = make_image(64, 48, "red"), make_image(56, 84, "blue", "square")
@@ -606,21 +612,17 @@ def test_a_bad_new_image_beside_a_known_one_is_the_clients_error_alone(family_ki
     calls: list[str] = []
     real = real_models(kit, kit.preprocessor, calls)
 
-    def as_triton(name, inputs, outputs):  # a client error comes back from Triton as a StageError
-        try:
-            return real(name, inputs, outputs)
-        except InvalidRequestError as exc:
-            raise StageError(exc.to_wire()) from exc
+    triton = as_triton(real)
 
     cache = ImageCache(10**8)
     a = make_image(64, 48, "red")
     one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
-    model_inputs(chat(one, [a]), as_triton, cache, kit.family)
+    model_inputs(chat(one, [a]), triton, cache, kit.family)
     with pytest.raises(StageError, match="image 1 could not be decoded"):
-        model_inputs(chat(two, [a, b"not an image"]), as_triton, cache, kit.family)
+        model_inputs(chat(two, [a, b"not an image"]), triton, cache, kit.family)
     calls.clear()
-    model_inputs(chat(one, [a]), as_triton, cache, kit.family)
+    model_inputs(chat(one, [a]), triton, cache, kit.family)
     assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]  # still replayed from its layout
 
 
