@@ -220,7 +220,9 @@ def test_images_in_flight_for_another_request_are_waited_for_and_failures_retrie
         leader = pool.submit(cache.get_or_compute_each, [b"x"], slow_then_fail)
         assert started.wait(5)
         waiter = pool.submit(cache.get_or_compute_each, [b"y", b"x"], works)
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while not computed and time.monotonic() < deadline:  # (its lookups come before computing)
+            time.sleep(0.01)
         assert computed == [[0]]  # y computed at once; x waits for the leader's call
         release.set()
         with pytest.raises(RuntimeError, match="encoder down"):
