@@ -19,11 +19,10 @@ from tritonvlm.serving.model_calls import (
     ModelCall,
     StageError,
     encode,
-    encode_parts,
+    encode_images,
     layout_refused,
     per_image_digests,
     prompt_ids,
-    tensors_key,
 )
 from tritonvlm.serving.per_image_admission import per_image_inputs
 from tritonvlm.wire import InvalidRequestError
@@ -104,10 +103,7 @@ def model_inputs(
     parts = family.split_images(tensors) if family is not None and not prompt_tensors else None
     if parts:  # each image its own entry (a set's files are still remembered as one)
         assert family is not None
-        keys = [tensors_key(part) for part in parts]
-        outputs = image_cache.get_or_compute_each(
-            keys, lambda indices: encode_parts(call, family, parts, indices)
-        )
+        outputs, keys = encode_images(call, image_cache, family, parts)
         if files_key is not None and layout:
             image_cache.remember_files(files_key, keys, layout)
         return ids, family.join_images(outputs), per_image_digests(outputs, keys)

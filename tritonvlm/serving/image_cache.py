@@ -135,29 +135,7 @@ class ImageCache:
         another thread, or ``compute()``'s (kept if they fit). The returned arrays are read-only and
         shared: copy before writing. An exception of ``compute`` reaches its caller only; requests
         that waited on it try again themselves."""
-        if not self.enabled:
-            with self._lock:
-                self._stats.misses += 1
-            return compute()
-        while True:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    self._entries.move_to_end(key)
-                    self._stats.hits += 1
-                    return entry[0]
-                pending = self._pending.get(key)
-                leader = pending is None
-                if leader:
-                    pending = self._pending[key] = _Pending()
-                    self._stats.misses += 1
-            if leader:
-                return self._compute(key, pending, compute)
-            pending.done.wait()
-            if pending.value is not None:
-                with self._lock:
-                    self._stats.hits += 1
-                return pending.value
+        return self.get_or_compute_each([key], lambda indices: [compute()])[0]
 
     def get_or_compute_each(
         self, keys: Sequence[bytes], compute: Callable[[list[int]], list[Tensors]]
@@ -188,14 +166,21 @@ class ImageCache:
                     self._stats.misses += 1
         if mine:
             self._compute_each(mine, keys, compute, results)
+        failed = []
         for i, pending in waits.items():
             pending.done.wait()
-            if pending.value is None:  # that call failed: compute it here
-                results[i] = self.get_or_compute(keys[i], lambda i=i: compute([i])[0])
+            if pending.value is None:  # that call failed: try again here
+                failed.append(i)
                 continue
             with self._lock:
                 self._stats.hits += 1
             results[i] = pending.value
+        if failed:
+            again = self.get_or_compute_each(
+                [keys[i] for i in failed], lambda indices: compute([failed[j] for j in indices])
+            )
+            for i, value in zip(failed, again, strict=True):
+                results[i] = value
         return results  # type: ignore[return-value]
 
     def _compute_each(
@@ -269,25 +254,6 @@ class ImageCache:
         with self._lock:
             self._remember_files = False
             self._files.clear()
-
-    def _compute(self, key: bytes, pending: _Pending, compute: Callable[[], Tensors]) -> Tensors:
-        try:
-            value = compute()
-            for array in value.values():
-                array.flags.writeable = False
-        except BaseException:
-            with self._lock:
-                del self._pending[key]
-            pending.done.set()
-            raise
-        try:
-            with self._lock:
-                del self._pending[key]
-                self._insert(key, value)
-        finally:  # the waiters get the value even if keeping it failed
-            pending.value = value
-            pending.done.set()
-        return value
 
     def _insert(self, key: bytes, value: Tensors) -> None:
         """Keep ``value`` unless it alone is over the capacity; evict the oldest entries to fit it.

@@ -52,13 +52,18 @@ def encode(call: ModelCall, packed: np.ndarray) -> dict[str, np.ndarray]:
     return wire.unpack_tensors(out[wire.MM_EMBEDS])
 
 
-def encode_parts(
-    call: ModelCall, family: Family, parts: list[dict[str, np.ndarray]], indices: list[int]
-) -> list:
-    """The encoder outputs of the images ``parts[i]`` for ``i`` in ``indices`` (``Family.split_images``
-    parts), from one encoder call on them joined."""
-    chosen = [parts[i] for i in indices]
-    return family.split_encoded(encode(call, wire.pack_array(family.join_images(chosen))), chosen)
+def encode_images(
+    call: ModelCall, cache: ImageCache, family: Family, parts: list[dict[str, np.ndarray]]
+) -> tuple[list[dict[str, np.ndarray]], list[bytes]]:
+    """Each image's encoder output and cache key, for the parts of ``Family.split_images``: held in
+    ``cache``, or from one encoder call on the missing ones joined."""
+    keys = [tensors_key(part) for part in parts]
+
+    def encode_missing(indices: list[int]) -> list[dict[str, np.ndarray]]:
+        chosen = [parts[i] for i in indices]
+        return family.split_encoded(encode(call, wire.pack_array(family.join_images(chosen))), chosen)
+
+    return (cache.get_or_compute_each(keys, encode_missing) if parts else []), keys
 
 
 def tensors_key(tensors: dict[str, np.ndarray]) -> bytes:

@@ -20,11 +20,10 @@ from tritonvlm.serving.model_calls import (
     ImageDigests,
     ModelCall,
     StageError,
-    encode_parts,
+    encode_images,
     layout_refused,
     per_image_digests,
     prompt_ids,
-    tensors_key,
 )
 
 OUTPUTS = [wire.INPUT_IDS, wire.MM_INPUTS, wire.IMAGE_LAYOUT]
@@ -100,12 +99,7 @@ class _Request:
         parts = family.split_images(packed) if packed else []
         if parts is None:
             raise ValueError(f"{family.name}: preprocess output does not split per image")
-        keys = [tensors_key(part) for part in parts]
-
-        def encode_each(indices: list[int]) -> list[Tensors]:
-            return encode_parts(self.call, family, parts, indices)
-
-        outputs = self.cache.get_or_compute_each(keys, encode_each) if parts else []
+        outputs, keys = encode_images(self.call, self.cache, family, parts)
         new = [i for i in range(len(self.files)) if i not in self.known]
         layouts = unpack_image_layouts(wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))) or {}
         if len(parts) != len(new):  # several parts per image (pan-and-scan crops): none were known
