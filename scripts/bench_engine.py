@@ -20,6 +20,9 @@ batch at its full length).
     python scripts/bench_engine.py --skip-generate --json out.json
     python scripts/bench_engine.py --batches 16 --max-model-len 4096 --kv-cache-memory 130MiB --skip-generate
                                     # KV by use: 16 short requests in 4 full-length sequences' memory
+    python scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare --long-prompt-tokens 8000
+                                    # GPU: the Triton decode-attention kernel beside the gathered blocks,
+                                    # one request of each batch with a long prompt (the others short)
 """
 
 from __future__ import annotations
@@ -185,12 +188,14 @@ def bench_engine(
     batch: int,
     args: Any,
     cuda_graphs: bool = True,
+    decode_attention: str = "auto",
 ) -> dict:
     """One measured pass of ``batch`` requests started at once, after an identical warm-up pass (which
     also captures the CUDA graphs the measured pass replays)."""
     from tritonvlm.engine import EngineConfig, LLMEngine
 
-    max_len = args.max_model_len or len(prompt) + args.output_tokens + 8
+    prompts = pass_prompts(prompt, batch, args)
+    max_len = args.max_model_len or max(map(len, prompts)) + args.output_tokens + 8
     config = EngineConfig(
         max_num_seqs=batch,
         max_model_len=max_len,
@@ -198,10 +203,11 @@ def bench_engine(
         prefix_cache_slots=0,  # identical prompts: the cache would skip the prefill being measured
         cuda_graphs=cuda_graphs,
         kv_cache_memory=args.kv_cache_memory or "",
+        decode_attention=decode_attention,
     )
     engine = LLMEngine(model, tokenizer, config, family)
-    engine_pass(engine, prompt, batch, args, "warm")
-    result = engine_pass(engine, prompt, batch, args, "run")
+    engine_pass(engine, prompts, args, "warm")
+    result = engine_pass(engine, prompts, args, "run")
     stats = engine.stats
     return {
         **result,
@@ -209,12 +215,23 @@ def bench_engine(
         "kv_peak_tokens": stats.kv_tokens_peak,
         "kv_peak_mib": stats.kv_bytes_peak / 2**20,
         "kv_capacity_mib": stats.kv_bytes_capacity / 2**20,
+        "decode_attention": engine.runner.decode_attention,
     }
 
 
-def engine_pass(engine: Any, prompt: list[int], batch: int, args: Any, tag: str) -> dict:
+def pass_prompts(prompt: list[int], batch: int, args: Any) -> list[list[int]]:
+    """The prompts of one pass: ``batch`` times ``prompt``, the first one ``--long-prompt-tokens`` long
+    when given (the same tokens repeated)."""
+    prompts = [prompt] * batch
+    if args.long_prompt_tokens:
+        prompts[0] = (prompt * -(-args.long_prompt_tokens // len(prompt)))[: args.long_prompt_tokens]
+    return prompts
+
+
+def engine_pass(engine: Any, prompts: list[list[int]], args: Any, tag: str) -> dict:
     from tritonvlm.engine import SamplingParams
 
+    batch = len(prompts)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
     first: dict[str, float] = {}
     done: set[str] = set()
@@ -226,7 +243,7 @@ def engine_pass(engine: Any, prompt: list[int], batch: int, args: Any, tag: str)
 
     sync(engine.runner.device)
     start = time.perf_counter()
-    for i in range(batch):
+    for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}{i}", prompt, params, sink)
     decode_start = None
     steps_before = engine.stats.decode_steps
@@ -292,6 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         default="true",
         help="on CUDA: decode from CUDA graphs (true), eagerly (false), or both side by side (compare)",
     )
+    parser.add_argument(
+        "--decode-attention",
+        choices=("auto", "triton", "gather", "compare"),
+        default="auto",
+        help="the engine's decode attention; compare: the Triton kernel and the gathered blocks side by side",
+    )
+    parser.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=0,
+        help="give the first request of each batch a prompt this long (the others --prompt-tokens)",
+    )
     args = parser.parse_args(argv)
 
     device, dtype, gpu = setup_device(args)
@@ -312,17 +341,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows = []
         graphs = gpu and args.cuda_graphs != "false"
+        attention = "triton" if args.decode_attention == "compare" else args.decode_attention
         for batch in batches:
             log(f"batch {batch}: engine" + (" (CUDA graphs)" if graphs else ""))
             row: dict[str, Any] = {
                 "batch": batch,
-                **bench_engine(model, family, tokenizer, prompt, batch, args, cuda_graphs=graphs),
+                **bench_engine(
+                    model, family, tokenizer, prompt, batch, args, graphs, decode_attention=attention
+                ),
             }
+            if args.decode_attention == "compare":
+                log(f"batch {batch}: engine, decode attention over gathered blocks")
+                gathered = bench_engine(
+                    model, family, tokenizer, prompt, batch, args, graphs, decode_attention="gather"
+                )
+                row["gather_tok_s"], row["gather_ms_per_step"] = gathered["tok_s"], gathered["ms_per_step"]
             if graphs and args.cuda_graphs == "compare":
                 log(f"batch {batch}: engine, eager")
                 eager = bench_engine(model, family, tokenizer, prompt, batch, args, cuda_graphs=False)
                 row["eager_tok_s"], row["eager_ms_per_step"] = eager["tok_s"], eager["ms_per_step"]
-            if not args.skip_generate:
+            if not args.skip_generate and not args.long_prompt_tokens:  # generate(): same-length rows
                 log(f"batch {batch}: generate()")
                 row["generate_tok_s"] = bench_generate(model, prompt, batch, args)
             row["floor_tok_s"] = batch / floor_s
@@ -330,14 +368,19 @@ def main(argv: list[str] | None = None) -> int:
             shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
             log(f"batch {batch}: {json.dumps(shown)}")
 
+    long = f" (the first {args.long_prompt_tokens})" if args.long_prompt_tokens else ""
     print(
-        f"\nengine alone: {args.shape} on {device} ({dtype}), prompt {args.prompt_tokens} tokens, "
-        f"{args.output_tokens} output tokens, all requests started at once"
+        f"\nengine alone: {args.shape} on {device} ({dtype}), prompt {args.prompt_tokens} tokens{long}, "
+        f"{args.output_tokens} output tokens, all requests started at once; decode attention: "
+        f"{rows[0]['decode_attention'] if rows else '-'}"
     )
     columns = ["batch", "engine tok/s", "ms/step", "TTFT ms", "generate() tok/s", "engine/generate"]
     compare = any("eager_tok_s" in row for row in rows)
+    gather = any("gather_tok_s" in row for row in rows)
     if compare:
         columns += ["eager tok/s", "eager ms/step"]
+    if gather:
+        columns += ["gather tok/s", "gather ms/step"]
     columns += ["floor tok/s", "step/floor"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -355,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if compare:
             cells += [f"{row.get('eager_tok_s', 0):,.1f}", f"{row.get('eager_ms_per_step', 0):.2f}"]
+        if gather:
+            cells += [f"{row.get('gather_tok_s', 0):,.1f}", f"{row.get('gather_ms_per_step', 0):.2f}"]
         cells += [f"{row['floor_tok_s']:,.0f}", f"{step / (1000 * floor_s):.1f}x"]
         print("| " + " | ".join(cells) + " |")
     print("\n| batch | sequences at once | KV peak tokens | KV peak MiB (blocks held) | KV capacity MiB |")

@@ -40,10 +40,17 @@ log "GPU tests (every family, fp32 and bf16)"
 timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
   --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
 
-log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs and eager side by side"
-timeout "${BENCH_TIMEOUT:-240}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --cuda-graphs compare \
+log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs; decode attention kernel and gathered blocks side by side"
+timeout "${BENCH_TIMEOUT:-240}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
   --skip-generate --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 \
   | tee "$OUT/bench_engine.txt" | tail -12 || log "engine benchmark failed or timed out"
+if [ -z "${SKIP_LONG:-}" ]; then
+  log "engine benchmark, mixed lengths: one request of each batch with a 4,000-token prompt"
+  timeout "${LONG_TIMEOUT:-120}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
+    --skip-generate --batches "${LONG_BATCHES:-16,128}" --long-prompt-tokens 4000 \
+    --json "$OUT/bench_engine_long.json" 2>&1 | tee "$OUT/bench_engine_long.txt" | tail -10 \
+    || log "mixed-length engine benchmark failed or timed out"
+fi
 if [ -z "${SKIP_CHUNKED:-}" ]; then
   log "chunked prefill: 32 sequences decoding when an 8,000-token prompt arrives (7B shape, bf16)"
   timeout "${CHUNKED_TIMEOUT:-90}" $PY scripts/bench_chunked_prefill.py --shape qwen2.5-vl-7b \

@@ -77,6 +77,7 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     )
     engine = LLMEngine(model, tokenizer, config, family)
     assert engine.runner.device.type == "cuda"
+    assert engine.runner.decode_attention == "triton"  # the kernel passed its check and serves the family
     tokens = run_staggered(engine, cases)
     if tight:
         print(f"\n{family.name} {dtype}: {engine.stats.preemptions} preemptions")
@@ -127,13 +128,34 @@ def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
     assert results["first"][1] == 0 and results["again"][1] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_attention_kernel_on_cuda_matches_a_softmax_over_each_rows_blocks(dtype):
+    """The compiled kernel (the CPU tests run it interpreted): mixed lengths, an empty row, 1 and 8
+    splits, Qwen2.5-VL-7B's head grouping, against the plain reference."""
+    from test_paged_attention import paged_inputs
+
+    from tritonvlm.engine import paged_attention as pa
+
+    inputs = paged_inputs([1, 17, 0, 150, 64, 2000], 28, 4, 128, dtype)
+    query, keys, values, tables, lengths = (t.cuda() for t in inputs)
+    want = pa.reference_decode_attention(query.float(), keys.float(), values.float(), tables, lengths, 0.088)
+    for splits in (1, 8):
+        got = pa.paged_decode_attention(query, keys, values, tables, lengths, 0.088, splits)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
 def test_gpu_decode_throughput_figure(family_kit, capsys):
-    """Prints batch-1 and batch-16 decode rates on the GPU, CUDA graphs and eager (a figure)."""
+    """Prints batch-1 and batch-16 decode rates on the GPU: CUDA graphs with the decode-attention
+    kernel, with gathered blocks, and eager (a figure)."""
     kit = family_kit("qwen2_5_vl")
     model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.bfloat16)
     ids = kit.preprocessor([{"role": "user", "content": "Tell me a story."}], []).input_ids.tolist()
-    for batch, graphs in ((1, True), (1, False), (16, True), (16, False)):
-        config = EngineConfig(max_model_len=512, max_num_seqs=batch, cuda_graphs=graphs)
+    runs = [(b, g, a) for b in (1, 16) for g, a in ((True, "triton"), (True, "gather"), (False, "triton"))]
+    for batch, graphs, attention in runs:
+        config = EngineConfig(
+            max_model_len=512, max_num_seqs=batch, cuda_graphs=graphs, decode_attention=attention
+        )
         engine = LLMEngine(model, kit.tokenizer, config, kit.family_cls(model.config))
         finished: list[str] = []
         params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
@@ -149,7 +171,7 @@ def test_gpu_decode_throughput_figure(family_kit, capsys):
         rate = batch * 128 / (time.perf_counter() - start)
         with capsys.disabled():
             mode = "CUDA graphs" if graphs else "eager"
-            print(f"\n[gpu] tiny model, batch {batch}, {mode}: {rate:.0f} output tokens/s")
+            print(f"\n[gpu] tiny model, batch {batch}, {mode}, {attention}: {rate:.0f} output tokens/s")
         assert rate > 0
 
 

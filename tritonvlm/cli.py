@@ -67,6 +67,7 @@ ENGINE_SETTINGS = (
     "kv_cache_memory",
     "prefix_cache_slots",
     "cuda_graphs",
+    "decode_attention",
     "image_cache_memory",
     "device",
     "dtype",
@@ -254,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         choices=("true", "false"),
         help="on CUDA, replay decode steps from CUDA graphs (default true); false decodes eagerly",
+    )
+    model.add_argument(
+        "--decode-attention",
+        choices=("auto", "triton", "gather"),
+        help="how decode steps attend over the KV blocks: triton (a kernel reading each sequence's own "
+        "blocks), gather (the blocks copied into one tensor padded to the longest sequence, for SDPA); "
+        "auto (default): triton on CUDA when its start-up check passes, gather otherwise",
     )
     model.add_argument(
         "--image-cache-memory",

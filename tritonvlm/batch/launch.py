@@ -33,6 +33,7 @@ class TritonOptions:
     kv_cache_memory: str | None = None
     prefix_cache_slots: int | None = None
     cuda_graphs: str | None = None
+    decode_attention: str | None = None
     image_cache_memory: str | None = None
     device: str | None = None
     dtype: str | None = None

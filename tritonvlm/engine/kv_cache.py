@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tritonvlm.engine import paged_attention
 from tritonvlm.engine.block_manager import BlockAllocator
 from tritonvlm.families.base import FULL, LayerKind
 
@@ -129,6 +130,11 @@ class PagedKVCache:
         self._write_at: torch.Tensor | None = None  # flat pool index of each new key (full layers)
         self._prompt_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (row, token) of each prompt key
         self._read_blocks: torch.Tensor | None = None  # [rows, blocks] attended in position order
+        # Decode attention over the full layers by paged_attention's kernel (set by the runner): their
+        # update then only writes, and attention reads each row's own blocks up to its own length.
+        self.decode_kernel = False
+        self._decode_lengths: torch.Tensor | None = None
+        self._splits = 1
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @staticmethod
@@ -312,6 +318,12 @@ class PagedKVCache:
         block = tables.gather(1, (self._positions // self.block_size)[:, None])[:, 0]
         self._write_at = block * self.block_size + self._positions % self.block_size
         self._read_blocks = tables[:, : self.blocks_for(kv_len)]
+        if self.decode_kernel:
+            # A CUDA graph's dummy rows write at max_len - 1 (no sequence feeds that position back):
+            # they attend to nothing.
+            spare = self._positions >= self.max_len - 1
+            self._decode_lengths = torch.where(spare, 0, self._positions + 1)
+            self._splits = paged_attention.choose_splits(n, self.heads, kv_len, self.device)
 
     def _gather(self, pool: torch.Tensor, kv_len: int) -> torch.Tensor:
         """``[rows, heads, kv_len, dim]``: the prepared rows' blocks of ``pool`` in position order."""
@@ -358,6 +370,8 @@ class PagedKVCache:
         if self._mode == "decode":
             k.index_copy_(0, self._write_at, key_states[:, :, 0])
             v.index_copy_(0, self._write_at, value_states[:, :, 0])
+            if self.decode_kernel:  # attention reads the blocks itself (decode_attention)
+                return key_states, value_states
             return (
                 self._gather(self.keys[layer_idx], self._length),
                 self._gather(self.values[layer_idx], self._length),
@@ -371,6 +385,28 @@ class PagedKVCache:
             self._gather(self.keys[layer_idx], self._kv_len),
             self._gather(self.values[layer_idx], self._kv_len),
         )
+
+    def end_forward(self) -> None:
+        """The prepared forward is over: until the next ``prepare_*``, nothing is attended through the
+        cache (a forward of the same model elsewhere, e.g. ``generate()``, must not find it prepared)."""
+        self._mode = ""
+
+    def decode_attention(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """With ``decode_kernel``, a decode step's attention output ``[rows, 1, q_heads, dim]`` in a
+        full-attention layer, read from the blocks (``query``: ``[rows, q_heads, 1, dim]``); None where
+        the layer's attention is to be computed over what :meth:`update` returned."""
+        if not (self.decode_kernel and self._mode == "decode" and self.paged[layer_idx]):
+            return None
+        out = paged_attention.paged_decode_attention(
+            query[:, :, 0],
+            self.keys[layer_idx],
+            self.values[layer_idx],
+            self.tables[: self._num_rows],
+            self._decode_lengths,
+            scale,
+            self._splits,
+        )
+        return out[:, None]
 
     def _update_ring(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int

@@ -59,6 +59,9 @@ class EngineConfig:
     prefix_cache_slots: int = 256
     # On CUDA, replay decode steps from CUDA graphs (captured per batch/length bucket on first use).
     cuda_graphs: bool = True
+    # Decode attention over the KV blocks: "triton" (a kernel reading each sequence's own blocks),
+    # "gather" (blocks copied into one padded tensor for SDPA), "auto" (triton on CUDA if it works).
+    decode_attention: str = "auto"
 
 
 # Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
@@ -88,6 +91,7 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
             or AUTO_PREFIX_CACHE_SLOTS.get(device_type, EngineConfig.prefix_cache_slots)
         ),
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
+        decode_attention=(params.get("decode_attention") or "auto").strip().lower(),
     )
 
 
@@ -231,16 +235,19 @@ class LLMEngine:
             max_batch=slots,
             cuda_graphs=self.config.cuda_graphs,
             num_blocks=blocks,
+            decode_attention=self.config.decode_attention,
         )
         cache = self.runner.cache
         log.info(
-            "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB",
+            "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB; "
+            "decode attention: %s",
             self.family.name,
             blocks,
             cache.block_size,
             blocks * cache.block_size,
             slots,
             cache.nbytes / 2**20,
+            self.runner.decode_attention,
         )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0

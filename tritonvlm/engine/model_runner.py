@@ -4,14 +4,23 @@ model's :class:`~tritonvlm.families.base.Family`."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
+from tritonvlm.engine import paged_attention
 from tritonvlm.engine.cuda_graphs import DecodeGraphs
 from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
 from tritonvlm.families.base import Family
+
+log = logging.getLogger("tritonvlm.engine")
+
+# How decode steps attend over the full-attention layers' KV blocks: "triton" reads each row's own
+# blocks in a Triton kernel (paged_attention), "gather" copies the rows' blocks into one tensor padded
+# to the longest row for SDPA; "auto" is "triton" on CUDA when the kernel passes its check, else "gather".
+DECODE_ATTENTION = ("auto", "triton", "gather")
 
 
 class ModelRunner:
@@ -30,6 +39,7 @@ class ModelRunner:
         max_batch: int | None = None,
         cuda_graphs: bool = True,
         num_blocks: int | None = None,
+        decode_attention: str = "auto",
     ) -> None:
         self.model = model
         self.family = family
@@ -57,6 +67,7 @@ class ModelRunner:
             self.layer_kinds,
             num_blocks=num_blocks,
         )
+        self.decode_attention = self._choose_decode_attention(decode_attention)
         # Decode steps from CUDA graphs where the family's decode forward depends on nothing but the
         # tokens and positions (a family with per-step extra inputs, e.g. Mllama's cross-attention
         # masks, decodes eagerly).
@@ -64,6 +75,31 @@ class ModelRunner:
         plain_decode = type(family).decode_kwargs is Family.decode_kwargs
         if cuda_graphs and self.device.type == "cuda" and plain_decode:
             self.graphs = DecodeGraphs(self._decode_forward, max_batch or max_slots, self.device, max_len)
+
+    def _choose_decode_attention(self, choice: str) -> str:
+        """Set up the decode attention ``choice`` asks for (see :data:`DECODE_ATTENTION`); returns the
+        one in use, "triton" or "gather"."""
+        if choice not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention={choice!r}: expected one of {', '.join(DECODE_ATTENTION)}")
+        paged_attention.uninstall(self.language_model)  # a model an earlier engine ran
+        if choice == "gather" or (choice == "auto" and self.device.type != "cuda"):
+            return "gather"
+        if not paged_attention.available():
+            if choice == "triton":
+                raise ValueError("decode_attention=triton needs the triton package")
+            log.warning("the triton package is missing: decode attention gathers the KV blocks")
+            return "gather"
+        problem = paged_attention.self_check(self.device, self.dtype)
+        if problem is not None and choice == "triton":
+            hint = " (on a CPU, Triton's interpreter needs TRITON_INTERPRET=1 set before start)"
+            raise ValueError(f"the Triton decode-attention kernel failed its check: {problem}{hint}")
+        if problem is not None:
+            log.warning("the Triton decode-attention kernel failed its check (%s): gathering", problem)
+            return "gather"
+        if not paged_attention.install(self.language_model, self.cache):
+            log.warning("%s: the Triton decode-attention kernel does not serve this model", self.family.name)
+            return "gather"
+        return "triton"
 
     def _bucket(self, length: int) -> int:
         bucket = self.length_bucket
@@ -108,14 +144,17 @@ class ModelRunner:
             masks, kv_len = self._prefill_masks(lengths, length), 0
         states = [self.family.cross_state_length(s) for s in seqs]
         self.cache.prepare_prefill(first_slot, len(seqs), length, lens, states, starts, kv_len)
-        out = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=self.family.attention_mask(masks, seqs, prefill=True),
-            position_ids=positions[0] if dims == 1 else positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **self.family.prefill_kwargs(seqs, length, self.device),
-        )
+        try:
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=self.family.attention_mask(masks, seqs, prefill=True),
+                position_ids=positions[0] if dims == 1 else positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                **self.family.prefill_kwargs(seqs, length, self.device),
+            )
+        finally:
+            self.cache.end_forward()
         last = out.last_hidden_state[torch.arange(len(seqs), device=self.device), lengths - 1]
         return self.logits(last)
 
@@ -193,14 +232,17 @@ class ModelRunner:
         dims = self.family.position_dims
         positions = rope.view(1, -1, 1).expand(dims, -1, 1)
         self.cache.prepare_decode(cache_pos, kv_len)
-        out = self.language_model(
-            inputs_embeds=self.embed_tokens(tokens)[:, None],
-            attention_mask=self.family.attention_mask(masks, seqs or [], prefill=False),
-            position_ids=positions[0] if dims == 1 else positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **(extra or {}),
-        )
+        try:
+            out = self.language_model(
+                inputs_embeds=self.embed_tokens(tokens)[:, None],
+                attention_mask=self.family.attention_mask(masks, seqs or [], prefill=False),
+                position_ids=positions[0] if dims == 1 else positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                **(extra or {}),
+            )
+        finally:
+            self.cache.end_forward()
         return self.logits(out.last_hidden_state[:, -1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
