@@ -190,6 +190,26 @@ def test_many_conversations_each_find_their_own_through_the_block_index(monkeypa
     assert 1 <= len(compared) <= prefix_cache.MAX_TAIL_CANDIDATES
 
 
+def test_eviction_skips_tails_a_running_sequence_still_holds():
+    """The least recently used entry's blocks are all shared with a sequence still running: letting go
+    of its tail would free nothing, so the next entry's tail goes; once nothing else frees a block,
+    the shared entry's tail goes after all."""
+    pool = BlockAllocator(64)
+    cache = PrefixCache(8, pool, BLOCK)
+    stored(cache, pool, list(range(16)))
+    running = cache.lookup([*range(16), 99], ())
+    pool.share(running.entry.blocks)  # what admission does for the sequence starting from it
+    stored(cache, pool, list(range(100, 116)))
+    shared_entry, other = cache.entries
+    free = pool.free_blocks
+    assert cache.evict() and pool.free_blocks == free + 1
+    assert len(shared_entry.tokens) == 16 and len(other.tokens) == 12
+    while len(cache.entries) == 2:
+        assert cache.evict()
+    assert cache.entries == [shared_entry] and pool.free_blocks == free + 4
+    assert cache.evict() and len(shared_entry.tokens) == 12 and pool.free_blocks == free + 4
+
+
 def test_a_hash_collision_never_matches_other_tokens(monkeypatch):
     pool = BlockAllocator(64)
     cache = PrefixCache(4, pool, BLOCK)

@@ -43,6 +43,10 @@ class BlockAllocator:
             self.ref_counts[block] = 1
         return taken
 
+    def holders(self, block: int) -> int:
+        """How many hold ``block`` (0: free)."""
+        return self.ref_counts[block]
+
     def _cache_only(self, block: int) -> bool:
         return self.ref_counts[block] > 0 and self.ref_counts[block] == self.cache_refs[block]
 

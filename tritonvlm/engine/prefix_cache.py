@@ -113,6 +113,7 @@ class Blocks(Protocol):
 
     def share(self, blocks: Sequence[int], cached: bool = False) -> None: ...
     def release(self, blocks: Sequence[int], cached: bool = False) -> None: ...
+    def holders(self, block: int) -> int: ...
 
 
 @dataclass(eq=False)
@@ -266,11 +267,15 @@ class PrefixCache:
         self.tokens_held += len(tokens)
 
     def evict(self, keep: PrefixEntry | None = None) -> bool:
-        """Let go of the last block of the least recently used entry (``keep``'s last of all); an entry
-        left with fewer than :data:`MIN_MATCH_TOKENS` tokens goes. False when there is none."""
+        """Let go of the last block of the least recently used entry whose last block that frees (held
+        by it alone, not by a running sequence or a longer entry), else of the least recently used
+        entry's (``keep``'s last of all); an entry left with fewer than :data:`MIN_MATCH_TOKENS` tokens
+        goes. False when there is none."""
         if not self._lru:
             return False
-        victim = next((e for e in self._lru.values() if e is not keep), keep)
+        entries = self._lru.values()
+        victim = next((e for e in entries if e is not keep and self.blocks.holders(e.blocks[-1]) == 1), None)
+        victim = victim or next((e for e in entries if e is not keep), keep)
         assert victim is not None
         kept_blocks = len(victim.blocks) - 1
         kept_tokens = min(len(victim.tokens), kept_blocks * self.block_size)
