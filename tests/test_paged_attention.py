@@ -143,3 +143,30 @@ def test_engine_decoding_with_the_kernel_is_token_exact(kit, monkeypatch):
     for case, n in zip(cases, (12, 7), strict=True):
         assert sink.tokens(case.name) == kit.reference_tokens(case, n)
     assert calls  # decode attention went through the kernel
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_with_the_kernel_in_every_layer_one_cuda_graph_serves_every_length(name, family_kit):
+    """Graphs are keyed by batch and attention length; where the kernel attends in every layer (it
+    reads each row up to its own length) the length key is the full one, so one graph per batch
+    bucket serves all lengths. Gemma 3's sliding layers still attend over a length-sized ring."""
+    kit = family_kit(name)
+    config = EngineConfig(max_model_len=256, prefix_cache_slots=0, decode_attention="triton")
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    keys: list[int] = []
+
+    class GraphKeys:  # stands in for DecodeGraphs (CUDA only): records the key, lets the step run eagerly
+        def run(self, tokens, cache_pos, rope, kv_len):
+            keys.append(kv_len)
+
+    engine.runner.graphs = GraphKeys()
+    sink = Collector()
+    ids, mm = kit.engine_inputs(Case("story", conversation("Tell me a story about a cat.", 0)))
+    engine.add_request("a", ids, SamplingParams(max_tokens=6, temperature=0.0), sink, mm)
+    while not sink.finished("a"):
+        engine.step()
+    assert len(keys) == 5
+    if name == "gemma3":
+        assert keys == list(range(len(ids) + 1, len(ids) + 6))
+    else:
+        assert set(keys) == {256}

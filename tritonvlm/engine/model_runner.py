@@ -68,6 +68,10 @@ class ModelRunner:
             num_blocks=num_blocks,
         )
         self.decode_attention = self._choose_decode_attention(decode_attention)
+        # With the kernel attending in every layer, a decode step's work no longer depends on the
+        # attention length it is given (each row reads up to its own): one CUDA graph per batch bucket,
+        # captured at the full length, serves every length.
+        self.one_graph_per_batch = self.decode_attention == "triton" and all(self.cache.paged)
         # Decode steps from CUDA graphs where the family's decode forward depends on nothing but the
         # tokens and positions (a family with per-step extra inputs, e.g. Mllama's cross-attention
         # masks, decodes eagerly).
@@ -194,7 +198,8 @@ class ModelRunner:
         self.cache.sync_tables()
         logits = None
         if self.graphs is not None:
-            logits = self.graphs.run(tokens, cache_pos, rope, kv_len)
+            graph_len = self.max_len if self.one_graph_per_batch else kv_len
+            logits = self.graphs.run(tokens, cache_pos, rope, graph_len)
         if logits is None:
             device = self.device
             extra = self.family.decode_kwargs(seqs, device)
