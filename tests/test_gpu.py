@@ -78,6 +78,7 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     engine = LLMEngine(model, tokenizer, config, family)
     assert engine.runner.device.type == "cuda"
     assert engine.runner.decode_attention == "triton"  # the kernel passed its check and serves the family
+    assert engine.runner.fused_norms > 0  # and the RMSNorm kernel
     tokens = run_staggered(engine, cases)
     if tight:
         print(f"\n{family.name} {dtype}: {engine.stats.preemptions} preemptions")
@@ -143,6 +144,21 @@ def test_decode_attention_kernel_on_cuda_matches_a_softmax_over_each_rows_blocks
         got = pa.paged_decode_attention(query, keys, values, tables, lengths, 0.088, splits)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_fused_rms_norm_on_cuda_rounds_as_the_modules_do(style):
+    """Compiled, the kernel rounds to bfloat16 where transformers' modules round (the CPU tests run it
+    interpreted, which rounds toward zero): nearly every element is the same bfloat16."""
+    from tritonvlm.engine import fused_norm
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, 3584, generator=gen) * 3).bfloat16().cuda()
+    weight = torch.randn(3584, generator=gen).bfloat16().cuda()
+    got = fused_norm.rms_norm(x, weight, 1e-6, style)
+    want = fused_norm.reference_rms_norm(x, weight, 1e-6, style)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
+    assert (got == want).float().mean() > 0.95
 
 
 def test_gpu_decode_throughput_figure(family_kit, capsys):

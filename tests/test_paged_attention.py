@@ -13,10 +13,10 @@ import torch
 from family_harness import FAMILIES, Case, conversation
 from test_engine import Collector
 
-from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, triton_runtime
 from tritonvlm.engine import paged_attention as pa
 
-pytestmark = pytest.mark.skipif(not pa.available(), reason="needs the triton package")
+pytestmark = pytest.mark.skipif(not triton_runtime.available(), reason="needs the triton package")
 
 PAGE = 16
 
@@ -83,7 +83,7 @@ AOT_COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tritonvlm.engine import paged_attention_kernels as kernels
+from tritonvlm.engine import triton_kernels as kernels
 
 def build(fn, types, constants, capability):
     names = fn.arg_names
@@ -97,9 +97,12 @@ for capability in (80, 90):
         split_types = [f"*{dtype}"] * 3 + ["*i64", "*i64", "*fp32", "*fp32", "fp32"] + ["i32"] * 13
         split_consts = dict(GROUP=7, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=32, BLOCK_D=128,
                             IEEE=dtype == "fp32", UPCAST=False)
-        build(kernels.split_kernel, split_types, split_consts, capability)
+        build(kernels.decode_split, split_types, split_consts, capability)
         merge_types = ["*fp32", "*fp32", f"*{dtype}"] + ["i32"] * 8
-        build(kernels.merge_kernel, merge_types, dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_D=128), capability)
+        build(kernels.decode_merge, merge_types, dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_D=128), capability)
+        norm_types = [f"*{dtype}", f"*{dtype}", f"*{dtype}", "i32", "i32", "fp32"]
+        build(kernels.rms_norm, norm_types, dict(N=3584, BLOCK=4096, GEMMA=False), capability)
+        build(kernels.rms_norm, norm_types, dict(N=128, BLOCK=128, GEMMA=True), capability)
 print("compiled")
 """
 

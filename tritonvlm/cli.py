@@ -68,6 +68,7 @@ ENGINE_SETTINGS = (
     "prefix_cache_slots",
     "cuda_graphs",
     "decode_attention",
+    "fused_rms_norm",
     "image_cache_memory",
     "device",
     "dtype",
@@ -262,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how decode steps attend over the KV blocks: triton (a kernel reading each sequence's own "
         "blocks), gather (the blocks copied into one tensor padded to the longest sequence, for SDPA); "
         "auto (default): triton on CUDA when its start-up check passes, gather otherwise",
+    )
+    model.add_argument(
+        "--fused-rms-norm",
+        choices=("auto", "true", "false"),
+        help="compute the language model's RMSNorm layers in one Triton kernel each instead of "
+        "transformers' half a dozen; auto (default): on CUDA when its start-up check passes",
     )
     model.add_argument(
         "--image-cache-memory",

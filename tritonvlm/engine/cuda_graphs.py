@@ -1,8 +1,8 @@
 """Decode steps replayed from CUDA graphs: one graph per (batch-size bucket, attention-length bucket),
 captured the first time that shape is met, then replayed with new inputs (where the decode-attention
-kernel attends in every layer, the runner always gives the full length: one graph per batch bucket). A decode step of a small
-batch is hundreds of small kernels launched one by one from Python; a replay launches them all at
-once, so the step costs about what the GPU needs to read the weights.
+kernel attends in every layer, the runner always gives the full length: one graph per batch bucket).
+A decode step of a small batch is hundreds of small kernels launched one by one from Python; a replay
+launches them all at once, so the step costs about what the GPU needs to read the weights.
 
 The inputs live in static buffers (token, cache position and rope position per row; the KV cache's
 block table is a static device tensor the graph reads); a batch smaller than its bucket is padded

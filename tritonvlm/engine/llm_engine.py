@@ -62,6 +62,8 @@ class EngineConfig:
     # Decode attention over the KV blocks: "triton" (a kernel reading each sequence's own blocks),
     # "gather" (blocks copied into one padded tensor for SDPA), "auto" (triton on CUDA if it works).
     decode_attention: str = "auto"
+    # The language model's RMSNorm layers as one Triton kernel each: "true", "false", "auto" (CUDA).
+    fused_rms_norm: str = "auto"
 
 
 # Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
@@ -92,6 +94,7 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
         ),
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
         decode_attention=(params.get("decode_attention") or "auto").strip().lower(),
+        fused_rms_norm=(params.get("fused_rms_norm") or "auto").strip().lower(),
     )
 
 
@@ -236,11 +239,12 @@ class LLMEngine:
             cuda_graphs=self.config.cuda_graphs,
             num_blocks=blocks,
             decode_attention=self.config.decode_attention,
+            fused_rms_norm=self.config.fused_rms_norm,
         )
         cache = self.runner.cache
         log.info(
             "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB; "
-            "decode attention: %s",
+            "decode attention: %s; fused RMSNorm layers: %d",
             self.family.name,
             blocks,
             cache.block_size,
@@ -248,6 +252,7 @@ class LLMEngine:
             slots,
             cache.nbytes / 2**20,
             self.runner.decode_attention,
+            self.runner.fused_norms,
         )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0

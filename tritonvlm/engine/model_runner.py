@@ -5,11 +5,12 @@ model's :class:`~tritonvlm.families.base.Family`."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from tritonvlm.engine import paged_attention
+from tritonvlm.engine import fused_norm, paged_attention, triton_runtime
 from tritonvlm.engine.cuda_graphs import DecodeGraphs
 from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
@@ -21,6 +22,9 @@ log = logging.getLogger("tritonvlm.engine")
 # blocks in a Triton kernel (paged_attention), "gather" copies the rows' blocks into one tensor padded
 # to the longest row for SDPA; "auto" is "triton" on CUDA when the kernel passes its check, else "gather".
 DECODE_ATTENTION = ("auto", "triton", "gather")
+# The language model's RMSNorm layers as one Triton kernel each (fused_norm): "true", "false", or
+# "auto" ("true" on CUDA when the kernel passes its check).
+FUSED_RMS_NORM = ("auto", "true", "false")
 
 
 class ModelRunner:
@@ -40,6 +44,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         num_blocks: int | None = None,
         decode_attention: str = "auto",
+        fused_rms_norm: str = "auto",
     ) -> None:
         self.model = model
         self.family = family
@@ -68,6 +73,7 @@ class ModelRunner:
             num_blocks=num_blocks,
         )
         self.decode_attention = self._choose_decode_attention(decode_attention)
+        self.fused_norms = self._choose_fused_norms(fused_rms_norm)
         # With the kernel attending in every layer, a decode step's work no longer depends on the
         # attention length it is given (each row reads up to its own): one CUDA graph per batch bucket,
         # captured at the full length, serves every length.
@@ -80,30 +86,51 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda" and plain_decode:
             self.graphs = DecodeGraphs(self._decode_forward, max_batch or max_slots, self.device, max_len)
 
+    def _triton_kernel_wanted(
+        self,
+        setting: str,
+        choice: str,
+        forced: bool,
+        check: Callable[[torch.device, torch.dtype], str | None],
+    ) -> bool:
+        """Whether to use a Triton kernel that ``setting=choice`` asks for: ``forced`` (wherever: a
+        ValueError if it cannot run) or "auto" (on CUDA, if triton is installed and ``check`` passes on
+        this device; a warning otherwise)."""
+        if not forced and (choice != "auto" or self.device.type != "cuda"):
+            return False
+        problem = "the triton package is missing" if not triton_runtime.available() else None
+        problem = problem or check(self.device, self.dtype)
+        if problem is None:
+            return True
+        if forced:
+            hint = " (on a CPU, Triton's interpreter needs TRITON_INTERPRET=1 set before start)"
+            raise ValueError(f"{setting}={choice}: the Triton kernel cannot run here: {problem}{hint}")
+        log.warning("%s: the Triton kernel cannot run here (%s); not using it", setting, problem)
+        return False
+
     def _choose_decode_attention(self, choice: str) -> str:
         """Set up the decode attention ``choice`` asks for (see :data:`DECODE_ATTENTION`); returns the
         one in use, "triton" or "gather"."""
         if choice not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention={choice!r}: expected one of {', '.join(DECODE_ATTENTION)}")
         paged_attention.uninstall(self.language_model)  # a model an earlier engine ran
-        if choice == "gather" or (choice == "auto" and self.device.type != "cuda"):
-            return "gather"
-        if not paged_attention.available():
-            if choice == "triton":
-                raise ValueError("decode_attention=triton needs the triton package")
-            log.warning("the triton package is missing: decode attention gathers the KV blocks")
-            return "gather"
-        problem = paged_attention.self_check(self.device, self.dtype)
-        if problem is not None and choice == "triton":
-            hint = " (on a CPU, Triton's interpreter needs TRITON_INTERPRET=1 set before start)"
-            raise ValueError(f"the Triton decode-attention kernel failed its check: {problem}{hint}")
-        if problem is not None:
-            log.warning("the Triton decode-attention kernel failed its check (%s): gathering", problem)
+        forced = choice == "triton"
+        if not self._triton_kernel_wanted("decode_attention", choice, forced, paged_attention.self_check):
             return "gather"
         if not paged_attention.install(self.language_model, self.cache):
             log.warning("%s: the Triton decode-attention kernel does not serve this model", self.family.name)
             return "gather"
         return "triton"
+
+    def _choose_fused_norms(self, choice: str) -> int:
+        """Fuse the language model's RMSNorm layers if ``choice`` (see :data:`FUSED_RMS_NORM`) asks for
+        it; returns how many were fused."""
+        if choice not in FUSED_RMS_NORM:
+            raise ValueError(f"fused_rms_norm={choice!r}: expected one of {', '.join(FUSED_RMS_NORM)}")
+        fused_norm.restore(self.language_model)  # a model an earlier engine ran
+        if not self._triton_kernel_wanted("fused_rms_norm", choice, choice == "true", fused_norm.self_check):
+            return 0
+        return fused_norm.fuse(self.language_model, self.family)
 
     def _bucket(self, length: int) -> int:
         bucket = self.length_bucket

@@ -11,43 +11,26 @@ group of query heads over it with an online softmax, and writes its partial outp
 a second kernel merges a row's splits. A short row's later splits are empty (they write a zero weight),
 so one grid serves a batch of mixed lengths and a CUDA graph can replay it as lengths grow.
 
-On a CPU the same kernels run under Triton's interpreter (numpy, slow): that is how the tests check
-them against :func:`reference_decode_attention` without a GPU.
+The kernels are ``decode_split`` and ``decode_merge`` in :mod:`tritonvlm.engine.triton_kernels`; on a
+CPU they run under Triton's interpreter (see :mod:`tritonvlm.engine.triton_runtime`): that is how the
+tests check them against :func:`reference_decode_attention` without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
-import os
 from typing import Any
 
 import torch
+
+from tritonvlm.engine import triton_runtime
 
 log = logging.getLogger("tritonvlm.engine")
 
 BLOCK_N = 32  # positions per inner step (spanning several KV blocks)
 MIN_SPLIT_TOKENS = 64  # a split gets at least this many positions of the longest row (2 steps)
 NAME_PREFIX = "tritonvlm_paged_decode_"  # attention implementations install() registers
-
-
-def available() -> bool:
-    """Whether the ``triton`` package is installed (it comes with CUDA builds of torch). Not imported
-    here: on a CPU its interpreter must be chosen before the first import."""
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """The two jitted kernels; interpreted (numpy) when ``interpret`` (tensors on a CPU)."""
-    if interpret:
-        # Triton reads this when a kernel is decorated and again when it is launched: the process keeps
-        # it (only tests run the kernels on a CPU).
-        os.environ["TRITON_INTERPRET"] = "1"
-    from tritonvlm.engine import paged_attention_kernels as kernels
-
-    return kernels.split_kernel, kernels.merge_kernel
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -95,11 +78,11 @@ def paged_decode_attention(
     out = torch.empty(rows, q_heads, dim, dtype=query.dtype, device=query.device)
     if rows == 0:
         return out
-    interpret = query.device.type != "cuda"
-    split_kernel, merge_kernel = _kernels(interpret)
+    interpret = triton_runtime.interpreted(query.device)
+    kernels = triton_runtime.kernels(interpret)
     keys = key_pool.view(-1, kv_heads, dim)
     values = value_pool.view(-1, kv_heads, dim)
-    split_kernel[(rows, kv_heads, splits)](
+    kernels.decode_split[(rows, kv_heads, splits)](
         query, keys, values, tables, lengths, part_out, part_lse, float(scale),
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         tables.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2),
@@ -107,7 +90,7 @@ def paged_decode_attention(
         GROUP=group, HEAD_DIM=dim, PAGE=page, BLOCK_H=_pow2(group, 16), BLOCK_N=BLOCK_N,
         BLOCK_D=block_d, IEEE=query.dtype == torch.float32, UPCAST=interpret,
     )  # fmt: skip
-    merge_kernel[(rows, q_heads)](
+    kernels.decode_merge[(rows, q_heads)](
         part_out, part_lse, out, part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1), splits,
         HEAD_DIM=dim, BLOCK_S=_pow2(splits), BLOCK_D=block_d,

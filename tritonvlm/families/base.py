@@ -329,6 +329,15 @@ class Family:
                 setattr(inner, attr, None)
         return model
 
+    def norm_style(self, module: torch.nn.Module) -> str | None:
+        """How :mod:`tritonvlm.engine.fused_norm` may compute ``module`` of the language model in one
+        kernel: "llama" (transformers' Llama-style RMSNorm: ``weight * normalised.to(input dtype)``),
+        "gemma" (``(normalised * (1 + weight)).to(input dtype)``), or None (leave it alone). By default
+        the modules named ``...RMSNorm`` with a ``variance_epsilon`` and a weight vector are Llama's."""
+        weight = getattr(module, "weight", None)
+        llama = type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+        return "llama" if llama and isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
     def language_model(self, model: Any) -> torch.nn.Module:
         return model.model.language_model
 

@@ -52,6 +52,10 @@ class Gemma3Family(Family):
         ``Gemma3ImageProcessorPil`` where torchvision is absent."""
         return Gemma3Processor.from_pretrained(path_or_id, **kwargs)
 
+    def norm_style(self, module: torch.nn.Module) -> str | None:
+        """Gemma's RMSNorm scales by ``1 + weight`` and rounds last (see the base class)."""
+        return "gemma" if type(module).__name__ == "Gemma3RMSNorm" else super().norm_style(module)
+
     # ---- vision encoder -----------------------------------------------------------------------------
     def tokens_per_image(self) -> int:
         return int(self.config.mm_tokens_per_image)

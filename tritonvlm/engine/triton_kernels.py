@@ -1,5 +1,7 @@
-"""The Triton kernels of :mod:`tritonvlm.engine.paged_attention` (imported from there, after it has
-chosen between compiling them and Triton's interpreter). See that module for what they compute."""
+"""The engine's Triton kernels, loaded through :mod:`tritonvlm.engine.triton_runtime` (compiled, or
+interpreted on a CPU). ``decode_split`` / ``decode_merge``: decode attention over the KV blocks
+(:mod:`tritonvlm.engine.paged_attention`); ``rms_norm``: a fused RMSNorm
+(:mod:`tritonvlm.engine.fused_norm`)."""
 
 # ruff: noqa: N803  (Triton's convention: pointer arguments in capitals)
 
@@ -8,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def split_kernel(
+def decode_split(
     Q, K, V, Tables, Lengths, PartOut, PartLse, scale,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tb,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, splits,
@@ -74,7 +76,7 @@ def split_kernel(
 
 
 @triton.jit
-def merge_kernel(
+def decode_merge(
     PartOut, PartLse, Out, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     stride_ob, stride_oh, splits,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -99,3 +101,23 @@ def merge_kernel(
     out = tl.sum(part * weight[:, None], 0) / tl.where(norm > 0, norm, 1.0)
     out_at = Out + row * stride_ob + head * stride_oh + dims
     tl.store(out_at, out.to(Out.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
+def rms_norm(
+    X, W, Out, stride_x, stride_o, eps,
+    N: tl.constexpr, BLOCK: tl.constexpr, GEMMA: tl.constexpr,
+):  # fmt: skip
+    # One row per program, in float32 as transformers' RMSNorm modules compute it; Llama style rounds
+    # the normalised row to the input's dtype before the weight, Gemma style scales by (1 + weight).
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    if GEMMA:  # noqa: SIM108  (a constexpr branch)
+        out = y * (1.0 + w)
+    else:
+        out = w * y.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=ok)
