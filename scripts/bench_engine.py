@@ -189,7 +189,7 @@ def bench_engine(
     args: Any,
     cuda_graphs: bool = True,
     decode_attention: str = "auto",
-    fused_rms_norm: str = "auto",
+    fused_ops: str = "auto",
 ) -> dict:
     """One measured pass of ``batch`` requests started at once, after an identical warm-up pass (which
     also captures the CUDA graphs the measured pass replays)."""
@@ -205,7 +205,7 @@ def bench_engine(
         cuda_graphs=cuda_graphs,
         kv_cache_memory=args.kv_cache_memory or "",
         decode_attention=decode_attention,
-        fused_rms_norm=fused_rms_norm,
+        fused_ops=fused_ops,
     )
     engine = LLMEngine(model, tokenizer, config, family)
     engine_pass(engine, prompts, args, "warm")
@@ -218,7 +218,7 @@ def bench_engine(
         "kv_peak_mib": stats.kv_bytes_peak / 2**20,
         "kv_capacity_mib": stats.kv_bytes_capacity / 2**20,
         "decode_attention": engine.runner.decode_attention,
-        "fused_norms": engine.runner.fused_norms,
+        "fused_ops": engine.runner.fused_norms + engine.runner.fused_rotary,
     }
 
 
@@ -319,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the engine's decode attention; compare: the Triton kernel and the gathered blocks side by side",
     )
     parser.add_argument(
-        "--fused-rms-norm",
+        "--fused-ops",
         choices=("auto", "true", "false"),
         default="auto",
-        help="the engine's RMSNorm layers in one Triton kernel each (auto: on CUDA)",
+        help="the engine's RMSNorm layers and rotary embeddings in one Triton kernel each (auto: CUDA)",
     )
     parser.add_argument(
         "--long-prompt-tokens",
@@ -356,13 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {
                 "batch": batch,
                 **bench_engine(
-                    model, family, tokenizer, prompt, batch, args, graphs, attention, args.fused_rms_norm
+                    model, family, tokenizer, prompt, batch, args, graphs, attention, args.fused_ops
                 ),
             }
             if args.decode_attention == "compare":
                 log(f"batch {batch}: engine, decode attention over gathered blocks")
                 gathered = bench_engine(
-                    model, family, tokenizer, prompt, batch, args, graphs, "gather", args.fused_rms_norm
+                    model, family, tokenizer, prompt, batch, args, graphs, "gather", args.fused_ops
                 )
                 row["gather_tok_s"], row["gather_ms_per_step"] = gathered["tok_s"], gathered["ms_per_step"]
             if graphs and args.cuda_graphs == "compare":
@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nengine alone: {args.shape} on {device} ({dtype}), prompt {args.prompt_tokens} tokens{long}, "
         f"{args.output_tokens} output tokens, all requests started at once; decode attention: "
-        f"{rows[0]['decode_attention'] if rows else '-'}; fused RMSNorm layers: "
-        f"{rows[0]['fused_norms'] if rows else '-'}"
+        f"{rows[0]['decode_attention'] if rows else '-'}; fused ops: "
+        f"{'on' if rows and rows[0]['fused_ops'] else 'off'}"
     )
     columns = ["batch", "engine tok/s", "ms/step", "TTFT ms", "generate() tok/s", "engine/generate"]
     compare = any("eager_tok_s" in row for row in rows)

@@ -10,8 +10,9 @@ is at least one kernel on a GPU) and the Triton kernel launches, per step and pe
     configuration | aten ops | Triton launches | total | per layer
 
 in two configurations: decode attention over gathered blocks with transformers' RMSNorm modules, and
-the decode-attention kernel with fused RMSNorm layers. Runs anywhere (on a CPU the Triton kernels run
-under the interpreter: set nothing, the script turns it on before triton is imported).
+the decode-attention kernel with fused RMSNorm layers and rotary embeddings. Runs anywhere (on a CPU
+the Triton kernels run under the interpreter: set nothing, the script turns it on before triton is
+imported).
 
     python scripts/count_decode_kernels.py                     # medium Qwen2.5-VL-shaped model, CPU
     python scripts/count_decode_kernels.py --family qwen3_vl    # a family's tiny test model
@@ -101,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_engine import load_decoder, synthetic_prompt
 
-    from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, fused_norm, paged_attention
+    from tritonvlm.engine import (
+        EngineConfig,
+        LLMEngine,
+        SamplingParams,
+        fused_norm,
+        fused_rotary,
+        paged_attention,
+    )
     from tritonvlm.families import get_family
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         launches: list[int] = []
         paged_attention.paged_decode_attention = counted(paged_attention.paged_decode_attention, 2, launches)
         fused_norm.rms_norm = counted(fused_norm.rms_norm, 1, launches)
+        fused_rotary.rotary = counted(fused_rotary.rotary, 1, launches)
         rows = []
         for label, kernels in (("gathered blocks, transformers' RMSNorm", False), ("Triton kernels", True)):
             config = EngineConfig(
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_num_seqs=args.batch,
                 prefix_cache_slots=0,
                 decode_attention="triton" if kernels else "gather",
-                fused_rms_norm="true" if kernels else "false",
+                fused_ops="true" if kernels else "false",
             )
             engine = LLMEngine(model, tokenizer, config, family)
             params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((label, ops, triton))
             engine.shutdown()
         fused_norm.restore(family.language_model(model))
+        fused_rotary.restore()
         paged_attention.uninstall(family.language_model(model))
 
     print(f"\none decode step of {args.batch} rows, {name} ({layers} layers), {dtype}, on {device}")

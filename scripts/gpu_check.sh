@@ -46,7 +46,7 @@ timeout "${BENCH_TIMEOUT:-240}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7
   | tee "$OUT/bench_engine.txt" | tail -12 || log "engine benchmark failed or timed out"
 log "engine benchmark, Triton kernels off (gathered blocks, transformers' RMSNorm): batch 1 and 16"
 timeout "${OFF_TIMEOUT:-60}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention gather \
-  --fused-rms-norm false --skip-generate --batches 1,16 --json "$OUT/bench_engine_off.json" 2>&1 \
+  --fused-ops false --skip-generate --batches 1,16 --json "$OUT/bench_engine_off.json" 2>&1 \
   | tee "$OUT/bench_engine_off.txt" | tail -6 || log "engine benchmark (kernels off) failed or timed out"
 if [ -z "${SKIP_LONG:-}" ]; then
   log "engine benchmark, mixed lengths: one request of each batch with a 4,000-token prompt"

@@ -78,7 +78,7 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     engine = LLMEngine(model, tokenizer, config, family)
     assert engine.runner.device.type == "cuda"
     assert engine.runner.decode_attention == "triton"  # the kernel passed its check and serves the family
-    assert engine.runner.fused_norms > 0  # and the RMSNorm kernel
+    assert engine.runner.fused_norms > 0 and engine.runner.fused_rotary > 0  # and the fused ops
     tokens = run_staggered(engine, cases)
     if tight:
         print(f"\n{family.name} {dtype}: {engine.stats.preemptions} preemptions")
@@ -147,7 +147,7 @@ def test_decode_attention_kernel_on_cuda_matches_a_softmax_over_each_rows_blocks
 
 
 @pytest.mark.parametrize("style", ["llama", "gemma"])
-def test_fused_rms_norm_on_cuda_rounds_as_the_modules_do(style):
+def test_fused_ops_on_cuda_rounds_as_the_modules_do(style):
     """Compiled, the kernel rounds to bfloat16 where transformers' modules round (the CPU tests run it
     interpreted, which rounds toward zero): nearly every element is the same bfloat16."""
     from tritonvlm.engine import fused_norm
@@ -159,6 +159,18 @@ def test_fused_rms_norm_on_cuda_rounds_as_the_modules_do(style):
     want = fused_norm.reference_rms_norm(x, weight, 1e-6, style)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
     assert (got == want).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_rotary_on_cuda_is_transformers_arithmetic_bit_for_bit(dtype):
+    from tritonvlm.engine import fused_rotary
+
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 5, 28, 128, generator=gen).to("cuda", dtype).transpose(1, 2)
+    k = torch.randn(3, 5, 4, 128, generator=gen).to("cuda", dtype).transpose(1, 2)
+    cos, sin = (torch.randn(3, 5, 128, generator=gen).to("cuda", dtype) for _ in range(2))
+    got, want = fused_rotary.rotary(q, k, cos, sin), fused_rotary.reference_rotary(q, k, cos, sin)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_gpu_decode_throughput_figure(family_kit, capsys):

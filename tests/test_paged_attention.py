@@ -103,6 +103,9 @@ for capability in (80, 90):
         norm_types = [f"*{dtype}", f"*{dtype}", f"*{dtype}", "i32", "i32", "fp32"]
         build(kernels.rms_norm, norm_types, dict(N=3584, BLOCK=4096, GEMMA=False), capability)
         build(kernels.rms_norm, norm_types, dict(N=128, BLOCK=128, GEMMA=True), capability)
+        rotary_types = [f"*{dtype}"] * 6 + ["i32"] * 15
+        rotary_consts = dict(Q_HEADS=28, K_HEADS=4, DIM=128, BLOCK_H=32, BLOCK_D=128)
+        build(kernels.rotary, rotary_types, rotary_consts, capability)
 print("compiled")
 """
 

@@ -68,7 +68,7 @@ ENGINE_SETTINGS = (
     "prefix_cache_slots",
     "cuda_graphs",
     "decode_attention",
-    "fused_rms_norm",
+    "fused_ops",
     "image_cache_memory",
     "device",
     "dtype",
@@ -265,10 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (default): triton on CUDA when its start-up check passes, gather otherwise",
     )
     model.add_argument(
-        "--fused-rms-norm",
+        "--fused-ops",
         choices=("auto", "true", "false"),
-        help="compute the language model's RMSNorm layers in one Triton kernel each instead of "
-        "transformers' half a dozen; auto (default): on CUDA when its start-up check passes",
+        help="compute the language model's RMSNorm layers and rotary embeddings in one Triton kernel "
+        "each instead of transformers' half a dozen or more; auto (default): on CUDA when their "
+        "start-up checks pass",
     )
     model.add_argument(
         "--image-cache-memory",

@@ -34,7 +34,7 @@ class TritonOptions:
     prefix_cache_slots: int | None = None
     cuda_graphs: str | None = None
     decode_attention: str | None = None
-    fused_rms_norm: str | None = None
+    fused_ops: str | None = None
     image_cache_memory: str | None = None
     device: str | None = None
     dtype: str | None = None

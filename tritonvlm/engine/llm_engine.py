@@ -62,8 +62,9 @@ class EngineConfig:
     # Decode attention over the KV blocks: "triton" (a kernel reading each sequence's own blocks),
     # "gather" (blocks copied into one padded tensor for SDPA), "auto" (triton on CUDA if it works).
     decode_attention: str = "auto"
-    # The language model's RMSNorm layers as one Triton kernel each: "true", "false", "auto" (CUDA).
-    fused_rms_norm: str = "auto"
+    # The language model's RMSNorm layers and rotary embeddings as one Triton kernel each: "true",
+    # "false", "auto" (CUDA).
+    fused_ops: str = "auto"
 
 
 # Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
@@ -94,7 +95,7 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
         ),
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
         decode_attention=(params.get("decode_attention") or "auto").strip().lower(),
-        fused_rms_norm=(params.get("fused_rms_norm") or "auto").strip().lower(),
+        fused_ops=(params.get("fused_ops") or "auto").strip().lower(),
     )
 
 
@@ -239,12 +240,12 @@ class LLMEngine:
             cuda_graphs=self.config.cuda_graphs,
             num_blocks=blocks,
             decode_attention=self.config.decode_attention,
-            fused_rms_norm=self.config.fused_rms_norm,
+            fused_ops=self.config.fused_ops,
         )
         cache = self.runner.cache
         log.info(
             "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB; "
-            "decode attention: %s; fused RMSNorm layers: %d",
+            "decode attention: %s; fused RMSNorm layers: %d, rotary functions: %d",
             self.family.name,
             blocks,
             cache.block_size,
@@ -253,6 +254,7 @@ class LLMEngine:
             cache.nbytes / 2**20,
             self.runner.decode_attention,
             self.runner.fused_norms,
+            self.runner.fused_rotary,
         )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tritonvlm.engine import fused_norm, paged_attention, triton_runtime
+from tritonvlm.engine import fused_norm, fused_rotary, paged_attention, triton_runtime
 from tritonvlm.engine.cuda_graphs import DecodeGraphs
 from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
@@ -22,9 +22,9 @@ log = logging.getLogger("tritonvlm.engine")
 # blocks in a Triton kernel (paged_attention), "gather" copies the rows' blocks into one tensor padded
 # to the longest row for SDPA; "auto" is "triton" on CUDA when the kernel passes its check, else "gather".
 DECODE_ATTENTION = ("auto", "triton", "gather")
-# The language model's RMSNorm layers as one Triton kernel each (fused_norm): "true", "false", or
-# "auto" ("true" on CUDA when the kernel passes its check).
-FUSED_RMS_NORM = ("auto", "true", "false")
+# The language model's RMSNorm layers (fused_norm) and rotary embeddings (fused_rotary) as one Triton
+# kernel each: "true", "false", or "auto" ("true" on CUDA when the kernels pass their checks).
+FUSED_OPS = ("auto", "true", "false")
 
 
 class ModelRunner:
@@ -44,7 +44,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         num_blocks: int | None = None,
         decode_attention: str = "auto",
-        fused_rms_norm: str = "auto",
+        fused_ops: str = "auto",
     ) -> None:
         self.model = model
         self.family = family
@@ -73,7 +73,7 @@ class ModelRunner:
             num_blocks=num_blocks,
         )
         self.decode_attention = self._choose_decode_attention(decode_attention)
-        self.fused_norms = self._choose_fused_norms(fused_rms_norm)
+        self.fused_norms, self.fused_rotary = self._choose_fused_ops(fused_ops)
         # With the kernel attending in every layer, a decode step's work no longer depends on the
         # attention length it is given (each row reads up to its own): one CUDA graph per batch bucket,
         # captured at the full length, serves every length.
@@ -122,15 +122,20 @@ class ModelRunner:
             return "gather"
         return "triton"
 
-    def _choose_fused_norms(self, choice: str) -> int:
-        """Fuse the language model's RMSNorm layers if ``choice`` (see :data:`FUSED_RMS_NORM`) asks for
-        it; returns how many were fused."""
-        if choice not in FUSED_RMS_NORM:
-            raise ValueError(f"fused_rms_norm={choice!r}: expected one of {', '.join(FUSED_RMS_NORM)}")
+    def _choose_fused_ops(self, choice: str) -> tuple[int, int]:
+        """Fuse the language model's RMSNorm layers and rotary embeddings if ``choice`` (see
+        :data:`FUSED_OPS`) asks for it; returns how many norm modules and modeling modules changed."""
+        if choice not in FUSED_OPS:
+            raise ValueError(f"fused_ops={choice!r}: expected one of {', '.join(FUSED_OPS)}")
         fused_norm.restore(self.language_model)  # a model an earlier engine ran
-        if not self._triton_kernel_wanted("fused_rms_norm", choice, choice == "true", fused_norm.self_check):
-            return 0
-        return fused_norm.fuse(self.language_model, self.family)
+        fused_rotary.restore()
+
+        def check(device: torch.device, dtype: torch.dtype) -> str | None:
+            return fused_norm.self_check(device, dtype) or fused_rotary.self_check(device, dtype)
+
+        if not self._triton_kernel_wanted("fused_ops", choice, choice == "true", check):
+            return 0, 0
+        return fused_norm.fuse(self.language_model, self.family), fused_rotary.install(self.language_model)
 
     def _bucket(self, length: int) -> int:
         bucket = self.length_bucket

@@ -121,3 +121,43 @@ def rms_norm(
     else:
         out = w * y.to(X.dtype.element_ty).to(tl.float32)
     tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def rotary(
+    Q, K, Cos, Sin, OutQ, OutK,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_cb, stride_cs, stride_oqb, stride_oqh, stride_oqs, stride_okb, stride_okh, stride_oks,
+    seq_len, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One token per program, all its query and key heads: x * cos + rotate_half(x) * sin, where
+    # rotate_half(x) = cat(-x[half:], x[:half]); each product and the sum rounded to the input's dtype
+    # as transformers' three separate operations round them (launched without FMA contraction).
+    token = tl.program_id(0)
+    b = token // seq_len
+    s = token % seq_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < DIM
+    half: tl.constexpr = DIM // 2
+    partner = tl.where(dims < half, dims + half, dims - half)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    cos = tl.load(Cos + b * stride_cb + s * stride_cs + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    sin = tl.load(Sin + b * stride_cb + s * stride_cs + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    heads = tl.arange(0, BLOCK_H)
+    for which in tl.static_range(2):
+        if which == 0:
+            src = Q + b * stride_qb + s * stride_qs
+            dst = OutQ + b * stride_oqb + s * stride_oqs
+            src_h, dst_h, count = stride_qh, stride_oqh, Q_HEADS
+        else:
+            src = K + b * stride_kb + s * stride_ks
+            dst = OutK + b * stride_okb + s * stride_oks
+            src_h, dst_h, count = stride_kh, stride_okh, K_HEADS
+        ok = (heads < count)[:, None] & dim_ok[None, :]
+        x = tl.load(src + heads[:, None] * src_h + dims[None, :], mask=ok, other=0.0)
+        rot = tl.load(src + heads[:, None] * src_h + partner[None, :], mask=ok, other=0.0)
+        kind = x.dtype
+        first = (x.to(tl.float32) * cos[None, :]).to(kind).to(tl.float32)
+        second = (rot.to(tl.float32) * sign[None, :] * sin[None, :]).to(kind).to(tl.float32)
+        tl.store(dst + heads[:, None] * dst_h + dims[None, :], (first + second).to(kind), mask=ok)

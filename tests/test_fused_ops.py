@@ -1,6 +1,7 @@
-"""The fused RMSNorm kernel (run by Triton's interpreter on the CPU): the arithmetic of transformers'
-RMSNorm modules in both styles, and the engine with every family's norms fused gives generate()'s
-tokens (generate() run before fusing, on transformers' own modules)."""
+"""The fused RMSNorm and rotary kernels (run by Triton's interpreter on the CPU): the arithmetic of
+transformers' RMSNorm modules in both styles and of its rotary function, and the engine with every
+family's norms and rotary embeddings fused gives generate()'s tokens (generate() run before fusing,
+on transformers' own modules)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import torch
 from family_harness import FAMILIES, Case, conversation
 from test_engine import Collector
 
-from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, fused_norm, triton_runtime
+from tritonvlm.engine import (
+    EngineConfig,
+    LLMEngine,
+    SamplingParams,
+    fused_norm,
+    fused_rotary,
+    paged_attention,
+    triton_runtime,
+)
 
 pytestmark = pytest.mark.skipif(not triton_runtime.available(), reason="needs the triton package")
 
@@ -50,26 +59,66 @@ def test_non_contiguous_rows_and_no_rows():
     assert fused_norm.rms_norm(torch.empty(0, 32), weight, 1e-5, "gemma").shape == (0, 32)
 
 
+@pytest.mark.parametrize(
+    ("batch", "q_heads", "k_heads", "seq", "dim"), [(2, 4, 2, 5, 16), (1, 28, 4, 1, 128), (3, 3, 1, 7, 80)]
+)
+def test_rotary_kernel_is_transformers_arithmetic_bit_for_bit(batch, q_heads, k_heads, seq, dim):
+    # float32 (bfloat16 rounds toward zero in the interpreter; test_gpu.py checks it compiled)
+    gen = torch.Generator().manual_seed(dim)
+    q = torch.randn(batch, seq, q_heads, dim, generator=gen).transpose(1, 2)  # as the layers hand them
+    k = torch.randn(batch, seq, k_heads, dim, generator=gen).transpose(1, 2)
+    cos, sin = (torch.randn(batch, seq, dim, generator=gen) for _ in range(2))
+    got_qk, want_qk = fused_rotary.rotary(q, k, cos, sin), fused_rotary.reference_rotary(q, k, cos, sin)
+    for got, want in zip(got_qk, want_qk, strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_rotary_install_replaces_only_the_standard_function_and_restores_it(family_kit):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    original = modeling.apply_rotary_pos_emb
+    kit = family_kit("qwen2_5_vl")
+    language_model = kit.family.language_model(kit.hf_model)
+    try:
+        assert fused_rotary.install(language_model) == 1
+        assert modeling.apply_rotary_pos_emb is not original
+        q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+        cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+        pairs = zip(modeling.apply_rotary_pos_emb(q, k, cos, sin), original(q, k, cos, sin), strict=True)
+        for got, want in pairs:
+            assert torch.equal(got, want)
+        odd = modeling.apply_rotary_pos_emb(q, k, cos[:, None], sin[:, None], unsqueeze_dim=0)  # falls back
+        assert torch.equal(odd[0], original(q, k, cos[:, None], sin[:, None], unsqueeze_dim=0)[0])
+    finally:
+        fused_rotary.restore()
+    assert modeling.apply_rotary_pos_emb is original
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def kit(request, family_kit):
     return family_kit(request.param)
 
 
-def test_engine_with_fused_norms_is_token_exact(kit, monkeypatch):
+def test_engine_with_fused_ops_is_token_exact(kit, monkeypatch):
     cases = [
         Case("story", conversation("Tell me a story about a cat.", 0)),
         Case("short", [{"role": "user", "content": "Hi"}]),
     ]
     wanted = [kit.reference_tokens(case, n) for case, n in zip(cases, (12, 7), strict=True)]
-    config = EngineConfig(max_model_len=512, prefix_cache_slots=0, fused_rms_norm="true")
+    # Everything a CUDA engine runs in Triton: the fused ops and the decode-attention kernel.
+    config = EngineConfig(
+        max_model_len=512, prefix_cache_slots=0, fused_ops="true", decode_attention="triton"
+    )
     engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
     calls = []
-    kernel = fused_norm.rms_norm
+    kernel, rotary = fused_norm.rms_norm, fused_rotary.rotary
     monkeypatch.setattr(fused_norm, "rms_norm", lambda *a, **k: calls.append(a[-1]) or kernel(*a, **k))
+    monkeypatch.setattr(fused_rotary, "rotary", lambda *a, **k: calls.append("rotary") or rotary(*a, **k))
     language_model = engine.runner.language_model
     try:
         layers = kit.hf_model.config.get_text_config().num_hidden_layers
         assert engine.runner.fused_norms >= 2 * layers + 1  # two a layer and the final one, at least
+        assert engine.runner.fused_rotary == 1  # the family's modeling module
         sink = Collector()
         for case, n in zip(cases, (12, 7), strict=True):
             ids, mm = kit.engine_inputs(case)
@@ -78,7 +127,9 @@ def test_engine_with_fused_norms_is_token_exact(kit, monkeypatch):
             engine.step()
         assert [sink.tokens(c.name) for c in cases] == wanted
         style = "gemma" if kit.name == "gemma3" else "llama"
-        assert calls and set(calls) == {style}
+        assert calls and set(calls) == {style, "rotary"}
     finally:
         fused_norm.restore(language_model)
+        fused_rotary.restore()
+        paged_attention.uninstall(language_model)
     assert not any(hasattr(m, "_tritonvlm_fused_norm") for m in language_model.modules())
