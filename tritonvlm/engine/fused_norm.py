@@ -68,6 +68,12 @@ def _fused_forward(module: torch.nn.Module, style: str, eps: float, hidden: torc
     return rms_norm(hidden, module.weight, eps, style)
 
 
+def widths(language_model: torch.nn.Module, family: Any) -> tuple[int, ...]:
+    """The widths of the norms :func:`fuse` would fuse (what :func:`self_check` should try)."""
+    found = {m.weight.numel() for m in language_model.modules() if family.norm_style(m) is not None}
+    return tuple(sorted(found))
+
+
 def fuse(language_model: torch.nn.Module, family: Any) -> int:
     """Give the RMSNorm modules of ``language_model`` the one-kernel forward (in the style the family
     names for each); returns how many. :func:`restore` undoes it."""
@@ -94,15 +100,15 @@ def restore(language_model: torch.nn.Module) -> None:
 
 
 @functools.cache
-def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Compile and run the kernel once on ``device`` against :func:`reference_rms_norm` (both styles, a
-    width that is not a power of two). Returns what went wrong, or None."""
+def self_check(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (3584,)) -> str | None:
+    """Compile and run the kernel once on ``device`` for each of a model's norm ``widths`` against
+    :func:`reference_rms_norm` (both styles). Returns what went wrong, or None."""
     try:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(5, 3, 3584, generator=gen).to(device, dtype)
-        weight = torch.randn(3584, generator=gen).to(device, dtype)
         error = 0.0
-        for style in STYLES:
+        for width, style in ((w, s) for w in widths for s in STYLES):
+            x = torch.randn(5, 3, width, generator=gen).to(device, dtype)
+            weight = torch.randn(width, generator=gen).to(device, dtype)
             got = rms_norm(x, weight, 1e-6, style).float()
             want = reference_rms_norm(x, weight, 1e-6, style).float()
             error = max(error, ((got - want).abs() / (want.abs() + 1)).max().item())

@@ -124,14 +124,17 @@ def restore() -> None:
 
 
 @functools.cache
-def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Compile and run the kernel once on ``device`` against :func:`reference_rotary` (grouped heads,
-    transposed inputs as the attention layers hand them over). Returns what went wrong, or None."""
+def self_check(
+    device: torch.device, dtype: torch.dtype, heads: int = 28, kv_heads: int = 4, dim: int = 128
+) -> str | None:
+    """Compile and run the kernel once on ``device`` for a model's head geometry against
+    :func:`reference_rotary` (inputs transposed as the attention layers hand them over). Returns what
+    went wrong, or None."""
     try:
         gen = torch.Generator().manual_seed(0)
-        q = torch.randn(2, 3, 28, 128, generator=gen).to(device, dtype).transpose(1, 2)
-        k = torch.randn(2, 3, 4, 128, generator=gen).to(device, dtype).transpose(1, 2)
-        cos, sin = (torch.randn(2, 3, 128, generator=gen).to(device, dtype) for _ in range(2))
+        q = torch.randn(2, 3, heads, dim, generator=gen).to(device, dtype).transpose(1, 2)
+        k = torch.randn(2, 3, kv_heads, dim, generator=gen).to(device, dtype).transpose(1, 2)
+        cos, sin = (torch.randn(2, 3, dim, generator=gen).to(device, dtype) for _ in range(2))
         got = rotary(q, k, cos, sin)
         want = reference_rotary(q, k, cos, sin)
         error = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want, strict=True))

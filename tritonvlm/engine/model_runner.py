@@ -108,14 +108,22 @@ class ModelRunner:
         log.warning("%s: the Triton kernel cannot run here (%s); not using it", setting, problem)
         return False
 
+    def _head_geometry(self) -> tuple[int, int, int]:
+        """``(query heads, key/value heads, head dim)`` of the language model's attention."""
+        heads = int(getattr(self.language_model.config, "num_attention_heads", self.num_kv_heads))
+        return heads, self.num_kv_heads, self.head_dim
+
     def _choose_decode_attention(self, choice: str) -> str:
         """Set up the decode attention ``choice`` asks for (see :data:`DECODE_ATTENTION`); returns the
         one in use, "triton" or "gather"."""
         if choice not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention={choice!r}: expected one of {', '.join(DECODE_ATTENTION)}")
         paged_attention.uninstall(self.language_model)  # a model an earlier engine ran
-        forced = choice == "triton"
-        if not self._triton_kernel_wanted("decode_attention", choice, forced, paged_attention.self_check):
+
+        def check(device: torch.device, dtype: torch.dtype) -> str | None:
+            return paged_attention.self_check(device, dtype, *self._head_geometry())
+
+        if not self._triton_kernel_wanted("decode_attention", choice, choice == "triton", check):
             return "gather"
         if not paged_attention.install(self.language_model, self.cache):
             log.warning("%s: the Triton decode-attention kernel does not serve this model", self.family.name)
@@ -130,8 +138,12 @@ class ModelRunner:
         fused_norm.restore(self.language_model)  # a model an earlier engine ran
         fused_rotary.restore()
 
+        widths = fused_norm.widths(self.language_model, self.family)
+
         def check(device: torch.device, dtype: torch.dtype) -> str | None:
-            return fused_norm.self_check(device, dtype) or fused_rotary.self_check(device, dtype)
+            return fused_norm.self_check(device, dtype, widths) or fused_rotary.self_check(
+                device, dtype, *self._head_geometry()
+            )
 
         if not self._triton_kernel_wanted("fused_ops", choice, choice == "true", check):
             return 0, 0

@@ -125,12 +125,15 @@ def reference_decode_attention(
 
 
 @functools.cache
-def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Compile and run the kernels once on ``device`` against :func:`reference_decode_attention`
-    (mixed lengths, several splits, grouped heads). Returns what went wrong, or None."""
+def self_check(
+    device: torch.device, dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, dim: int = 128
+) -> str | None:
+    """Compile and run the kernels once on ``device`` for a model's head geometry against
+    :func:`reference_decode_attention` (mixed lengths, several splits). Returns what went wrong, or
+    None."""
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        page, blocks, heads, kv_heads, dim = 16, 24, 8, 2, 128
+        page, blocks = 16, 24
         shape = (blocks + 1, page, kv_heads, dim)
         pools = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2)]
         tables = torch.randperm(blocks, generator=gen).view(3, 8).to(device)
