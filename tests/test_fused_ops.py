@@ -133,3 +133,23 @@ def test_engine_with_fused_ops_is_token_exact(kit, monkeypatch):
         fused_rotary.restore()
         paged_attention.uninstall(language_model)
     assert not any(hasattr(m, "_tritonvlm_fused_norm") for m in language_model.modules())
+
+
+def test_kernel_settings_on_a_cpu(family_kit, monkeypatch):
+    """auto: none of the Triton kernels on a CPU; an unknown setting, or a kernel asked for where it
+    cannot run, is an error at start-up rather than a warning."""
+    kit = family_kit("qwen2_5_vl")
+
+    def engine(**settings) -> LLMEngine:
+        return LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=128, **settings), kit.family)
+
+    runner = engine().runner
+    assert (runner.decode_attention, runner.fused_norms, runner.fused_rotary) == ("gather", 0, 0)
+    with pytest.raises(ValueError, match="decode_attention='paged'"):
+        engine(decode_attention="paged")
+    with pytest.raises(ValueError, match="fused_ops='yes'"):
+        engine(fused_ops="yes")
+    monkeypatch.setattr(triton_runtime, "available", lambda: False)
+    with pytest.raises(ValueError, match="triton package is missing"):
+        engine(fused_ops="true")
+    assert engine(fused_ops="auto").runner.fused_norms == 0

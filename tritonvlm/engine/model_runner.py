@@ -4,27 +4,15 @@ model's :class:`~tritonvlm.families.base.Family`."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from tritonvlm.engine import fused_norm, fused_rotary, paged_attention, triton_runtime
 from tritonvlm.engine.cuda_graphs import DecodeGraphs
+from tritonvlm.engine.kernel_setup import set_up_kernels
 from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
 from tritonvlm.families.base import Family
-
-log = logging.getLogger("tritonvlm.engine")
-
-# How decode steps attend over the full-attention layers' KV blocks: "triton" reads each row's own
-# blocks in a Triton kernel (paged_attention), "gather" copies the rows' blocks into one tensor padded
-# to the longest row for SDPA; "auto" is "triton" on CUDA when the kernel passes its check, else "gather".
-DECODE_ATTENTION = ("auto", "triton", "gather")
-# The language model's RMSNorm layers (fused_norm) and rotary embeddings (fused_rotary) as one Triton
-# kernel each: "true", "false", or "auto" ("true" on CUDA when the kernels pass their checks).
-FUSED_OPS = ("auto", "true", "false")
 
 
 class ModelRunner:
@@ -72,8 +60,11 @@ class ModelRunner:
             self.layer_kinds,
             num_blocks=num_blocks,
         )
-        self.decode_attention = self._choose_decode_attention(decode_attention)
-        self.fused_norms, self.fused_rotary = self._choose_fused_ops(fused_ops)
+        kernels = set_up_kernels(
+            self.language_model, family, self.cache, self.device, self.dtype, decode_attention, fused_ops
+        )
+        self.decode_attention = kernels.decode_attention
+        self.fused_norms, self.fused_rotary = kernels.fused_norms, kernels.fused_rotary
         # With the kernel attending in every layer, a decode step's work no longer depends on the
         # attention length it is given (each row reads up to its own): one CUDA graph per batch bucket,
         # captured at the full length, serves every length.
@@ -85,69 +76,6 @@ class ModelRunner:
         plain_decode = type(family).decode_kwargs is Family.decode_kwargs
         if cuda_graphs and self.device.type == "cuda" and plain_decode:
             self.graphs = DecodeGraphs(self._decode_forward, max_batch or max_slots, self.device, max_len)
-
-    def _triton_kernel_wanted(
-        self,
-        setting: str,
-        choice: str,
-        forced: bool,
-        check: Callable[[torch.device, torch.dtype], str | None],
-    ) -> bool:
-        """Whether to use a Triton kernel that ``setting=choice`` asks for: ``forced`` (wherever: a
-        ValueError if it cannot run) or "auto" (on CUDA, if triton is installed and ``check`` passes on
-        this device; a warning otherwise)."""
-        if not forced and (choice != "auto" or self.device.type != "cuda"):
-            return False
-        problem = "the triton package is missing" if not triton_runtime.available() else None
-        problem = problem or check(self.device, self.dtype)
-        if problem is None:
-            return True
-        if forced:
-            hint = " (on a CPU, Triton's interpreter needs TRITON_INTERPRET=1 set before start)"
-            raise ValueError(f"{setting}={choice}: the Triton kernel cannot run here: {problem}{hint}")
-        log.warning("%s: the Triton kernel cannot run here (%s); not using it", setting, problem)
-        return False
-
-    def _head_geometry(self) -> tuple[int, int, int]:
-        """``(query heads, key/value heads, head dim)`` of the language model's attention."""
-        heads = int(getattr(self.language_model.config, "num_attention_heads", self.num_kv_heads))
-        return heads, self.num_kv_heads, self.head_dim
-
-    def _choose_decode_attention(self, choice: str) -> str:
-        """Set up the decode attention ``choice`` asks for (see :data:`DECODE_ATTENTION`); returns the
-        one in use, "triton" or "gather"."""
-        if choice not in DECODE_ATTENTION:
-            raise ValueError(f"decode_attention={choice!r}: expected one of {', '.join(DECODE_ATTENTION)}")
-        paged_attention.uninstall(self.language_model)  # a model an earlier engine ran
-
-        def check(device: torch.device, dtype: torch.dtype) -> str | None:
-            return paged_attention.self_check(device, dtype, *self._head_geometry())
-
-        if not self._triton_kernel_wanted("decode_attention", choice, choice == "triton", check):
-            return "gather"
-        if not paged_attention.install(self.language_model, self.cache):
-            log.warning("%s: the Triton decode-attention kernel does not serve this model", self.family.name)
-            return "gather"
-        return "triton"
-
-    def _choose_fused_ops(self, choice: str) -> tuple[int, int]:
-        """Fuse the language model's RMSNorm layers and rotary embeddings if ``choice`` (see
-        :data:`FUSED_OPS`) asks for it; returns how many norm modules and modeling modules changed."""
-        if choice not in FUSED_OPS:
-            raise ValueError(f"fused_ops={choice!r}: expected one of {', '.join(FUSED_OPS)}")
-        fused_norm.restore(self.language_model)  # a model an earlier engine ran
-        fused_rotary.restore()
-
-        widths = fused_norm.widths(self.language_model, self.family)
-
-        def check(device: torch.device, dtype: torch.dtype) -> str | None:
-            return fused_norm.self_check(device, dtype, widths) or fused_rotary.self_check(
-                device, dtype, *self._head_geometry()
-            )
-
-        if not self._triton_kernel_wanted("fused_ops", choice, choice == "true", check):
-            return 0, 0
-        return fused_norm.fuse(self.language_model, self.family), fused_rotary.install(self.language_model)
 
     def _bucket(self, length: int) -> int:
         bucket = self.length_bucket
