@@ -528,6 +528,19 @@ def test_engine_config_defaults_by_device():
     given = engine_config({"max_num_seqs": "8", "kv_cache_memory": "2GiB", "cuda_graphs": "false"}, "cuda")
     assert (given.max_num_seqs, given.kv_cache_memory, given.cuda_graphs) == (8, "2GiB", False)
     assert engine_config({"prefix_cache_slots": "0"}, "cpu").prefix_cache_slots == 0
+    assert (gpu.decode_attention, gpu.fused_ops) == ("auto", "auto")
+    kernels = engine_config({"decode_attention": " Gather ", "fused_ops": "FALSE"}, "cuda")
+    assert (kernels.decode_attention, kernels.fused_ops) == ("gather", "false")
+
+
+def test_serve_hands_the_kernel_settings_to_the_triton_models():
+    from tritonvlm import cli
+
+    args = cli.build_parser().parse_args(["serve", "--decode-attention", "gather", "--fused-ops", "false"])
+    env = cli.triton_env(args, "some/model")
+    assert env["TRITONVLM_DECODE_ATTENTION"] == "gather" and env["TRITONVLM_FUSED_OPS"] == "false"
+    defaults = cli.triton_env(cli.build_parser().parse_args(["serve"]), "some/model")
+    assert "TRITONVLM_DECODE_ATTENTION" not in defaults  # the model's own default (auto)
 
 
 def test_a_given_image_digest_replaces_hashing_the_embeddings(family_kit, monkeypatch):
