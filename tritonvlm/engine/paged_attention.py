@@ -19,22 +19,15 @@ tests check them against :func:`reference_decode_attention` without a GPU.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
 
 from tritonvlm.engine import triton_runtime
 
-log = logging.getLogger("tritonvlm.engine")
-
 BLOCK_N = 32  # positions per inner step (spanning several KV blocks)
 MIN_SPLIT_TOKENS = 64  # a split gets at least this many positions of the longest row (2 steps)
 NAME_PREFIX = "tritonvlm_paged_decode_"  # attention implementations install() registers
-
-
-def _pow2(n: int, least: int = 1) -> int:
-    return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
 def choose_splits(batch: int, kv_heads: int, max_length: int, device: torch.device) -> int:
@@ -72,7 +65,7 @@ def paged_decode_attention(
         raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
     group = q_heads // kv_heads
     query = query.contiguous()
-    block_d = _pow2(dim, 16)
+    block_d = triton_runtime.pow2(dim, 16)
     part_out = torch.empty(rows, q_heads, splits, block_d, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(rows, q_heads, splits, dtype=torch.float32, device=query.device)
     out = torch.empty(rows, q_heads, dim, dtype=query.dtype, device=query.device)
@@ -87,13 +80,13 @@ def paged_decode_attention(
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         tables.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), splits,
-        GROUP=group, HEAD_DIM=dim, PAGE=page, BLOCK_H=_pow2(group, 16), BLOCK_N=BLOCK_N,
+        GROUP=group, HEAD_DIM=dim, PAGE=page, BLOCK_H=triton_runtime.pow2(group, 16), BLOCK_N=BLOCK_N,
         BLOCK_D=block_d, IEEE=query.dtype == torch.float32, UPCAST=interpret,
     )  # fmt: skip
     kernels.decode_merge[(rows, q_heads)](
         part_out, part_lse, out, part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1), splits,
-        HEAD_DIM=dim, BLOCK_S=_pow2(splits), BLOCK_D=block_d,
+        HEAD_DIM=dim, BLOCK_S=triton_runtime.pow2(splits), BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
@@ -131,7 +124,8 @@ def self_check(
     """Compile and run the kernels once on ``device`` for a model's head geometry against
     :func:`reference_decode_attention` (mixed lengths, several splits). Returns what went wrong, or
     None."""
-    try:
+
+    def deviation() -> float:
         gen = torch.Generator(device="cpu").manual_seed(0)
         page, blocks = 16, 24
         shape = (blocks + 1, page, kv_heads, dim)
@@ -141,11 +135,10 @@ def self_check(
         query = torch.randn(3, heads, dim, generator=gen).to(device, dtype)
         got = paged_decode_attention(query, *pools, tables, lengths, dim**-0.5, splits=3)
         want = reference_decode_attention(query, *pools, tables, lengths, dim**-0.5)
-        error = (got.float() - want.float()).abs().max().item()
-    except Exception as exc:  # a missing compiler, an unsupported GPU, ...
-        return f"{type(exc).__name__}: {exc}"
+        return (got.float() - want.float()).abs().max().item()
+
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
-    return None if error <= tolerance else f"largest deviation from the reference {error:.3g}"
+    return triton_runtime.check_against_reference(deviation, tolerance)
 
 
 def install(language_model: torch.nn.Module, cache: Any) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -36,3 +37,21 @@ def kernels(interpret: bool) -> ModuleType:
     from tritonvlm.engine import triton_kernels
 
     return triton_kernels
+
+
+def pow2(n: int, least: int = 1) -> int:
+    """The smallest power of two that is at least ``n`` and ``least`` (Triton block sizes)."""
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def check_against_reference(
+    deviation: Callable[[], float], tolerance: float, what: str = "deviation"
+) -> str | None:
+    """A kernel's start-up check: ``deviation()`` compiles and runs it on the device and returns how far
+    it is from its plain-torch reference. None when within ``tolerance``; otherwise, or when it
+    raises (a missing compiler, an unsupported GPU, ...), what went wrong."""
+    try:
+        error = deviation()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if error <= tolerance else f"largest {what} from the reference {error:.3g}"
