@@ -206,6 +206,7 @@ def bench_engine(
         kv_cache_memory=args.kv_cache_memory or "",
         decode_attention=decode_attention,
         fused_ops=fused_ops,
+        async_output=args.async_output,
     )
     engine = LLMEngine(model, tokenizer, config, family)
     engine_pass(engine, prompts, args, "warm")
@@ -219,6 +220,7 @@ def bench_engine(
         "kv_capacity_mib": stats.kv_bytes_capacity / 2**20,
         "decode_attention": engine.runner.decode_attention,
         "fused_ops": engine.runner.fused_norms + engine.runner.fused_rotary,
+        "async_output": engine.async_output,
     }
 
 
@@ -325,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the engine's RMSNorm layers and rotary embeddings in one Triton kernel each (auto: CUDA)",
     )
     parser.add_argument(
+        "--async-output",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="make and send a step's text while the next step runs (auto: CUDA)",
+    )
+    parser.add_argument(
         "--long-prompt-tokens",
         type=int,
         default=0,
@@ -382,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nengine alone: {args.shape} on {device} ({dtype}), prompt {args.prompt_tokens} tokens{long}, "
         f"{args.output_tokens} output tokens, all requests started at once; decode attention: "
         f"{rows[0]['decode_attention'] if rows else '-'}; fused ops: "
-        f"{'on' if rows and rows[0]['fused_ops'] else 'off'}"
+        f"{'on' if rows and rows[0]['fused_ops'] else 'off'}; async output: "
+        f"{'on' if rows and rows[0]['async_output'] else 'off'}"
     )
     columns = ["batch", "engine tok/s", "ms/step", "TTFT ms", "generate() tok/s", "engine/generate"]
     compare = any("eager_tok_s" in row for row in rows)

@@ -5,8 +5,8 @@
 # the engine benchmark, writing everything under $OUT (default ./gpu-out).
 #   scripts/gpu_check.sh --download        # on a machine with the package registry: fill .wheels/
 #   OUT=/some/dir scripts/gpu_check.sh      # on the GPU machine
-# The default time limits of its parts add up to 600 s, one call of a lent machine; SKIP_LONG,
-# SKIP_CHUNKED and SKIP_VISION leave parts out, *_TIMEOUT variables change the limits.
+# The default time limits of its parts add up to 600 s, one call of a lent machine; SKIP_ASYNC,
+# SKIP_LONG, SKIP_CHUNKED and SKIP_VISION leave parts out, *_TIMEOUT variables change the limits.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -39,33 +39,39 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -
 log "transformers $($PY -c 'import transformers; print(transformers.__version__)')"
 
 log "GPU tests (every family, fp32 and bf16)"
-timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-230}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
   --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
 
 log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs; decode attention kernel and gathered blocks side by side"
-timeout "${BENCH_TIMEOUT:-150}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
+timeout "${BENCH_TIMEOUT:-140}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
   --skip-generate --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 \
   | tee "$OUT/bench_engine.txt" | tail -12 || log "engine benchmark failed or timed out"
 log "engine benchmark, Triton kernels off (gathered blocks, transformers' RMSNorm): batch 1 and 16"
 timeout "${OFF_TIMEOUT:-45}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention gather \
   --fused-ops false --skip-generate --batches 1,16 --json "$OUT/bench_engine_off.json" 2>&1 \
   | tee "$OUT/bench_engine_off.txt" | tail -6 || log "engine benchmark (kernels off) failed or timed out"
+if [ -z "${SKIP_ASYNC:-}" ]; then
+  log "engine benchmark, async output off (each step's text made before the next step): batch 128 and 256"
+  timeout "${ASYNC_TIMEOUT:-35}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --async-output false \
+    --skip-generate --batches 128,256 --json "$OUT/bench_engine_sync.json" 2>&1 \
+    | tee "$OUT/bench_engine_sync.txt" | tail -6 || log "engine benchmark (async output off) failed or timed out"
+fi
 if [ -z "${SKIP_LONG:-}" ]; then
   log "engine benchmark, mixed lengths: one request of each batch with a 4,000-token prompt"
-  timeout "${LONG_TIMEOUT:-75}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
+  timeout "${LONG_TIMEOUT:-70}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
     --skip-generate --batches "${LONG_BATCHES:-16,128}" --long-prompt-tokens 4000 \
     --json "$OUT/bench_engine_long.json" 2>&1 | tee "$OUT/bench_engine_long.txt" | tail -10 \
     || log "mixed-length engine benchmark failed or timed out"
 fi
 if [ -z "${SKIP_CHUNKED:-}" ]; then
   log "chunked prefill: 32 sequences decoding when an 8,000-token prompt arrives (7B shape, bf16)"
-  timeout "${CHUNKED_TIMEOUT:-45}" $PY scripts/bench_chunked_prefill.py --shape qwen2.5-vl-7b \
+  timeout "${CHUNKED_TIMEOUT:-40}" $PY scripts/bench_chunked_prefill.py --shape qwen2.5-vl-7b \
     --json "$OUT/bench_chunked_prefill.json" 2>&1 | tee "$OUT/bench_chunked_prefill.txt" | tail -8 \
     || log "chunked-prefill benchmark failed or timed out"
 fi
 if [ -z "${SKIP_VISION:-}" ]; then
   log "vision tower: Qwen2.5-VL-7B shape, bf16, per-window loop vs varlen attention, 448/896/1344 and a batch"
-  timeout "${VISION_TIMEOUT:-45}" $PY scripts/bench_vision.py --shape qwen2.5-vl-7b \
+  timeout "${VISION_TIMEOUT:-40}" $PY scripts/bench_vision.py --shape qwen2.5-vl-7b \
     --json "$OUT/bench_vision.json" 2>&1 | tee "$OUT/bench_vision.txt" | tail -8 \
     || log "vision benchmark failed or timed out"
 fi

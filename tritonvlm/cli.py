@@ -69,6 +69,7 @@ ENGINE_SETTINGS = (
     "cuda_graphs",
     "decode_attention",
     "fused_ops",
+    "async_output",
     "image_cache_memory",
     "device",
     "dtype",
@@ -270,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute the language model's RMSNorm layers and rotary embeddings in one Triton kernel "
         "each instead of transformers' half a dozen or more; auto (default): on CUDA when their "
         "start-up checks pass",
+    )
+    model.add_argument(
+        "--async-output",
+        choices=("auto", "true", "false"),
+        help="turn a decode step's tokens into text and send them while the device computes the next "
+        "step (the next step is launched first); auto (default): on CUDA",
     )
     model.add_argument(
         "--image-cache-memory",

@@ -35,6 +35,7 @@ class TritonOptions:
     cuda_graphs: str | None = None
     decode_attention: str | None = None
     fused_ops: str | None = None
+    async_output: str | None = None
     image_cache_memory: str | None = None
     device: str | None = None
     dtype: str | None = None

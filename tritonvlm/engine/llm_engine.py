@@ -65,6 +65,10 @@ class EngineConfig:
     # The language model's RMSNorm layers and rotary embeddings as one Triton kernel each: "true",
     # "false", "auto" (CUDA).
     fused_ops: str = "auto"
+    # Turn a decode step's tokens into text and send them while the next step runs on the device
+    # (the next step is launched first): "true", "false", "auto" (CUDA, where the device computes
+    # while the host works; on a CPU the host computes the step itself and outputs would only wait).
+    async_output: str = "auto"
 
 
 # Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
@@ -96,6 +100,7 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
         cuda_graphs=(params.get("cuda_graphs") or "true").strip().lower() not in ("false", "0", "off"),
         decode_attention=(params.get("decode_attention") or "auto").strip().lower(),
         fused_ops=(params.get("fused_ops") or "auto").strip().lower(),
+        async_output=(params.get("async_output") or "auto").strip().lower(),
     )
 
 
@@ -217,8 +222,38 @@ def sequence_bytes(family: Family, max_len: int, dtype: torch.dtype) -> int:
     return kv + family.extra_state_bytes(dtype)
 
 
+ASYNC_OUTPUT = ("auto", "true", "false")
+
+
+def async_output_wanted(setting: str, device: torch.device) -> bool:
+    """``EngineConfig.async_output`` on ``device``: "auto" is on for CUDA only."""
+    if setting not in ASYNC_OUTPUT:
+        raise ValueError(f"async_output={setting!r}: expected one of {', '.join(ASYNC_OUTPUT)}")
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+@dataclass
+class PendingOutput:
+    """A token recorded in its sequence whose text has not been made and sent yet. ``finish``: the
+    reason the token alone ends the sequence (end of sequence, max_tokens, the grammar complete; a stop
+    string is found with the text); ``eos``: it is an end-of-sequence token (no text of its own)."""
+
+    seq: Sequence
+    token: int
+    finish: str | None
+    eos: bool
+    logprobs: list | None
+
+
 class LLMEngine:
-    """Continuous batching over the language model of a vision-language model of any family."""
+    """Continuous batching over the language model of a vision-language model of any family.
+
+    A decode step's tokens are recorded in their sequences at once (what the next step needs: the
+    token, the grammar state, the end of a sequence by token or length), but with async output their
+    text is made and sent while the next step runs on the device: the host's per-row work then costs no
+    step time. A stop string is only seen in the text, so a sequence it ends has already been given
+    the next step; that step's token for it is dropped.
+    """
 
     def __init__(
         self,
@@ -243,9 +278,10 @@ class LLMEngine:
             fused_ops=self.config.fused_ops,
         )
         cache = self.runner.cache
+        self.async_output = async_output_wanted(self.config.async_output, self.runner.device)
         log.info(
             "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB; "
-            "decode attention: %s; fused RMSNorm layers: %d, rotary functions: %d",
+            "decode attention: %s; fused RMSNorm layers: %d, rotary functions: %d; async output: %s",
             self.family.name,
             blocks,
             cache.block_size,
@@ -255,6 +291,7 @@ class LLMEngine:
             self.runner.decode_attention,
             self.runner.fused_norms,
             self.runner.fused_rotary,
+            self.async_output,
         )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0
@@ -289,6 +326,11 @@ class LLMEngine:
         self._last_decode_end: float | None = None
         self._guided: GuidedDecoding | None = None
         self._guided_lock = threading.Lock()
+        # Tokens recorded by the last decode step whose text has not gone out yet (async output), and
+        # sequences that a stop string ended while they were in the batch running now (retired once it
+        # is done).
+        self._pending: list[PendingOutput] = []
+        self._stopped: list[tuple[Sequence, bool]] = []  # (sequence, ended without an error)
 
     @classmethod
     def from_pretrained(
@@ -442,13 +484,28 @@ class LLMEngine:
                 self.step()
             except Exception:  # the loop must survive anything: a dead engine thread hangs every request
                 log.exception("engine step failed; failing the running requests")
-                for seq in list(self.scheduler.running):
-                    self._finish(seq, "error", error="internal error in the decoding engine")
-                self.scheduler.retire(list(self.scheduler.running))
-                partial, self.scheduler.prefilling = self.scheduler.prefilling, None
-                if partial is not None:
-                    self.kv.release(partial)
-                    self._finish(partial, "error", error="internal error in the decoding engine")
+                self._fail_all_running()
+        try:
+            self._flush()  # outputs of the last step
+        except Exception:
+            log.exception("could not send the last outputs")
+
+    def _fail_all_running(self) -> None:
+        error = "internal error in the decoding engine"
+        try:
+            self._publish()  # what the last step recorded still goes out
+        except Exception:
+            log.exception("could not send the last step's outputs")
+        pending, self._pending, self._stopped = self._pending, [], []
+        for entry in pending:  # (sequences the last step ended included: their final output is owed)
+            self._finish(entry.seq, "error", error=error)
+        for seq in list(self.scheduler.running):
+            self._finish(seq, "error", error=error)
+        self.scheduler.retire(list(self.scheduler.running))
+        partial, self.scheduler.prefilling = self.scheduler.prefilling, None
+        if partial is not None:
+            self.kv.release(partial)
+            self._finish(partial, "error", error=error)
 
     def step(self) -> None:
         """One iteration: take arrivals and cancellations, prefill what fits, decode everyone once."""
@@ -458,27 +515,43 @@ class LLMEngine:
         budget = self._chunk if self.scheduler.running and self._chunk else None
         new = self.scheduler.schedule_prefill(budget)
         if new:
+            self._flush()  # the last step's outputs do not wait for a prefill
             self._prefill(new, budget)
         running = self.scheduler.running
         if running:
             self.kv.grow(running, self._preempt)  # (may preempt: the list shrinks)
+        overlapped = False
         if running:
-            started = time.monotonic()
-            logits = self.runner.decode(running)
-            failures: dict[int, str] = {}
-            tokens = sample(logits, running, failures)
-            now = time.monotonic()
-            self.stats.decode_step_seconds.append(now - started)
-            if self._last_decode_end is not None:
-                self.stats.step_intervals.append(now - self._last_decode_end)
-            self._last_decode_end = now
-            self.stats.decode_steps += 1
-            self.stats.decode_tokens += len(running)
-            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(running))
-            self._append(list(running), tokens, logits, failures)
+            overlapped = self._decode(list(running))
         else:
             self._last_decode_end = None
-        self._update_gauges()
+        if not self.async_output or not self.scheduler.running:
+            self._flush()
+        if not overlapped or not self.scheduler.running:
+            self._update_gauges()
+
+    def _decode(self, batch: list[Sequence]) -> bool:
+        """One decode step of the running ``batch``; with async output, the previous step's outputs are
+        sent (and the gauges updated) while the device computes this one: returns whether they were."""
+        started = time.monotonic()
+        logits = self.runner.decode(batch)
+        if self.async_output:  # the device is computing the step meanwhile
+            self._publish()
+            self._update_gauges()
+        failures: dict[int, str] = {}
+        tokens = sample(logits, batch, failures)
+        now = time.monotonic()
+        self.stats.decode_step_seconds.append(now - started)
+        if self._last_decode_end is not None:
+            self.stats.step_intervals.append(now - self._last_decode_end)
+        self._last_decode_end = now
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(batch)
+        self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(batch))
+        stopped = {id(seq) for seq, _ in self._stopped}  # ended by their text: this token is dropped
+        self._retire_stopped()
+        self._commit(batch, tokens, logits, failures, skip=stopped)
+        return self.async_output
 
     def _take_incoming(self) -> None:
         while not self._incoming.empty():
@@ -519,6 +592,9 @@ class LLMEngine:
         """Take ``seq``'s KV blocks back; it waits first in line and is recomputed when resumed."""
         self.scheduler.preempt(seq)
         seq.prefilled = seq.prefill_end = 0
+        if self._publish(only=seq):  # its last token's text ended it: it does not come back
+            self.scheduler.drop_waiting(seq)
+            return
         self.stats.preemptions += 1
         log.info(
             "preempted %s after %d tokens (%d KV blocks free)",
@@ -584,64 +660,122 @@ class LLMEngine:
         for seq in fresh:
             seq.first_token_time = now
             self.stats.ttft_seconds.append(now - seq.arrival_time)
-        self._append(fresh, tokens, logits, failures)
+        self._commit(fresh, tokens, logits, failures)
+        self._flush()  # first tokens go out at once
 
-    def _append(
-        self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor, failures: dict[int, str]
+    def _commit(
+        self,
+        seqs: list[Sequence],
+        tokens: list[int],
+        logits: torch.Tensor,
+        failures: dict[int, str],
+        skip: set[int] | None = None,
     ) -> None:
-        """Record one new token per sequence, stream it, and retire those that are done. A row whose
-        sampling failed (``failures``), or whose token cannot be turned into output, ends that sequence
-        alone with an error: the other rows of the step go on."""
+        """Record one new token per sequence (but those whose ``id()`` is in ``skip``) and retire those
+        it ends; their text is made and sent by :meth:`_publish`. A row whose sampling failed
+        (``failures``), or whose token cannot be recorded, ends that sequence alone with an error: the
+        other rows of the step go on."""
         done: list[Sequence] = []
         failed: list[tuple[Sequence, str]] = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if skip and id(seq) in skip:
+                continue
             if row in failures:
                 failed.append((seq, f"sampling failed for this request: {failures[row]}"))
                 continue
             try:
-                text, finish, logprobs = self._advance(seq, token, logits[row])
+                entry = self._record(seq, token, logits[row])
             except Exception as exc:
                 log.exception("could not append a token to %s", seq.request_id)
                 failed.append((seq, f"internal error while decoding this request: {exc}"))
                 continue
-            if finish:
+            if entry.finish:
                 done.append(seq)
-            self._emit(seq, text, [token], finish, logprobs=logprobs)
-        leaving = done + [seq for seq, _ in failed]
-        if self.prefix_cache.enabled:
-            for seq in done:  # before retiring: their slots are refilled then
-                self._remember(seq)
-        if leaving:
-            self.scheduler.retire(leaving)
+            self._pending.append(entry)
+        self._leave(done, [seq for seq, _ in failed])
         for seq in done:
             self._forget(seq)
-            self.stats.requests_finished += 1
         for seq, message in failed:
             log.warning("request %s ends with an error: %s", seq.request_id, message)
             self._finish(seq, "error", error=message)
 
-    def _advance(
-        self, seq: Sequence, token: int, logits: torch.Tensor
-    ) -> tuple[str, str | None, list | None]:
-        """Append ``token`` to ``seq``: the text now safe to send, the finish reason, the logprobs entry."""
+    def _leave(self, done: list[Sequence], failed: list[Sequence]) -> None:
+        """Retire running sequences that are done (kept in the prefix cache first) or failed."""
+        if self.prefix_cache.enabled:
+            for seq in done:  # before retiring: their slots are refilled then
+                self._remember(seq)
+        if done or failed:
+            self.scheduler.retire(done + failed)
+
+    def _record(self, seq: Sequence, token: int, logits: torch.Tensor) -> PendingOutput:
+        """Append ``token`` to ``seq`` (and its grammar); whether the token alone ends it; its logprobs."""
         seq.output_ids.append(token)
-        finish = None
         guided_end = seq.guide is not None and seq.guide.advance(token)  # its grammar is complete
-        if token in self.stop_ids and (guided_end or not seq.params.ignore_eos):
+        eos = token in self.stop_ids and (guided_end or not seq.params.ignore_eos)
+        finish = None
+        if eos or guided_end:
             finish = "stop"
-            text = seq.detokenizer.finish()
-        else:
-            text = seq.detokenizer.add_token(token)
-            if seq.detokenizer.stopped or guided_end:
-                finish = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens:
-                finish = "length"
-            if finish:
-                text += seq.detokenizer.finish()
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            finish = "length"
         logprobs = None
         if seq.params.logprobs:
             logprobs = [token_logprobs(logits, token, seq.params.top_logprobs, self.token_texts)]
-        return text, finish, logprobs
+        return PendingOutput(seq, token, finish, eos, logprobs)
+
+    def _publish(self, only: Sequence | None = None) -> bool:
+        """Make the text of the recorded tokens (of ``only``, if given) and send it. Sequences still
+        running that their text ends (a stop string, an error) are retired by :meth:`_retire_stopped`
+        (the caller's, for ``only``: returns whether it ended)."""
+        if not self._pending:
+            return False
+        if only is None:
+            entries, self._pending = self._pending, []
+        else:
+            entries = [e for e in self._pending if e.seq is only]
+            self._pending = [e for e in self._pending if e.seq is not only]
+        ended = False
+        for entry in entries:
+            if entry.seq.closed:  # cancelled or failed since
+                continue
+            reason = self._publish_one(entry)
+            if reason is not None and entry.finish is None:  # it was still running
+                ended = True
+                if only is None:
+                    self._stopped.append((entry.seq, reason != "error"))
+        return ended
+
+    def _publish_one(self, entry: PendingOutput) -> str | None:
+        """Send one recorded token's text; the finish reason when this ends its sequence."""
+        seq, finish = entry.seq, entry.finish
+        try:
+            if entry.eos:
+                text = seq.detokenizer.finish()
+            else:
+                text = seq.detokenizer.add_token(entry.token)
+                if seq.detokenizer.stopped:
+                    finish = "stop"
+                if finish:
+                    text += seq.detokenizer.finish()
+        except Exception as exc:
+            log.exception("could not turn a token of %s into text", seq.request_id)
+            self._finish(seq, "error", error=f"internal error while decoding this request: {exc}")
+            return "error"
+        self._emit(seq, text, [entry.token], finish, logprobs=entry.logprobs)
+        if finish:
+            self._forget(seq)
+            self.stats.requests_finished += 1
+        return finish
+
+    def _retire_stopped(self) -> None:
+        """Retire the running sequences their text ended (the device must be done with their slots)."""
+        if self._stopped:
+            stopped, self._stopped = self._stopped, []
+            self._leave([seq for seq, ok in stopped if ok], [seq for seq, ok in stopped if not ok])
+
+    def _flush(self) -> None:
+        """Send every recorded token's text now and retire the sequences it ends."""
+        self._publish()
+        self._retire_stopped()
 
     def _emit(
         self,
@@ -652,17 +786,22 @@ class LLMEngine:
         error: str | None = None,
         logprobs: list[dict] | None = None,
     ) -> None:
+        if seq.closed:  # its final output went out already
+            return
+        seq.sent_tokens += len(token_ids)
         out = EngineOutput(
             request_id=seq.request_id,
             text=text,
             token_ids=token_ids,
             finish_reason=finish,
             prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.output_ids),
+            completion_tokens=seq.sent_tokens,
             cached_tokens=seq.cached_len,
             error=error,
             logprobs=logprobs,
         )
+        if finish is not None:
+            seq.closed = True
         try:
             seq.on_output(out)
         except Exception:  # a broken response channel must not take the batch down
@@ -670,6 +809,8 @@ class LLMEngine:
             seq.cancel_requested = True
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.closed:
+            return
         if reason == "cancelled":
             self.stats.requests_cancelled += 1
         elif reason == "error":

@@ -62,6 +62,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     cancel_requested: bool = False
+    closed: bool = False  # its final output went out: nothing more is sent for it
+    sent_tokens: int = 0  # output tokens sent to the client (with async output, some may be recorded only)
     guide: Any = None  # a constrained sequence's grammar state (tritonvlm.engine.guided.Guide)
     # Prefix cache: where each image's placeholders start and its digest (set when the cache is on;
     # see prefix_cache.ImageMarks), and how many leading prompt tokens were copied from a cached prefix
