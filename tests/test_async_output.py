@@ -10,7 +10,7 @@ from family_harness import FAMILIES, cases_for, one_sequence_budget
 from test_engine import Collector
 
 from tritonvlm.engine import EngineConfig, EngineOutput, LLMEngine, SamplingParams
-from tritonvlm.engine.llm_engine import async_output_wanted, engine_config
+from tritonvlm.engine.engine_config import async_output_wanted, engine_config
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -148,7 +148,7 @@ def test_too_long_request_is_refused(kit, prepared):
 
 
 def test_memory_budget_sizes_the_blocks(kit):
-    from tritonvlm.engine.llm_engine import kv_layout, kv_slots, parse_memory, sequence_bytes
+    from tritonvlm.engine.engine_config import kv_layout, kv_slots, parse_memory, sequence_bytes
 
     assert parse_memory("", 1000) is None
     assert parse_memory("0.5", 1000) == 500

@@ -22,7 +22,7 @@ from transformers.models.gemma3.modeling_gemma3 import (
 )
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
-from tritonvlm.engine.llm_engine import sequence_bytes
+from tritonvlm.engine.engine_config import sequence_bytes
 from tritonvlm.families.base import IMAGE_EMBEDS, Family, LayerKind
 from tritonvlm.families.gemma3 import Gemma3Family
 from tritonvlm.testmodels.gemma3 import SIZES

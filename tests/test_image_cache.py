@@ -20,7 +20,7 @@ from tritonvlm import wire
 from tritonvlm.batch.launch import TritonOptions
 from tritonvlm.cli import build_parser, triton_env
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
-from tritonvlm.engine.llm_engine import EngineStats
+from tritonvlm.engine.engine_stats import EngineStats
 from tritonvlm.preprocessing import ChatPreprocessor
 from tritonvlm.serving.admission import StageError, model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics

@@ -11,8 +11,8 @@ from conftest import make_image
 from family_harness import Case, conversation
 
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+from tritonvlm.engine.engine_config import sequence_bytes
 from tritonvlm.engine.kv_cache import PagedKVCache
-from tritonvlm.engine.llm_engine import sequence_bytes
 from tritonvlm.families.mllama import MASK, STATES, MllamaFamily
 from tritonvlm.testmodels.mllama import IMAGE_TOKEN, SIZES
 from tritonvlm.wire import InvalidRequestError

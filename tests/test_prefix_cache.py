@@ -515,7 +515,7 @@ def test_an_entry_cut_short_by_memory_pressure_still_serves_its_prefix(family_ki
 
 
 def test_engine_config_defaults_by_device():
-    from tritonvlm.engine.llm_engine import engine_config
+    from tritonvlm.engine.engine_config import engine_config
 
     gpu, cpu = engine_config({}, "cuda"), engine_config({"max_num_seqs": ""}, "cpu")
     assert (gpu.max_num_seqs, gpu.kv_cache_memory, gpu.cuda_graphs, gpu.prefix_cache_slots) == (

@@ -52,7 +52,7 @@ class TritonOptions:
 def default_max_num_seqs(device: str | None) -> int:
     """The engine's ``max_num_seqs`` when none is given, on the device it will run on (``--device``,
     ``auto``: CUDA when this machine has it): 256 on CUDA, 16 on CPU."""
-    from tritonvlm.engine.llm_engine import AUTO_MAX_NUM_SEQS
+    from tritonvlm.engine.engine_config import AUTO_MAX_NUM_SEQS
     from tritonvlm.modeling.device import resolve_device
 
     dev, _ = resolve_device(device or "auto")

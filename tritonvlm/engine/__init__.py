@@ -1,6 +1,7 @@
 """The in-flight batching decoder engine (importable and testable without Triton).
 
-Split the way nano-vllm splits it: ``sequence`` (a request's state), ``scheduler`` (waiting/running),
+Split the way nano-vllm splits it: ``engine_config`` (the settings, and the KV budget in slots and
+blocks), ``engine_stats``, ``sequence`` (a request's state), ``scheduler`` (waiting/running),
 ``kv_cache`` (KV memory in blocks), ``block_manager`` (block reference counts), ``kv_admission`` (who
 holds blocks: admission, growth, preemption), ``prefix_cache``, ``model_runner`` (tensors in, logits
 out), ``sampler``, ``detokenizer`` and ``llm_engine`` (the loop). On CUDA, Triton kernels
@@ -14,8 +15,8 @@ from typing import Any
 
 # Resolved lazily so that torch-free modules (sampling_params) import without pulling in torch.
 _EXPORTS = {
-    "EngineConfig": "tritonvlm.engine.llm_engine",
-    "EngineStats": "tritonvlm.engine.llm_engine",
+    "EngineConfig": "tritonvlm.engine.engine_config",
+    "EngineStats": "tritonvlm.engine.engine_stats",
     "LLMEngine": "tritonvlm.engine.llm_engine",
     "EngineOutput": "tritonvlm.engine.sequence",
     "SamplingParams": "tritonvlm.engine.sampling_params",

@@ -1,6 +1,6 @@
 """The engine's state on Triton's metrics port, through ``pb_utils.MetricFamily`` (custom metrics of a
 Python-backend model). The tables name each series once: gauges and counters read fields of
-:class:`~tritonvlm.engine.llm_engine.EngineStats` (the image cache's: of
+:class:`~tritonvlm.engine.engine_stats.EngineStats` (the image cache's: of
 :class:`~tritonvlm.serving.image_cache.ImageCacheStats`), histograms drain its sample lists.
 
 Every ``set``/``increment``/``observe`` is an IPC round trip to the Triton process made while holding
@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from tritonvlm.engine.llm_engine import EngineStats
+from tritonvlm.engine.engine_stats import EngineStats
 from tritonvlm.serving.image_cache import ImageCache
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]

@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvlm import wire
 from tritonvlm.engine import EngineOutput, LLMEngine, SamplingParams
-from tritonvlm.engine.llm_engine import engine_config
+from tritonvlm.engine.engine_config import engine_config
 from tritonvlm.modeling.device import resolve_device
 from tritonvlm.serving.admission import StageError, model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
