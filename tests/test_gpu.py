@@ -79,6 +79,7 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     assert engine.runner.device.type == "cuda"
     assert engine.runner.decode_attention == "triton"  # the kernel passed its check and serves the family
     assert engine.runner.fused_norms > 0 and engine.runner.fused_rotary > 0  # and the fused ops
+    assert engine.async_output  # (on by default on CUDA)
     tokens = run_staggered(engine, cases)
     if tight:
         print(f"\n{family.name} {dtype}: {engine.stats.preemptions} preemptions")
@@ -91,6 +92,35 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     else:
         # bf16 rounding differs with batch shape; most requests must still agree exactly.
         assert len(mismatches) <= 1, mismatches
+
+
+def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
+    """With CUDA graphs and async output (the next step launched before a step's text is made), the
+    streams equal those without, stop strings met mid-stream included (bfloat16)."""
+    from test_async_output import assert_same_streams, run, stop_after
+
+    kit = family_kit("qwen2_5_vl")
+    model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.bfloat16)
+    family = kit.family_cls(model.config)
+
+    def engine(async_output: str) -> LLMEngine:
+        config = EngineConfig(max_model_len=512, max_num_seqs=8, async_output=async_output)
+        return LLMEngine(model, kit.tokenizer, config, family)
+
+    inputs = [kit.engine_inputs(case) for case in cases_for(kit.name)]
+    inputs = [(ids, {k: v.to("cuda") for k, v in mm.items()}) for ids, mm in inputs]
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    reference = run(engine("false"), [(f"r{i}", ids, mm, plain) for i, (ids, mm) in enumerate(inputs)])
+    requests = []
+    for i, (ids, mm) in enumerate(inputs):
+        k, stop = stop_after(kit, reference.tokens(f"r{i}"), first=12)
+        params = SamplingParams(max_tokens=k + 2, temperature=0, ignore_eos=True, stop=[stop])
+        requests += [(f"stop{i}", ids, mm, params), (f"plain{i}", ids, mm, plain)]
+    expected = run(engine("false"), requests)
+    overlapped = engine("auto")
+    assert overlapped.async_output and overlapped.runner.graphs is not None
+    assert_same_streams(run(overlapped, requests), expected)
+    assert overlapped.runner.graphs.replays > 0
 
 
 def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
