@@ -66,6 +66,7 @@ def test_seed_request_single_image(client, image_server):
             }
         ],
         max_tokens=300,
+        temperature=0,  # (sampled, a random model's answer may be one end-of-sequence token)
     )
     choice = response.choices[0]
     assert choice.message.role == "assistant"
