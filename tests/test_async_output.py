@@ -276,3 +276,24 @@ def test_a_failing_step_ends_the_running_requests_and_the_engine_goes_on(family_
         assert after.wait(60) and sink.tokens("after") == expected
     finally:
         engine.shutdown()
+
+
+def test_host_overhead_script_runs(capsys):
+    """scripts/bench_host_overhead.py (it reaches into the engine's steps): its table, with the text
+    made during the device's step only when async output is on."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_host_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_host_overhead", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--batches", "8", "--steps", "6"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 8 |")]
+    assert [row[1].strip() for row in rows] == ["off", "on"]
+    assert float(rows[0][4]) == 0.0 and float(rows[1][4]) > 0.0
