@@ -123,6 +123,24 @@ def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
     assert overlapped.runner.graphs.replays > 0
 
 
+def test_a_host_table_edit_waits_until_the_device_has_copied_the_table():
+    """The block table is copied to the device asynchronously from pinned memory; the engine edits the
+    host's table while a forward may still run (async output): the edit must wait for the copy, or the
+    forward would read the edit."""
+    from tritonvlm.engine.kv_cache import PagedKVCache
+
+    device = torch.device("cuda")
+    cache = PagedKVCache(1, 2, 16, 2, 256, torch.float32, device, None, num_blocks=32, block_size=16)
+    cache.grow(0, 40)  # three blocks for slot 0
+    before = cache.slot_blocks[0][:]
+    torch.cuda._sleep(200_000_000)  # the device busy for a while: the copy waits behind it
+    cache.sync_tables()
+    cache.grow(1, 20)  # a host edit while the copy is still queued
+    cache.release(0)
+    torch.cuda.synchronize()
+    assert cache.tables[0, :3].tolist() == before  # the copy read the table as it was at sync time
+
+
 def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
     """A prompt that starts from cached keys/values (same image, another question) gets generate()'s
     tokens on the GPU too (float32; attention lengths rounded up to CUDA's buckets)."""

@@ -111,6 +111,7 @@ class PagedKVCache:
         # Edited on the host, copied to the device before a forward that reads it (sync_tables).
         self._host_tables = self.tables if device.type == "cpu" else self.tables.cpu().pin_memory()
         self._tables_dirty = False
+        self._tables_copied: torch.cuda.Event | None = None  # the last copy's end (it reads the host's)
         self.sliding_window = min((k.window for k in self.kinds if k.is_sliding), default=None)
         self.cross_layers = [i for i, kind in enumerate(self.kinds) if kind.is_cross]
         self.max_states = min((self.columns[i] for i in self.cross_layers), default=0)
@@ -217,6 +218,7 @@ class PagedKVCache:
         need = self.blocks_for(num_tokens) - len(held)
         if need > 0:
             new = self.allocator.allocate(need)
+            self._edit_tables()
             self._host_tables[slot, len(held) : len(held) + need] = torch.tensor(new)
             held.extend(new)
             self._tables_dirty = True
@@ -228,6 +230,7 @@ class PagedKVCache:
         self.allocator.share(blocks)
         self.slot_blocks[slot] = list(blocks)
         if blocks:
+            self._edit_tables()
             self._host_tables[slot, : len(blocks)] = torch.tensor(list(blocks))
             self._tables_dirty = True
 
@@ -236,6 +239,7 @@ class PagedKVCache:
         held = self.slot_blocks[slot]
         if held:
             self.allocator.release(held)
+            self._edit_tables()
             self._host_tables[slot, : len(held)] = self.scratch
             self.slot_blocks[slot] = []
             self._tables_dirty = True
@@ -252,7 +256,16 @@ class PagedKVCache:
         if self._tables_dirty:
             if self.tables is not self._host_tables:
                 self.tables.copy_(self._host_tables, non_blocking=True)
+                self._tables_copied = torch.cuda.Event()
+                self._tables_copied.record(torch.cuda.current_stream(self.device))
             self._tables_dirty = False
+
+    def _edit_tables(self) -> None:
+        """Before the host edits its table: the device's copy of it must have been read (the copy runs
+        when the device gets to it, and the engine edits tables while a forward may still run)."""
+        if self._tables_copied is not None:
+            self._tables_copied.synchronize()
+            self._tables_copied = None
 
     # ---- forwards ----------------------------------------------------------------------------------------
     def prepare_prefill(
@@ -460,6 +473,7 @@ class PagedKVCache:
         blocks = self.slot_blocks[src]
         self.slot_blocks[dst], self.slot_blocks[src] = blocks, []
         if blocks:
+            self._edit_tables()
             self._host_tables[dst, : len(blocks)] = self._host_tables[src, : len(blocks)]
             self._host_tables[src, : len(blocks)] = self.scratch
             self._tables_dirty = True
