@@ -328,7 +328,6 @@ class LLMEngine:
         budget = self._chunk if self.scheduler.running and self._chunk else None
         new = self.scheduler.schedule_prefill(budget)
         if new:
-            self._flush()  # the last step's outputs do not wait for a prefill
             self._prefill(new, budget)
         running = self.scheduler.running
         if running:
@@ -451,6 +450,9 @@ class LLMEngine:
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
+        # The last step's text goes out while the device computes the prefill; the sequences it ends
+        # give their slots back before the new ones join.
+        self._flush()
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(s.prefill_end - s.prefilled for s in seqs)
         for seq in seqs:
