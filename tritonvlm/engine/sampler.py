@@ -201,6 +201,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], failures: dict[int, str] 
     plain_greedy = [s.params.greedy and not has_penalties(s.params) for s in seqs]
     argmax = torch.argmax(logits, dim=-1).tolist() if any(plain_greedy) else None
     bad = bad_rows.tolist()
+    if argmax is not None and all(plain_greedy) and not any(bad):
+        return argmax  # (the common case at large batches: no per-row work after the device's)
     shared = [i for i, s in enumerate(seqs) if not bad[i] and shares_a_draw(s.params)]
     drawn = sample_shared(logits[shared], [seqs[i].params for i in shared]) if len(shared) > 1 else {}
     batched = {row: drawn[j] for j, row in enumerate(shared) if j in drawn}
