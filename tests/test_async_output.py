@@ -135,6 +135,27 @@ def test_streams_are_the_same_with_async_output(kit, inputs):
     assert engine.stats.requests_finished == len(requests) - 1
 
 
+def test_a_finished_requests_last_output_does_not_wait_for_the_next_step(family_kit):
+    """A request that ends by length (or end of sequence) while others run gets its last output in the
+    step that ends it, as without async output."""
+    kit = family_kit("qwen2_5_vl")
+    ids, mm = kit.engine_inputs(cases_for(kit.name)[0])
+
+    def steps_until_done(async_output: bool) -> int:
+        engine = engine_for(kit, async_output, prefix_cache_slots=0)
+        sink = Collector()
+        engine.add_request("long", ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), sink)
+        engine.add_request("short", ids, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), sink)
+        steps = 0
+        while not sink.finished("short"):
+            engine.step()
+            steps += 1
+        assert not sink.finished("long") and len(sink.tokens("short")) == 5
+        return steps
+
+    assert steps_until_done(True) == steps_until_done(False)
+
+
 def test_a_sequence_preempted_before_its_text_is_sent(kit, inputs):
     """A running sequence is preempted while its last token's text is still to be sent: the text goes
     out first; where it holds the stop string the sequence ends there and does not come back."""

@@ -487,10 +487,11 @@ class LLMEngine:
         skip: set[int] | None = None,
     ) -> None:
         """Record one new token per sequence (but those whose ``id()`` is in ``skip``) and retire those
-        it ends; their text is made and sent by :meth:`_publish`. A row whose sampling failed
-        (``failures``), or whose token cannot be recorded, ends that sequence alone with an error: the
-        other rows of the step go on."""
+        it ends; their text is made and sent by :meth:`_publish`, but a sequence's last output at once.
+        A row whose sampling failed (``failures``), or whose token cannot be recorded, ends that
+        sequence alone with an error: the other rows of the step go on."""
         done: list[Sequence] = []
+        finals: list[PendingOutput] = []
         failed: list[tuple[Sequence, str]] = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if skip and id(seq) in skip:
@@ -506,10 +507,14 @@ class LLMEngine:
                 continue
             if entry.finish:
                 done.append(seq)
-            self._pending.append(entry)
+                finals.append(entry)
+            else:
+                self._pending.append(entry)
         self._leave(done, [seq for seq, _ in failed])
         for seq in done:
             self._forget(seq)
+        for entry in finals:  # (a request's last output does not wait for the next step)
+            self._publish_one(entry)
         for seq, message in failed:
             log.warning("request %s ends with an error: %s", seq.request_id, message)
             self._finish(seq, "error", error=message)
