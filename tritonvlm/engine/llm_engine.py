@@ -332,9 +332,9 @@ class LLMEngine:
         running = self.scheduler.running
         if running:
             self.kv.grow(running, self._preempt)  # (may preempt: the list shrinks)
-        overlapped = False
+        overlapped = bool(running) and self.async_output  # (the gauges were updated during the step)
         if running:
-            overlapped = self._decode(list(running))
+            self._decode(list(running))
         else:
             self._last_decode_end = None
         if not self.async_output or not self.scheduler.running:
@@ -342,9 +342,9 @@ class LLMEngine:
         if not overlapped or not self.scheduler.running:
             self._update_gauges()
 
-    def _decode(self, batch: list[Sequence]) -> bool:
+    def _decode(self, batch: list[Sequence]) -> None:
         """One decode step of the running ``batch``; with async output, the previous step's outputs are
-        sent (and the gauges updated) while the device computes this one: returns whether they were."""
+        sent (and the gauges updated) while the device computes this one."""
         started = time.monotonic()
         logits = self.runner.decode(batch)
         if self.async_output:  # the device is computing the step meanwhile
@@ -363,7 +363,6 @@ class LLMEngine:
         stopped = {id(seq) for seq, _ in self._stopped}  # ended by their text: this token is dropped
         self._retire_stopped()
         self._commit(batch, tokens, logits, failures, skip=stopped)
-        return self.async_output
 
     def _take_incoming(self) -> None:
         while not self._incoming.empty():
@@ -490,7 +489,6 @@ class LLMEngine:
         it ends; their text is made and sent by :meth:`_publish`, but a sequence's last output at once.
         A row whose sampling failed (``failures``), or whose token cannot be recorded, ends that
         sequence alone with an error: the other rows of the step go on."""
-        done: list[Sequence] = []
         finals: list[PendingOutput] = []
         failed: list[tuple[Sequence, str]] = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
@@ -505,14 +503,8 @@ class LLMEngine:
                 log.exception("could not append a token to %s", seq.request_id)
                 failed.append((seq, f"internal error while decoding this request: {exc}"))
                 continue
-            if entry.finish:
-                done.append(seq)
-                finals.append(entry)
-            else:
-                self._pending.append(entry)
-        self._leave(done, [seq for seq, _ in failed])
-        for seq in done:
-            self._forget(seq)
+            (finals if entry.finish else self._pending).append(entry)
+        self._leave([entry.seq for entry in finals], [seq for seq, _ in failed])
         for entry in finals:  # (a request's last output does not wait for the next step)
             self._publish_one(entry)
         for seq, message in failed:
