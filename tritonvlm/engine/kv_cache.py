@@ -221,7 +221,6 @@ class PagedKVCache:
             self._edit_tables()
             self._host_tables[slot, len(held) : len(held) + need] = torch.tensor(new)
             held.extend(new)
-            self._tables_dirty = True
 
     def adopt(self, slot: int, blocks: Sequence[int]) -> None:
         """``slot`` (empty) starts with ``blocks`` (shared: never written through this slot)."""
@@ -232,7 +231,6 @@ class PagedKVCache:
         if blocks:
             self._edit_tables()
             self._host_tables[slot, : len(blocks)] = torch.tensor(list(blocks))
-            self._tables_dirty = True
 
     def release(self, slot: int) -> None:
         """``slot``'s sequence is gone: its blocks lose a holder; its table row points at scratch."""
@@ -242,7 +240,6 @@ class PagedKVCache:
             self._edit_tables()
             self._host_tables[slot, : len(held)] = self.scratch
             self.slot_blocks[slot] = []
-            self._tables_dirty = True
 
     def copy_positions(self, src_block: int, dst_block: int, n: int) -> None:
         """Copy the first ``n`` positions of block ``src_block`` into ``dst_block`` in every full layer."""
@@ -261,11 +258,13 @@ class PagedKVCache:
             self._tables_dirty = False
 
     def _edit_tables(self) -> None:
-        """Before the host edits its table: the device's copy of it must have been read (the copy runs
-        when the device gets to it, and the engine edits tables while a forward may still run)."""
+        """Before the host edits its table (which the next :meth:`sync_tables` then copies): the
+        device's last copy of it must have been read (the copy runs when the device gets to it, and
+        the engine edits tables while a forward may still run)."""
         if self._tables_copied is not None:
             self._tables_copied.synchronize()
             self._tables_copied = None
+        self._tables_dirty = True
 
     # ---- forwards ----------------------------------------------------------------------------------------
     def prepare_prefill(
@@ -476,7 +475,6 @@ class PagedKVCache:
             self._edit_tables()
             self._host_tables[dst, : len(blocks)] = self._host_tables[src, : len(blocks)]
             self._host_tables[src, : len(blocks)] = self.scratch
-            self._tables_dirty = True
         n = self.state_lengths[src]
         self._set_state_length(dst, n)
         for layer in self.cross_layers:
