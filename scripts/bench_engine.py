@@ -189,7 +189,6 @@ def bench_engine(
     args: Any,
     cuda_graphs: bool = True,
     decode_attention: str = "auto",
-    fused_ops: str = "auto",
 ) -> dict:
     """One measured pass of ``batch`` requests started at once, after an identical warm-up pass (which
     also captures the CUDA graphs the measured pass replays)."""
@@ -205,7 +204,7 @@ def bench_engine(
         cuda_graphs=cuda_graphs,
         kv_cache_memory=args.kv_cache_memory or "",
         decode_attention=decode_attention,
-        fused_ops=fused_ops,
+        fused_ops=args.fused_ops,
         async_output=args.async_output,
     )
     engine = LLMEngine(model, tokenizer, config, family)
@@ -363,15 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"batch {batch}: engine" + (" (CUDA graphs)" if graphs else ""))
             row: dict[str, Any] = {
                 "batch": batch,
-                **bench_engine(
-                    model, family, tokenizer, prompt, batch, args, graphs, attention, args.fused_ops
-                ),
+                **bench_engine(model, family, tokenizer, prompt, batch, args, graphs, attention),
             }
             if args.decode_attention == "compare":
                 log(f"batch {batch}: engine, decode attention over gathered blocks")
-                gathered = bench_engine(
-                    model, family, tokenizer, prompt, batch, args, graphs, "gather", args.fused_ops
-                )
+                gathered = bench_engine(model, family, tokenizer, prompt, batch, args, graphs, "gather")
                 row["gather_tok_s"], row["gather_ms_per_step"] = gathered["tok_s"], gathered["ms_per_step"]
             if graphs and args.cuda_graphs == "compare":
                 log(f"batch {batch}: engine, eager")
