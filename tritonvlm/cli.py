@@ -70,6 +70,7 @@ ENGINE_SETTINGS = (
     "decode_attention",
     "fused_ops",
     "async_output",
+    "async_scheduling",
     "image_cache_memory",
     "device",
     "dtype",
@@ -277,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "true", "false"),
         help="turn a decode step's tokens into text and send them while the device computes the next "
         "step (the next step is launched first); auto (default): on CUDA",
+    )
+    model.add_argument(
+        "--async-scheduling",
+        choices=("auto", "true", "false"),
+        help="launch the next decode step before the last one's tokens are read back (it takes them "
+        "on the device) and record them while it runs; steps with a seeded, penalised, constrained or "
+        "logprobs request run without; true turns async output on too; auto (default): on CUDA "
+        "unless --async-output is false",
     )
     model.add_argument(
         "--image-cache-memory",

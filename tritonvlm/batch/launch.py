@@ -36,6 +36,7 @@ class TritonOptions:
     decode_attention: str | None = None
     fused_ops: str | None = None
     async_output: str | None = None
+    async_scheduling: str | None = None
     image_cache_memory: str | None = None
     device: str | None = None
     dtype: str | None = None

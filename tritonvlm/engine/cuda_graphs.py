@@ -33,6 +33,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+def take_previous(tokens: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``tokens`` with each entry ``-1 - j`` replaced by ``previous[j]`` (a token the step before
+    sampled, still on the device: async scheduling), on the device, without waiting for it."""
+    if previous is None:
+        return tokens
+    return torch.where(tokens < 0, previous[(-1 - tokens).clamp(min=0)], tokens)
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """The batch sizes graphs are captured for, up to ``max_batch`` (which is always one)."""
     sizes = [b for b in BATCH_BUCKETS if b < max_batch]
@@ -49,6 +57,7 @@ class DecodeGraphs:
         self.device = device
         self.inputs = torch.zeros(3, self.sizes[-1], dtype=torch.long, device=device)
         self._host = torch.zeros(3, self.sizes[-1], dtype=torch.long).pin_memory()
+        self._host_read: torch.cuda.Event | None = None  # the last copy out of _host
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -59,21 +68,33 @@ class DecodeGraphs:
         return next((b for b in self.sizes if b >= n), None)
 
     def run(
-        self, tokens: list[int], cache_pos: list[int], rope: list[int], kv_len: int
+        self,
+        tokens: list[int],
+        cache_pos: list[int],
+        rope: list[int],
+        kv_len: int,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Logits ``[len(tokens), vocab]`` of one decode step, or None when graphs cannot serve it
-        (the caller then runs the step eagerly)."""
+        (the caller then runs the step eagerly). A token ``-1 - j`` is ``previous[j]``
+        (:func:`take_previous`)."""
         n = len(tokens)
         b = self.bucket(n)
         if self.failed or b is None:
             return None
         host = self._host
+        if self._host_read is not None:  # (with async scheduling the last step may not have begun)
+            self._host_read.synchronize()
         host[:, n:b] = 0  # dummy rows: token 0, rope position 0, key in the spare column
         host[1, n:b] = self.spare_column
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(cache_pos)
         host[2, :n] = torch.tensor(rope)
         self.inputs[:, :b].copy_(host[:, :b], non_blocking=True)
+        self._host_read = torch.cuda.Event()
+        self._host_read.record()
+        if previous is not None:
+            self.inputs[0, :n] = take_previous(self.inputs[0, :n], previous)
         key = (b, kv_len)
         graph = self.graphs.get(key)
         if graph is None:

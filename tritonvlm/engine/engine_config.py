@@ -49,6 +49,11 @@ class EngineConfig:
     # (the next step is launched first): "true", "false", "auto" (CUDA, where the device computes
     # while the host works; on a CPU the host computes the step itself and outputs would only wait).
     async_output: str = "auto"
+    # Launch the next decode step before the last one's tokens are read back, feeding it those tokens
+    # on the device, and record them (and make their text) while it runs: "true" (async output on
+    # too), "false", "auto" (CUDA, unless async output is off). Steps with a row whose choice needs
+    # the host (a seed, penalties, a grammar, logprobs) or that may preempt run as without.
+    async_scheduling: str = "auto"
 
 
 # Defaults where none is given, by device type: a GPU fills a share of its free memory with sequences.
@@ -81,6 +86,7 @@ def engine_config(params: dict[str, str], device_type: str) -> EngineConfig:
         decode_attention=(params.get("decode_attention") or "auto").strip().lower(),
         fused_ops=(params.get("fused_ops") or "auto").strip().lower(),
         async_output=(params.get("async_output") or "auto").strip().lower(),
+        async_scheduling=(params.get("async_scheduling") or "auto").strip().lower(),
     )
 
 
@@ -156,8 +162,21 @@ def sequence_bytes(family: Family, max_len: int, dtype: torch.dtype) -> int:
 ASYNC_OUTPUT = ("auto", "true", "false")
 
 
-def async_output_wanted(setting: str, device: torch.device) -> bool:
-    """``EngineConfig.async_output`` on ``device``: "auto" is on for CUDA only."""
+def async_output_wanted(setting: str, device: torch.device, name: str = "async_output") -> bool:
+    """``EngineConfig.async_output`` (or another auto/true/false setting ``name``) on ``device``:
+    "auto" is on for CUDA only."""
     if setting not in ASYNC_OUTPUT:
-        raise ValueError(f"async_output={setting!r}: expected one of {', '.join(ASYNC_OUTPUT)}")
+        raise ValueError(f"{name}={setting!r}: expected one of {', '.join(ASYNC_OUTPUT)}")
     return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def async_scheduling_wanted(config: EngineConfig, device: torch.device) -> bool:
+    """``EngineConfig.async_scheduling`` on ``device``: "auto" is on for CUDA unless async output is
+    off; "true" turns async output on too (the tokens' text is made while the next step runs), and
+    contradicts ``async_output="false"``."""
+    wanted = async_output_wanted(config.async_scheduling, device, "async_scheduling")
+    if config.async_scheduling == "true":
+        if config.async_output == "false":
+            raise ValueError("async_scheduling='true' needs async output: set async_output to auto or true")
+        return True
+    return wanted and async_output_wanted(config.async_output, device)

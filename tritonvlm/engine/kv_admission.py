@@ -90,7 +90,8 @@ class KVAdmission:
         while i < len(running):
             seq = running[i]
             # (inline: at batch 256 this loop is a host cost of every step)
-            need = -(-(len(seq.prompt_ids) + len(seq.output_ids)) // size) - len(held[seq.slot])
+            held_tokens = len(seq.prompt_ids) + len(seq.output_ids) + seq.inflight  # (seq.num_tokens)
+            need = -(-held_tokens // size) - len(held[seq.slot])
             if need <= 0:
                 i += 1
             elif need <= allocator.free_blocks:

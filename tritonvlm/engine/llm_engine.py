@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.engine_config import EngineConfig, async_output_wanted, kv_layout
+from tritonvlm.engine.device_sampling import DeviceSample, device_samplable, sample_on_device
+from tritonvlm.engine.engine_config import (
+    EngineConfig,
+    async_output_wanted,
+    async_scheduling_wanted,
+    kv_layout,
+)
 from tritonvlm.engine.engine_stats import EngineStats
 from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_admission import KVAdmission
@@ -58,6 +64,16 @@ class PendingOutput:
     logprobs: list | None
 
 
+@dataclass
+class InflightStep:
+    """A decode step launched with async scheduling whose tokens are not recorded yet: its batch (row i
+    is ``batch[i]``), its tokens on the device, when it was launched."""
+
+    batch: list[Sequence]
+    sample: DeviceSample
+    started: float
+
+
 class LLMEngine:
     """Continuous batching over the language model of a vision-language model of any family.
 
@@ -65,7 +81,11 @@ class LLMEngine:
     token, the grammar state, the end of a sequence by token or length), but with async output their
     text is made and sent while the next step runs on the device: the host's per-row work then costs no
     step time. A stop string is only seen in the text, so a sequence it ends has already been given
-    the next step; that step's token for it is dropped.
+    the next step; that step's token for it is dropped. With async scheduling the next step is launched
+    before the last one's tokens are read back (it takes them on the device), and they are recorded
+    while it runs: between two steps the host only prepares the next one's inputs. A sequence those
+    tokens end (by end of sequence, length or text) has been given the next step too; its token there
+    is dropped the same way.
     """
 
     def __init__(
@@ -91,10 +111,14 @@ class LLMEngine:
             fused_ops=self.config.fused_ops,
         )
         cache = self.runner.cache
-        self.async_output = async_output_wanted(self.config.async_output, self.runner.device)
+        self.async_scheduling = async_scheduling_wanted(self.config, self.runner.device)
+        self.async_output = self.async_scheduling or async_output_wanted(
+            self.config.async_output, self.runner.device
+        )
         log.info(
             "%s: KV cache %d blocks of %d tokens (%d tokens, up to %d sequences), %.1f MiB; "
-            "decode attention: %s; fused RMSNorm layers: %d, rotary functions: %d; async output: %s",
+            "decode attention: %s; fused RMSNorm layers: %d, rotary functions: %d; async output: %s, "
+            "async scheduling: %s",
             self.family.name,
             blocks,
             cache.block_size,
@@ -105,6 +129,7 @@ class LLMEngine:
             self.runner.fused_norms,
             self.runner.fused_rotary,
             self.async_output,
+            self.async_scheduling,
         )
         # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0
@@ -144,6 +169,7 @@ class LLMEngine:
         # is done).
         self._pending: list[PendingOutput] = []
         self._stopped: list[tuple[Sequence, bool]] = []  # (sequence, ended without an error)
+        self._inflight: InflightStep | None = None  # (async scheduling)
 
     @classmethod
     def from_pretrained(
@@ -207,6 +233,7 @@ class LLMEngine:
             generator=None if params.greedy else make_generator(params.seed, self.runner.device),
             guide=None if params.guided is None else self.guided.start(params.guided),
         )
+        seq.host_sampled = not device_samplable(seq)
         if self.prefix_cache.enabled:  # here, on the caller's thread: hashing images takes a while
             per_image = image_digests if seq.mm else None
             digest = mm_digest if seq.mm and mm_digest is not None else None
@@ -299,16 +326,17 @@ class LLMEngine:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all_running()
         try:
-            self._flush()  # outputs of the last step
+            self._settle()  # outputs of the last step
         except Exception:
             log.exception("could not send the last outputs")
 
     def _fail_all_running(self) -> None:
         error = "internal error in the decoding engine"
         try:
-            self._publish()  # what the last step recorded still goes out
+            self._settle()  # what the steps before recorded still goes out
         except Exception:
             log.exception("could not send the last step's outputs")
+        self._inflight = None
         pending, self._pending, self._stopped = self._pending, [], []
         for entry in pending:  # (sequences the last step ended included: their final output is owed)
             self._finish(entry.seq, "error", error=error)
@@ -330,39 +358,88 @@ class LLMEngine:
         if new:
             self._prefill(new, budget)
         running = self.scheduler.running
+        overlap = bool(running) and self._overlaps(running)
+        if self._inflight is not None and not overlap:
+            self._settle()  # this step needs the tokens of the one in flight on the host first
         if running:
             self.kv.grow(running, self._preempt)  # (may preempt: the list shrinks)
         overlapped = bool(running) and self.async_output  # (the gauges were updated during the step)
         if running:
-            self._decode(list(running))
+            self._decode(list(running), overlap)
         else:
             self._last_decode_end = None
         if not self.async_output or not self.scheduler.running:
-            self._flush()
+            self._settle()
         if not overlapped or not self.scheduler.running:
             self._update_gauges()
 
-    def _decode(self, batch: list[Sequence]) -> None:
+    def _overlaps(self, running: list[Sequence]) -> bool:
+        """Whether the next decode step of ``running`` can be launched before the step in flight is
+        recorded (async scheduling): every row is chosen on the device, and none can be preempted
+        (a sequence must be recorded to be recomputed: each row may take a block this step)."""
+        if not self.async_scheduling:
+            return False
+        allocator = self.runner.cache.allocator
+        if self.kv.preemptive and allocator.free_blocks + allocator.cache_only_blocks < len(running):
+            return False
+        return not any(seq.host_sampled for seq in running)
+
+    def _decode(self, batch: list[Sequence], overlap: bool = False) -> None:
         """One decode step of the running ``batch``; with async output, the previous step's outputs are
-        sent (and the gauges updated) while the device computes this one."""
+        sent (and the gauges updated) while the device computes this one. With ``overlap`` (async
+        scheduling) its tokens stay on the device until the next step has been launched; the step
+        before's are recorded now."""
         started = time.monotonic()
+        if overlap:
+            before = self._inflight
+            logits = self.runner.decode(batch, before.sample.tokens if before is not None else None)
+            sampled = sample_on_device(logits, batch)
+            for row, seq in enumerate(batch):
+                seq.inflight += 1
+                seq.inflight_row = row
+            self._inflight = InflightStep(batch, sampled, started)
+            if before is not None:  # the device is computing this step meanwhile
+                self._record_step(before)
+            self._publish()
+            self._retire_stopped()  # (the device's work on their slots is queued before any reuse)
+            self._update_gauges()
+            return
         logits = self.runner.decode(batch)
         if self.async_output:  # the device is computing the step meanwhile
             self._publish()
             self._update_gauges()
         failures: dict[int, str] = {}
         tokens = sample(logits, batch, failures)
+        self._count_step(batch, started)
+        self._retire_stopped()  # (ended by their text: this step's token for them is dropped)
+        self._commit(batch, tokens, logits, failures)
+
+    def _record_step(self, step: InflightStep) -> None:
+        """Record the tokens of a step launched with async scheduling (waits for the device to be done
+        with it); rows of sequences that ended since are dropped."""
+        tokens, failures = step.sample.result()
+        for seq in step.batch:
+            seq.inflight -= 1
+        self._count_step(step.batch, step.started)
+        self._commit(step.batch, tokens, None, failures)
+
+    def _settle(self) -> None:
+        """Record the step in flight, if any (async scheduling), send every recorded token's text and
+        retire the sequences it ends."""
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._record_step(step)
+        self._flush()
+
+    def _count_step(self, batch: list[Sequence], started: float) -> None:
         now = time.monotonic()
         self.stats.decode_step_seconds.append(now - started)
         if self._last_decode_end is not None:
             self.stats.step_intervals.append(now - self._last_decode_end)
         self._last_decode_end = now
         self.stats.decode_steps += 1
-        self.stats.decode_tokens += len(batch)
+        self.stats.decode_tokens += sum(1 for seq in batch if not seq.closed)
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(batch))
-        stopped = {id(seq) for seq, _ in self._stopped}  # ended by their text: this token is dropped
-        self._retire_stopped()
-        self._commit(batch, tokens, logits, failures, skip=stopped)
 
     def _take_incoming(self) -> None:
         while not self._incoming.empty():
@@ -401,6 +478,8 @@ class LLMEngine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Take ``seq``'s KV blocks back; it waits first in line and is recomputed when resumed."""
+        if seq.inflight:  # (steps that may preempt record the step in flight first: see _overlaps)
+            raise RuntimeError(f"{seq.request_id} preempted with a token still on the device")
         self.scheduler.preempt(seq)
         seq.prefilled = seq.prefill_end = 0
         if self._publish(only=seq):  # its last token's text ended it: it does not come back
@@ -449,9 +528,9 @@ class LLMEngine:
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
-        # The last step's text goes out while the device computes the prefill; the sequences it ends
-        # give their slots back before the new ones join.
-        self._flush()
+        # The last step's tokens are recorded and their text goes out while the device computes the
+        # prefill; the sequences they end give their slots back before the new ones join.
+        self._settle()
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(s.prefill_end - s.prefilled for s in seqs)
         for seq in seqs:
@@ -481,24 +560,25 @@ class LLMEngine:
         self,
         seqs: list[Sequence],
         tokens: list[int],
-        logits: torch.Tensor,
+        logits: torch.Tensor | None,
         failures: dict[int, str],
-        skip: set[int] | None = None,
     ) -> None:
-        """Record one new token per sequence (but those whose ``id()`` is in ``skip``) and retire those
-        it ends; their text is made and sent by :meth:`_publish`, but a sequence's last output at once.
-        A row whose sampling failed (``failures``), or whose token cannot be recorded, ends that
-        sequence alone with an error: the other rows of the step go on."""
+        """Record one new token per sequence (but those that ended since the step was launched: their
+        row is dropped) and retire those it ends; their text is made and sent by :meth:`_publish`, but
+        a sequence's last output at once. A row whose sampling failed (``failures``), or whose token
+        cannot be recorded, ends that sequence alone with an error: the other rows of the step go on.
+        ``logits``: the step's, for rows with logprobs (None: no row has them)."""
         finals: list[PendingOutput] = []
         failed: list[tuple[Sequence, str]] = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            if skip and id(seq) in skip:
+            if seq.closed:
                 continue
             if row in failures:
                 failed.append((seq, f"sampling failed for this request: {failures[row]}"))
                 continue
             try:
-                entry = self._record(seq, token, logits[row])
+                row_logits = logits[row] if logits is not None and seq.params.logprobs else None
+                entry = self._record(seq, token, row_logits)
             except Exception as exc:
                 log.exception("could not append a token to %s", seq.request_id)
                 failed.append((seq, f"internal error while decoding this request: {exc}"))
@@ -519,7 +599,7 @@ class LLMEngine:
         if done or failed:
             self.scheduler.retire(done + failed)
 
-    def _record(self, seq: Sequence, token: int, logits: torch.Tensor) -> PendingOutput:
+    def _record(self, seq: Sequence, token: int, logits: torch.Tensor | None) -> PendingOutput:
         """Append ``token`` to ``seq`` (and its grammar); whether the token alone ends it; its logprobs."""
         seq.output_ids.append(token)
         guided_end = seq.guide is not None and seq.guide.advance(token)  # its grammar is complete
@@ -530,7 +610,7 @@ class LLMEngine:
         elif len(seq.output_ids) >= seq.params.max_tokens:
             finish = "length"
         logprobs = None
-        if seq.params.logprobs:
+        if seq.params.logprobs and logits is not None:
             logprobs = [token_logprobs(logits, token, seq.params.top_logprobs, self.token_texts)]
         return PendingOutput(seq, token, finish, eos, logprobs)
 

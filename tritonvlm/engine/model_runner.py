@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from tritonvlm.engine.cuda_graphs import DecodeGraphs
+from tritonvlm.engine.cuda_graphs import DecodeGraphs, take_previous
+from tritonvlm.engine.device_sampling import device_tensor
 from tritonvlm.engine.kernel_setup import set_up_kernels
 from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
@@ -161,9 +162,13 @@ class ModelRunner:
         return {"full_attention": allowed[:, None]}, kv_len
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each running sequence's last token (``seqs[i]`` lives in slot i); ``[len(seqs), vocab]``."""
-        tokens = [s.last_token for s in seqs]
+    def decode(self, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed each running sequence's last token (``seqs[i]`` lives in slot i); ``[len(seqs), vocab]``.
+
+        A sequence whose last token is still on the device (``Sequence.inflight``: async scheduling)
+        takes it from ``previous``, the tokens the step before sampled, at its row there; nothing here
+        waits for the device."""
+        tokens = [-1 - s.inflight_row if s.inflight else s.last_token for s in seqs]
         cache_pos = [s.num_tokens - 1 for s in seqs]  # row i has written cache positions 0 .. cache_pos[i]
         rope = [s.next_position for s in seqs]
         kv_len = self._bucket(max(cache_pos) + 1)
@@ -171,14 +176,14 @@ class ModelRunner:
         logits = None
         if self.graphs is not None:
             graph_len = self.max_len if self.one_graph_per_batch else kv_len
-            logits = self.graphs.run(tokens, cache_pos, rope, graph_len)
+            logits = self.graphs.run(tokens, cache_pos, rope, graph_len, previous)
         if logits is None:
             device = self.device
             extra = self.family.decode_kwargs(seqs, device)
             logits = self._decode_forward(
-                torch.tensor(tokens, device=device),
-                torch.tensor(cache_pos, device=device),
-                torch.tensor(rope, device=device),
+                take_previous(device_tensor(tokens, torch.long, device), previous),
+                device_tensor(cache_pos, torch.long, device),
+                device_tensor(rope, torch.long, device),
                 kv_len,
                 seqs,
                 extra,

@@ -39,6 +39,11 @@ def set_fault_pattern(pattern: str | None) -> None:
     _fault_pattern = pattern or None
 
 
+def fault_pattern() -> str | None:
+    """The fault-injection pattern in force (``None``: off)."""
+    return _fault_pattern
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A per-request random stream: seeded requests reproduce whatever else shares the batch."""
     gen = torch.Generator(device=device)
@@ -114,7 +119,7 @@ def shares_a_draw(p: Any) -> bool:
 _shared_generators: dict[str, torch.Generator] = {}
 
 
-def _shared_generator(device: torch.device) -> torch.Generator:
+def shared_generator(device: torch.device) -> torch.Generator:
     """One random stream per device for the rows that share a draw (unseeded: no reproducibility owed)."""
     key = str(device)
     if key not in _shared_generators:
@@ -161,7 +166,7 @@ def _draw(logits: torch.Tensor, params: list[Any], kind: str) -> dict[int, int]:
     rows = [i for i, good in enumerate(ok) if good]
     if not rows:
         return {}
-    picked = torch.multinomial(probs[rows], 1, generator=_shared_generator(device))
+    picked = torch.multinomial(probs[rows], 1, generator=shared_generator(device))
     if order is not None:
         picked = order[rows].gather(1, picked)
     return dict(zip(rows, picked[:, 0].tolist(), strict=True))
@@ -173,12 +178,13 @@ def _stand_in(logits: torch.Tensor) -> int:
     return int(torch.argmax(finite))
 
 
-def _poison(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def poison(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """``logits`` with the rows of the fault pattern's requests NaN (see the module docstring)."""
     pattern = _fault_pattern
-    rows = [
+    rows = [  # (tokens before this one: those recorded and those still on the device)
         i
         for i, s in enumerate(seqs)
-        if pattern and pattern in s.request_id and len(s.output_ids) >= FAULT_AFTER_TOKENS
+        if pattern and pattern in s.request_id and len(s.output_ids) + s.inflight >= FAULT_AFTER_TOKENS
     ]
     if rows:
         logits = logits.clone()
@@ -195,7 +201,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], failures: dict[int, str] 
     """
     logits = mask_logits(logits.float(), [s.guide for s in seqs])  # constrained rows only
     if _fault_pattern:
-        logits = _poison(logits, seqs)
+        logits = poison(logits, seqs)
     # +inf and NaN are never valid logits (-inf is: a masked token). One batched check, row-wise.
     bad_rows = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
     plain_greedy = [s.params.greedy and not has_penalties(s.params) for s in seqs]

@@ -64,6 +64,11 @@ class Sequence:
     cancel_requested: bool = False
     closed: bool = False  # its final output went out: nothing more is sent for it
     sent_tokens: int = 0  # output tokens sent to the client (with async output, some may be recorded only)
+    # Async scheduling: decode steps launched whose token for this sequence is not recorded yet (their
+    # keys count as held), and its row in the latest of them (where the next step takes its token).
+    inflight: int = 0
+    inflight_row: int = -1
+    host_sampled: bool = True  # its tokens are chosen on the host (a seed, penalties, a grammar, logprobs)
     guide: Any = None  # a constrained sequence's grammar state (tritonvlm.engine.guided.Guide)
     # Prefix cache: where each image's placeholders start and its digest (set when the cache is on;
     # see prefix_cache.ImageMarks), and how many leading prompt tokens were copied from a cached prefix
@@ -102,8 +107,9 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens held in the KV cache once the last output token has been fed back."""
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens held in the KV cache once the last output token (recorded or still on the device)
+        has been fed back."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.inflight
 
     @property
     def last_token(self) -> int:

@@ -1,0 +1,122 @@
+"""Sampling that leaves its tokens on the device, for async scheduling: the next decode step takes
+them from there, and the host reads them (one copy, waited for later) while that step runs.
+
+Nothing here waits for the device: inputs built on the host go over from pinned memory without
+blocking, and the draw of a sampled row is the exponential-race form of a multinomial draw
+(``argmax(probs / Exponential(1))``, the form ``torch.multinomial`` itself uses for one sample, less its
+host-side check of the probabilities). Rows whose logits hold NaN or +inf, or whose probabilities are
+not a distribution, get a stand-in token and a status the engine reads with the tokens (it then ends
+that sequence alone with an error, as :func:`tritonvlm.engine.sampler.sample` reports them).
+
+Only rows whose choice needs nothing but their logits are sampled here: greedy rows and unseeded
+temperature / top-k / top-p rows, without penalties, a grammar or logprobs (:func:`device_samplable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tritonvlm.engine import sampler
+from tritonvlm.engine.sequence import Sequence
+
+SAMPLED, BAD_LOGITS, NOT_A_DISTRIBUTION = 0, 1, 2
+REASONS = {
+    BAD_LOGITS: "the model produced NaN or inf logits",
+    NOT_A_DISTRIBUTION: "sampling failed: the probabilities are not finite (NaN or inf in the logits)",
+}
+
+
+def device_samplable(seq: Sequence) -> bool:
+    """Whether ``seq``'s next token can be chosen on the device alone (nothing read on the host)."""
+    p = seq.params
+    return (
+        seq.guide is None and not p.logprobs and not sampler.has_penalties(p) and (p.greedy or p.seed is None)
+    )
+
+
+def device_tensor(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` on ``device`` without waiting for the device (from pinned memory on CUDA)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class DeviceSample:
+    """One step's tokens on the device (``tokens`` [rows], long), and their copy on its way to the host."""
+
+    tokens: torch.Tensor
+    _host: torch.Tensor  # [2, rows]: tokens, status
+    _copied: torch.cuda.Event | None
+
+    def result(self) -> tuple[list[int], dict[int, str]]:
+        """The tokens as a list, and ``{row: reason}`` for rows that could not be sampled (waits for the
+        device to finish the step)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens, status = self._host.tolist()
+        return tokens, {row: REASONS[code] for row, code in enumerate(status) if code != SAMPLED}
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+    """One token per row of ``logits`` (every row :func:`device_samplable`), left on the device."""
+    logits = logits.float()
+    if sampler.fault_pattern():
+        logits = sampler.poison(logits, seqs)
+    device, vocab = logits.device, logits.shape[-1]
+    status = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).to(torch.long) * BAD_LOGITS
+    tokens = torch.argmax(logits, dim=-1)
+    # Sampled rows by what they need (nothing; top-k, over the largest k only; top-p alone, over the
+    # sorted vocabulary), one pass per group, as sampler.sample_shared groups them.
+    groups: dict[str, list[int]] = {"plain": [], "top_k": [], "sorted": []}
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if not p.greedy:
+            groups["top_k" if 0 < p.top_k < vocab else "sorted" if p.top_p < 1.0 else "plain"].append(i)
+    for kind, drawn in groups.items():
+        if drawn:
+            rows = device_tensor(drawn, torch.long, device)
+            picked, ok = _draw(logits.index_select(0, rows), [seqs[i].params for i in drawn], kind)
+            tokens = tokens.index_copy(0, rows, picked)
+            failed = torch.zeros_like(status).index_copy(0, rows, (~ok).to(torch.long) * NOT_A_DISTRIBUTION)
+            status = torch.where(status == SAMPLED, failed, status)
+    both = torch.stack([tokens, status])
+    if device.type != "cuda":
+        return DeviceSample(tokens, both, None)
+    host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+    host.copy_(both, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return DeviceSample(tokens, host, copied)
+
+
+def _draw(logits: torch.Tensor, params: list[Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p and one draw per row (the distribution of
+    :func:`tritonvlm.engine.sampler.row_probabilities`); ``(tokens, whether each row's probabilities
+    were a distribution)``."""
+    device = logits.device
+    temperature = device_tensor([p.temperature for p in params], logits.dtype, device)
+    logits = logits / temperature[:, None]
+    order = None
+    if kind == "top_k":
+        top_k = [p.top_k for p in params]
+        logits, order = torch.topk(logits, max(top_k), dim=-1)  # sorted, largest first
+        kth = logits.gather(1, device_tensor([k - 1 for k in top_k], torch.long, device)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif kind == "sorted":
+        logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(logits, dim=-1)
+    if kind != "plain" and any(p.top_p < 1.0 for p in params):
+        limit = device_tensor([p.top_p for p in params], probs.dtype, device)[:, None]
+        probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs > limit, 0.0)
+    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    probs = torch.where(ok[:, None], probs, torch.ones_like(probs))  # (a stand-in the draw can take)
+    race = torch.empty_like(probs).exponential_(generator=sampler.shared_generator(device))
+    picked = (probs / race).argmax(dim=-1)
+    if order is not None:
+        picked = order.gather(1, picked[:, None])[:, 0]
+    return picked, ok
