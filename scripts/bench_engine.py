@@ -189,9 +189,11 @@ def bench_engine(
     args: Any,
     cuda_graphs: bool = True,
     decode_attention: str = "auto",
+    overlap: tuple[str, str] | None = None,
 ) -> dict:
     """One measured pass of ``batch`` requests started at once, after an identical warm-up pass (which
-    also captures the CUDA graphs the measured pass replays)."""
+    also captures the CUDA graphs the measured pass replays). ``overlap``: (async output, async
+    scheduling) settings instead of the arguments'."""
     from tritonvlm.engine import EngineConfig, LLMEngine
 
     prompts = pass_prompts(prompt, batch, args)
@@ -205,7 +207,8 @@ def bench_engine(
         kv_cache_memory=args.kv_cache_memory or "",
         decode_attention=decode_attention,
         fused_ops=args.fused_ops,
-        async_output=args.async_output,
+        async_output=overlap[0] if overlap else args.async_output,
+        async_scheduling=overlap[1] if overlap else args.async_scheduling.replace("compare", "auto"),
     )
     engine = LLMEngine(model, tokenizer, config, family)
     engine_pass(engine, prompts, args, "warm")
@@ -220,6 +223,7 @@ def bench_engine(
         "decode_attention": engine.runner.decode_attention,
         "fused_ops": engine.runner.fused_norms + engine.runner.fused_rotary,
         "async_output": engine.async_output,
+        "async_scheduling": engine.async_scheduling,
     }
 
 
@@ -332,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         help="make and send a step's text while the next step runs (auto: CUDA)",
     )
     parser.add_argument(
+        "--async-scheduling",
+        choices=("auto", "true", "false", "compare"),
+        default="auto",
+        help="launch the next step before the last one's tokens are read back (auto: CUDA); compare: "
+        "also without it, and without async output either, side by side",
+    )
+    parser.add_argument(
         "--long-prompt-tokens",
         type=int,
         default=0,
@@ -368,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"batch {batch}: engine, decode attention over gathered blocks")
                 gathered = bench_engine(model, family, tokenizer, prompt, batch, args, graphs, "gather")
                 row["gather_tok_s"], row["gather_ms_per_step"] = gathered["tok_s"], gathered["ms_per_step"]
+            if args.async_scheduling == "compare":
+                for key, overlap in (("output_only", ("true", "false")), ("sync", ("false", "false"))):
+                    log(f"batch {batch}: engine, async output {overlap[0]}, async scheduling off")
+                    other = bench_engine(
+                        model, family, tokenizer, prompt, batch, args, graphs, attention, overlap
+                    )
+                    row[f"{key}_tok_s"], row[f"{key}_ms_per_step"] = other["tok_s"], other["ms_per_step"]
             if graphs and args.cuda_graphs == "compare":
                 log(f"batch {batch}: engine, eager")
                 eager = bench_engine(model, family, tokenizer, prompt, batch, args, cuda_graphs=False)
@@ -386,15 +404,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.output_tokens} output tokens, all requests started at once; decode attention: "
         f"{rows[0]['decode_attention'] if rows else '-'}; fused ops: "
         f"{'on' if rows and rows[0]['fused_ops'] else 'off'}; async output: "
-        f"{'on' if rows and rows[0]['async_output'] else 'off'}"
+        f"{'on' if rows and rows[0]['async_output'] else 'off'}; async scheduling: "
+        f"{'on' if rows and rows[0]['async_scheduling'] else 'off'}"
     )
     columns = ["batch", "engine tok/s", "ms/step", "TTFT ms", "generate() tok/s", "engine/generate"]
     compare = any("eager_tok_s" in row for row in rows)
     gather = any("gather_tok_s" in row for row in rows)
+    overlaps = any("sync_tok_s" in row for row in rows)
     if compare:
         columns += ["eager tok/s", "eager ms/step"]
     if gather:
         columns += ["gather tok/s", "gather ms/step"]
+    if overlaps:
+        columns += ["async output only ms/step", "neither ms/step"]
     columns += ["floor tok/s", "step/floor"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -414,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             cells += [f"{row.get('eager_tok_s', 0):,.1f}", f"{row.get('eager_ms_per_step', 0):.2f}"]
         if gather:
             cells += [f"{row.get('gather_tok_s', 0):,.1f}", f"{row.get('gather_ms_per_step', 0):.2f}"]
+        if overlaps:
+            cells += [f"{row.get('output_only_ms_per_step', 0):.2f}", f"{row.get('sync_ms_per_step', 0):.2f}"]
         cells += [f"{row['floor_tok_s']:,.0f}", f"{step / (1000 * floor_s):.1f}x"]
         print("| " + " | ".join(cells) + " |")
     print("\n| batch | sequences at once | KV peak tokens | KV peak MiB (blocks held) | KV capacity MiB |")

@@ -1,19 +1,26 @@
 #!/usr/bin/env python
-"""The engine's host work per decode step at large batches, with the device's work taken out.
+"""The engine's host work per decode step at large batches, and how much of it the device waits for.
 
 On a GPU a decode step's forward is one CUDA-graph replay and sampling a few kernels; what the host
 does around them (recording each row's token, growing its KV blocks, preparing the next step's inputs,
-detokenizing, streaming, the gauges) is Python per row, and it counts in the step time wherever the
-GPU waits for it. This script measures that work on any machine: the tiny Qwen2.5-VL test model's
-engine runs ``--batches`` requests at once with the forward replaced by one that returns zero logits
-and the sampler by a fixed token, so what is timed is the host alone. With async output (the engine's
-default on CUDA), the text and the gauges are made while the device computes the next step; the rest
-is between steps. One table:
+detokenizing, streaming, the gauges) is Python per row. Whatever of it happens between the end of one
+step on the device and the launch of the next, the device waits for. This script measures that on any
+machine: the tiny Qwen2.5-VL test model's engine runs ``--batches`` requests at once with the device
+simulated: a launched step "runs" for ``--device-ms`` after the step before it (a forward that returns
+zero logits at once), and reading its tokens back (the sampler, which picks fixed tokens) waits until
+it is done. So a step takes ``--device-ms`` plus the host work the device waits for:
 
-    batch | async output | host ms/step | between steps ms | during the device's step ms | µs/row
+- off: all of it (the text of a step's tokens is made, and the next step prepared, after it ends);
+- async output: recording the tokens, growing the KV blocks, preparing the next step (the text and
+  the gauges are made while the device computes the next step);
+- async scheduling (the engine's default on CUDA): none while the host's work per step is less than a
+  device step (the next step is launched before the tokens of the one running are read back).
+
+Per batch and setting, the host's work per step (with no device time) and the step time with
+``--device-ms``, in one table:
 
     .venv/bin/python scripts/bench_host_overhead.py
-    .venv/bin/python scripts/bench_host_overhead.py --batches 256 --steps 200
+    .venv/bin/python scripts/bench_host_overhead.py --batches 256 --steps 200 --device-ms 2
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import argparse
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -31,35 +37,45 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-OVERLAPPED = ("_publish", "_update_gauges")  # what async output moves into the device's time
-TIMED = (*OVERLAPPED, "_commit", "_take_incoming", "_drop_cancelled", "_retire_stopped")
+SETTINGS = {  # (async output, async scheduling)
+    "off": ("false", "false"),
+    "async output": ("true", "false"),
+    "async scheduling": ("true", "true"),
+}
 
 
-def timed(obj: Any, name: str, totals: dict[str, float]) -> None:
-    """Wrap ``obj.name`` so that its wall time adds up in ``totals[name]``."""
-    inner = getattr(obj, name)
+class SimulatedDevice:
+    """A device that runs each launched step for ``step_s`` seconds after the one before; waiting for a
+    step spins until its end (sleep is too coarse for fractions of a millisecond)."""
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            totals[name] += time.perf_counter() - start
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.free_at = 0.0  # when the last launched step ends
 
-    setattr(obj, name, wrapper)
+    def launch(self) -> float:
+        self.free_at = max(time.perf_counter(), self.free_at) + self.step_s
+        return self.free_at
+
+    @staticmethod
+    def wait(until: float) -> None:
+        while time.perf_counter() < until:
+            pass
 
 
-def measure(model_dir: Path, batch: int, steps: int, async_output: bool) -> dict[str, float]:
-    """Host milliseconds per decode step of ``batch`` rows: in all, and overlapped with the device."""
+def measure(model_dir: Path, batch: int, steps: int, setting: str, device_ms: float) -> float:
+    """Milliseconds per decode step of ``batch`` rows with the simulated device and ``setting``."""
     import tritonvlm.engine.llm_engine as llm_engine
     from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
+    from tritonvlm.engine.device_sampling import DeviceSample
 
+    async_output, async_scheduling = SETTINGS[setting]
     config = EngineConfig(
         max_num_seqs=batch,
         max_model_len=steps + 64,
         prefix_cache_slots=0,
         cuda_graphs=False,
-        async_output="true" if async_output else "false",
+        async_output=async_output,
+        async_scheduling=async_scheduling,
     )
     engine = LLMEngine.from_pretrained(str(model_dir), config, device="cpu", dtype="float32")
     done: set[str] = set()
@@ -68,23 +84,41 @@ def measure(model_dir: Path, batch: int, steps: int, async_output: bool) -> dict
     for i in range(batch):
         engine.add_request(str(i), prompt, params, lambda out: out.finished and done.add(out.request_id))
     engine.step()  # the prefill (and a first decode step) with the real model
-    vocab = engine.vocab_size
-    engine.runner._decode_forward = lambda tokens, *args, **kwargs: torch.zeros(tokens.shape[0], vocab)
-    real_sample = llm_engine.sample
-    llm_engine.sample = lambda logits, seqs, failures=None: [(7 * i) % 1500 + 300 for i in range(len(seqs))]
-    totals: dict[str, float] = defaultdict(float)
-    for name in TIMED:
-        timed(engine, name, totals)
+    device = SimulatedDevice(device_ms / 1000)
+    zeros = torch.zeros(batch, engine.vocab_size)
+    fixed = torch.tensor([(7 * i) % 1500 + 300 for i in range(batch)])
+    ends: list[float] = []  # the end of the last launched step
+
+    def forward(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ends.append(device.launch())
+        return zeros[: tokens.shape[0]]
+
+    def sample(logits: torch.Tensor, seqs: list, failures: Any = None) -> list[int]:
+        device.wait(ends[-1])
+        return fixed[: len(seqs)].tolist()
+
+    class Sample(DeviceSample):
+        def result(self) -> tuple[list[int], dict[int, str]]:
+            device.wait(self.end)
+            return super().result()
+
+    def sample_on_device(logits: torch.Tensor, seqs: list) -> DeviceSample:
+        tokens = fixed[: len(seqs)]
+        out = Sample(tokens, torch.stack([tokens, torch.zeros_like(tokens)]), None)
+        out.end = ends[-1]
+        return out
+
+    engine.runner._decode_forward = forward
+    real = llm_engine.sample, llm_engine.sample_on_device
+    llm_engine.sample, llm_engine.sample_on_device = sample, sample_on_device
     try:
         start, first = time.perf_counter(), engine.stats.decode_steps
         while len(done) < batch:
             engine.step()
         elapsed = time.perf_counter() - start
     finally:
-        llm_engine.sample = real_sample
-    steps_run = engine.stats.decode_steps - first
-    overlapped = sum(totals[name] for name in OVERLAPPED) if async_output else 0.0
-    return {"total_ms": 1000 * elapsed / steps_run, "overlapped_ms": 1000 * overlapped / steps_run}
+        llm_engine.sample, llm_engine.sample_on_device = real
+    return 1000 * elapsed / (engine.stats.decode_steps - first)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batches", default="64,128,256", help="rows per step (default 64,128,256)")
     parser.add_argument("--steps", type=int, default=100, help="decode steps timed per batch (default 100)")
+    parser.add_argument(
+        "--device-ms", type=float, default=3.0, help="the simulated device's time per step (default 3)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from tritonvlm.testmodels.qwen2_5_vl import build_test_model
@@ -102,20 +139,24 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / "tiny"
         build_test_model(model_dir, size="tiny")
         for batch in (int(b) for b in args.batches.split(",")):
-            for async_output in (False, True):
-                result = measure(model_dir, batch, args.steps, async_output)
-                rows.append((batch, async_output, result))
-                shown = {k: round(v, 3) for k, v in result.items()}
-                print(f"[host-overhead] batch {batch}, async output {async_output}: {shown}", file=sys.stderr)
-    print("\nhost work per decode step (forward and sampling replaced by stubs; CPU threads: 1)")
-    print("| batch | async output | host ms/step | between steps ms | during the device's step ms | µs/row |")
+            for setting in SETTINGS:
+                host = measure(model_dir, batch, args.steps, setting, 0.0)
+                step = measure(model_dir, batch, args.steps, setting, args.device_ms)
+                rows.append((batch, setting, host, step))
+                print(
+                    f"[host-overhead] batch {batch}, {setting}: host {host:.3f} ms/step, "
+                    f"{step:.3f} ms/step with {args.device_ms} ms of device time",
+                    file=sys.stderr,
+                )
+    print(
+        f"\nhost work per decode step, and the step with a simulated device taking {args.device_ms} ms "
+        "(forward and sampling replaced by stubs; CPU threads: 1)"
+    )
+    print("| batch | overlap | host ms/step | ms/step with the device | device waits ms/step | µs/row |")
     print("|---|---|---|---|---|---|")
-    for batch, async_output, r in rows:
-        between = r["total_ms"] - r["overlapped_ms"]
-        print(
-            f"| {batch} | {'on' if async_output else 'off'} | {r['total_ms']:.2f} | {between:.2f} | "
-            f"{r['overlapped_ms']:.2f} | {1000 * between / batch:.1f} |"
-        )
+    for batch, setting, host, step in rows:
+        waits = max(0.0, step - args.device_ms)
+        print(f"| {batch} | {setting} | {host:.2f} | {step:.2f} | {waits:.2f} | {1000 * waits / batch:.1f} |")
     return 0
 
 

@@ -39,11 +39,11 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -
 log "transformers $($PY -c 'import transformers; print(transformers.__version__)')"
 
 log "GPU tests (every family, fp32 and bf16)"
-timeout "${TEST_TIMEOUT:-230}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-225}" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
   --basetemp="$OUT/pytest" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || log "GPU tests failed or timed out"
 
 log "engine benchmark: qwen2.5-vl-7b shape, bf16, CUDA graphs; decode attention kernel and gathered blocks side by side"
-timeout "${BENCH_TIMEOUT:-140}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
+timeout "${BENCH_TIMEOUT:-135}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
   --skip-generate --batches "${BATCHES:-1,16,64,128,256}" --json "$OUT/bench_engine.json" 2>&1 \
   | tee "$OUT/bench_engine.txt" | tail -12 || log "engine benchmark failed or timed out"
 log "engine benchmark, Triton kernels off (gathered blocks, transformers' RMSNorm): batch 1 and 16"
@@ -51,14 +51,14 @@ timeout "${OFF_TIMEOUT:-45}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b -
   --fused-ops false --skip-generate --batches 1,16 --json "$OUT/bench_engine_off.json" 2>&1 \
   | tee "$OUT/bench_engine_off.txt" | tail -6 || log "engine benchmark (kernels off) failed or timed out"
 if [ -z "${SKIP_ASYNC:-}" ]; then
-  log "engine benchmark, async output off (each step's text made before the next step): batch 128 and 256"
-  timeout "${ASYNC_TIMEOUT:-35}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --async-output false \
+  log "engine benchmark: async scheduling (default), async output alone, neither: batch 128 and 256"
+  timeout "${ASYNC_TIMEOUT:-55}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --async-scheduling compare \
     --skip-generate --batches 128,256 --json "$OUT/bench_engine_sync.json" 2>&1 \
-    | tee "$OUT/bench_engine_sync.txt" | tail -6 || log "engine benchmark (async output off) failed or timed out"
+    | tee "$OUT/bench_engine_sync.txt" | tail -6 || log "engine benchmark (async settings) failed or timed out"
 fi
 if [ -z "${SKIP_LONG:-}" ]; then
   log "engine benchmark, mixed lengths: one request of each batch with a 4,000-token prompt"
-  timeout "${LONG_TIMEOUT:-70}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
+  timeout "${LONG_TIMEOUT:-60}" $PY scripts/bench_engine.py --shape qwen2.5-vl-7b --decode-attention compare \
     --skip-generate --batches "${LONG_BATCHES:-16,128}" --long-prompt-tokens 4000 \
     --json "$OUT/bench_engine_long.json" 2>&1 | tee "$OUT/bench_engine_long.txt" | tail -10 \
     || log "mixed-length engine benchmark failed or timed out"

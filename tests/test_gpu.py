@@ -79,7 +79,7 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     assert engine.runner.device.type == "cuda"
     assert engine.runner.decode_attention == "triton"  # the kernel passed its check and serves the family
     assert engine.runner.fused_norms > 0 and engine.runner.fused_rotary > 0  # and the fused ops
-    assert engine.async_output  # (on by default on CUDA)
+    assert engine.async_output and engine.async_scheduling  # (on by default on CUDA)
     tokens = run_staggered(engine, cases)
     if tight:
         print(f"\n{family.name} {dtype}: {engine.stats.preemptions} preemptions")
@@ -95,16 +95,20 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
 
 
 def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
-    """With CUDA graphs and async output (the next step launched before a step's text is made), the
-    streams equal those without, stop strings met mid-stream included (bfloat16)."""
+    """With CUDA graphs, async output (the next step launched before a step's text is made) and async
+    scheduling (launched before its tokens are read back, taking them on the device), the streams
+    equal those without, stop strings met mid-stream included (bfloat16); a sampled top-k 1 row drawn
+    on the device gives the greedy tokens."""
     from test_async_output import assert_same_streams, run, stop_after
 
     kit = family_kit("qwen2_5_vl")
     model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.bfloat16)
     family = kit.family_cls(model.config)
 
-    def engine(async_output: str) -> LLMEngine:
-        config = EngineConfig(max_model_len=512, max_num_seqs=8, async_output=async_output)
+    def engine(async_output: str, async_scheduling: str = "false") -> LLMEngine:
+        config = EngineConfig(
+            max_model_len=512, max_num_seqs=8, async_output=async_output, async_scheduling=async_scheduling
+        )
         return LLMEngine(model, kit.tokenizer, config, family)
 
     inputs = [kit.engine_inputs(case) for case in cases_for(kit.name)]
@@ -117,10 +121,59 @@ def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
         params = SamplingParams(max_tokens=k + 2, temperature=0, ignore_eos=True, stop=[stop])
         requests += [(f"stop{i}", ids, mm, params), (f"plain{i}", ids, mm, plain)]
     expected = run(engine("false"), requests)
-    overlapped = engine("auto")
-    assert overlapped.async_output and overlapped.runner.graphs is not None
+    overlapped = engine("true")
+    assert overlapped.async_output and not overlapped.async_scheduling
+    assert overlapped.runner.graphs is not None
     assert_same_streams(run(overlapped, requests), expected)
     assert overlapped.runner.graphs.replays > 0
+    scheduled = engine("auto", "auto")
+    assert scheduled.async_scheduling
+    top_k_1 = SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True)
+    got = run(scheduled, [*requests, ("top_k_1", *inputs[0], top_k_1)])
+    assert got.tokens("top_k_1") == expected.tokens("plain0")
+    del got.outputs["top_k_1"]
+    assert_same_streams(got, expected)
+    assert scheduled.runner.graphs.replays > 0
+
+
+def test_an_overlapped_decode_launch_does_not_wait_for_the_device(family_kit):
+    """Async scheduling launches a decode step while the one before runs: the launch (inputs, the
+    tokens taken from the step before on the device, the graph replay) and the device-side sampling
+    of greedy and sampled rows must not synchronise with the device (torch's sync debug mode raises
+    on any that does)."""
+    from test_engine import Collector
+
+    from tritonvlm.engine.device_sampling import sample_on_device
+
+    kit = family_kit("qwen2_5_vl")
+    model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.bfloat16)
+    family = kit.family_cls(model.config)
+    config = EngineConfig(max_model_len=512, max_num_seqs=8)
+    engine = LLMEngine(model, kit.tokenizer, config, family)
+    ids, mm = kit.engine_inputs(cases_for(kit.name)[0])
+    sink = Collector()
+    settings = [
+        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.8, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.8, top_k=5, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, ignore_eos=True),
+    ]
+    for i, params in enumerate(settings):
+        engine.add_request(str(i), ids, params, sink)
+    for _ in range(4):  # (the graph for this batch captured; a step in flight)
+        engine.step()
+    assert engine._inflight is not None and len(engine.scheduler.running) == len(settings)
+    batch = list(engine.scheduler.running)
+    previous = engine._inflight.sample.tokens
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the device busy: anything that waits for it would wait here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = engine.runner.decode(batch, previous)
+        sample_on_device(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 def test_a_host_table_edit_waits_until_the_device_has_copied_the_table():

@@ -157,12 +157,14 @@ def test_with_the_kernel_in_every_layer_one_cuda_graph_serves_every_length(name,
     reads each row up to its own length) the length key is the full one, so one graph per batch
     bucket serves all lengths. Gemma 3's sliding layers still attend over a length-sized ring."""
     kit = family_kit(name)
-    config = EngineConfig(max_model_len=256, prefix_cache_slots=0, decode_attention="triton")
+    config = EngineConfig(
+        max_model_len=256, prefix_cache_slots=0, decode_attention="triton", async_scheduling="false"
+    )
     engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
     keys: list[int] = []
 
     class GraphKeys:  # stands in for DecodeGraphs (CUDA only): records the key, lets the step run eagerly
-        def run(self, tokens, cache_pos, rope, kv_len):
+        def run(self, tokens, cache_pos, rope, kv_len, previous=None):
             keys.append(kv_len)
 
     engine.runner.graphs = GraphKeys()

@@ -38,7 +38,7 @@ def take_previous(tokens: torch.Tensor, previous: torch.Tensor | None) -> torch.
     sampled, still on the device: async scheduling), on the device, without waiting for it."""
     if previous is None:
         return tokens
-    return torch.where(tokens < 0, previous[(-1 - tokens).clamp(min=0)], tokens)
+    return torch.where(tokens < 0, previous.index_select(0, (-1 - tokens).clamp(min=0)), tokens)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -56,8 +56,12 @@ class DecodeGraphs:
         self.sizes = batch_buckets(max_batch)
         self.device = device
         self.inputs = torch.zeros(3, self.sizes[-1], dtype=torch.long, device=device)
-        self._host = torch.zeros(3, self.sizes[-1], dtype=torch.long).pin_memory()
-        self._host_read: torch.cuda.Event | None = None  # the last copy out of _host
+        # Two pinned input buffers taken in turn, each with the event of its last copy to the device:
+        # with async scheduling a step is prepared before the one before has begun, but not before
+        # the one before that has ended.
+        self._hosts = [torch.zeros(3, self.sizes[-1], dtype=torch.long).pin_memory() for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -82,17 +86,18 @@ class DecodeGraphs:
         b = self.bucket(n)
         if self.failed or b is None:
             return None
-        host = self._host
-        if self._host_read is not None:  # (with async scheduling the last step may not have begun)
-            self._host_read.synchronize()
+        turn = self._turn = 1 - self._turn
+        host, copied = self._hosts[turn], self._copied[turn]
+        if copied is not None and not copied.query():
+            copied.synchronize()
         host[:, n:b] = 0  # dummy rows: token 0, rope position 0, key in the spare column
         host[1, n:b] = self.spare_column
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(cache_pos)
         host[2, :n] = torch.tensor(rope)
         self.inputs[:, :b].copy_(host[:, :b], non_blocking=True)
-        self._host_read = torch.cuda.Event()
-        self._host_read.record()
+        self._copied[turn] = torch.cuda.Event()
+        self._copied[turn].record()
         if previous is not None:
             self.inputs[0, :n] = take_previous(self.inputs[0, :n], previous)
         key = (b, kv_len)
