@@ -363,14 +363,14 @@ class LLMEngine:
             self._settle()  # this step needs the tokens of the one in flight on the host first
         if running:
             self.kv.grow(running, self._preempt)  # (may preempt: the list shrinks)
-        overlapped = bool(running) and self.async_output  # (the gauges were updated during the step)
+        gauges_updated = bool(running) and self.async_output  # (during the device's step)
         if running:
             self._decode(list(running), overlap)
         else:
             self._last_decode_end = None
         if not self.async_output or not self.scheduler.running:
             self._settle()
-        if not overlapped or not self.scheduler.running:
+        if not gauges_updated or not self.scheduler.running:
             self._update_gauges()
 
     def _overlaps(self, running: list[Sequence]) -> bool:
