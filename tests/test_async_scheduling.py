@@ -72,18 +72,21 @@ def overlapped(events: list[str]) -> int:
     return count
 
 
-def test_streams_are_the_same_with_async_scheduling(kit, inputs, monkeypatch):
+def test_streams_are_the_same_with_async_scheduling(kit, inputs):
     """Greedy requests ended by a stop string, by an end-of-sequence token and by their length, in
-    staggered arrivals, one cancelled mid-stream, and requests whose tokens need the host (logprobs,
-    a seed: the steps they are in run as without async scheduling): every request gets the outputs it
-    gets without, and most steps were launched before the one before was recorded."""
+    staggered arrivals, one cancelled mid-stream, one with logprobs and a seeded sampled one (both
+    chosen on the device too), and one whose tokens need the host (a penalty: the steps it is in run
+    as without async scheduling): every request gets the outputs it gets without, and most steps were
+    launched before the one before was recorded."""
     plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = [(f"r{i}", ids, mm, plain) for i, (ids, mm) in enumerate(inputs)]
     reference = run(engine_for(kit, False), alone)
     ids, mm = inputs[0]
-    requests = [  # (these two first: the steps they are in record each step before the next)
-        ("logprobs", ids, mm, SamplingParams(max_tokens=5, temperature=0.0, logprobs=True, top_logprobs=2)),
-        ("seeded", ids, mm, SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)),
+    requests = [  # (the penalised one first: the steps it is in record each step before the next)
+        ("penalised", ids, mm, SamplingParams(max_tokens=5, temperature=0.0, presence_penalty=0.5)),
+        ("logprobs", ids, mm, SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2)),
+        ("seeded", ids, mm, SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=3)),
+        ("seeded_top_k", ids, mm, SamplingParams(max_tokens=16, temperature=1.2, top_k=7, seed=5)),
     ]
     for i, (ids_i, mm_i) in enumerate(inputs):
         k, stop = stop_after(kit, reference.tokens(f"r{i}"), first=12)
@@ -187,28 +190,60 @@ def test_the_device_draw_follows_each_rows_distribution(kind):
         assert bool((freq[want == 0] == 0).all())
 
 
+class Row:
+    """What device sampling reads of a sequence."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params, self.request_id, self.output_ids, self.inflight = params, "x", [], 0
+        self.guide = None
+        self.generator = sampler.make_generator(params.seed, torch.device("cpu"))
+
+
 def test_a_row_that_cannot_be_sampled_fails_alone():
-    """NaN/inf logits of a greedy row and a sampled row: both get a failure reason with a stand-in
-    token in the vocabulary; the other rows their own tokens."""
-
-    class Seq:
-        def __init__(self, params):
-            self.params, self.request_id, self.output_ids, self.inflight = params, "x", [], 0
-
-    logits = torch.randn(4, 10)
+    """NaN/inf logits of a greedy row and a sampled row, a seeded row's: each gets a failure reason
+    with a stand-in token in the vocabulary; the other rows their own tokens."""
+    logits = torch.randn(5, 10)
     logits[1] = float("nan")
     logits[3, 2] = float("inf")
-    params = [
-        SamplingParams(temperature=0.0),
-        SamplingParams(temperature=0.0),
-        SamplingParams(),
-        SamplingParams(),
-    ]
-    sample = sample_on_device(logits, [Seq(p) for p in params])
-    tokens, failures = sample.result()
-    assert set(failures) == {1, 3} and tokens[0] == int(logits[0].argmax())
+    logits[4, 0] = float("nan")
+    params = [SamplingParams(temperature=0.0)] * 2 + [SamplingParams()] * 2 + [SamplingParams(seed=1)]
+    tokens, failures, logprobs = sample_on_device(logits, [Row(p) for p in params]).result()
+    assert set(failures) == {1, 3, 4} and tokens[0] == int(logits[0].argmax()) and logprobs == {}
     assert all(0 <= t < 10 for t in tokens)
-    assert "NaN or inf" in failures[1] and "NaN or inf" in failures[3]
+    assert all("NaN or inf" in failures[row] for row in (1, 3, 4))
+
+
+def test_seeded_rows_and_logprobs_on_the_device_are_the_hosts():
+    """Seeded rows drawn on the device take the token the host's sampler draws with the same
+    generator (top-k, top-p, temperature; a batch of them, twice in a row); logprobs rows get
+    token_logprobs' numbers."""
+    from tritonvlm.engine.logprobs import token_logprobs
+
+    torch.manual_seed(0)
+    settings = [
+        SamplingParams(temperature=0.9, seed=1),
+        SamplingParams(temperature=1.3, top_k=5, seed=2),
+        SamplingParams(temperature=0.7, top_p=0.8, seed=3),
+        SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=4, logprobs=True, top_logprobs=1),
+    ]
+    on_device, on_host = [Row(p) for p in settings], [Row(p) for p in settings]
+    for _ in range(2):
+        logits = torch.randn(len(settings), 50) * 3
+        tokens, failures, logprobs = sample_on_device(logits, on_device).result()
+        assert tokens == sampler.sample(logits, on_host) and failures == {}
+        assert set(logprobs) == {3, 4}
+
+        class Texts:
+            def __call__(self, token_id):
+                return str(token_id), [token_id]
+
+        for row in (3, 4):
+            top = settings[row].top_logprobs
+            want = token_logprobs(logits[row], tokens[row], top, Texts())
+            assert logprobs[row][0] == pytest.approx(want["logprob"], abs=1e-5)
+            got = logprobs[row][1][:top]
+            assert [t for _, t in got] == [int(e["token"]) for e in want["top_logprobs"]]
 
 
 def test_take_previous_feeds_the_last_steps_tokens():

@@ -8,18 +8,21 @@ host-side check of the probabilities). Rows whose logits hold NaN or +inf, or wh
 not a distribution, get a stand-in token and a status the engine reads with the tokens (it then ends
 that sequence alone with an error, as :func:`tritonvlm.engine.sampler.sample` reports them).
 
-Only rows whose choice needs nothing but their logits are sampled here: greedy rows and unseeded
-temperature / top-k / top-p rows, without penalties, a grammar or logprobs (:func:`device_samplable`).
+Only rows whose choice needs nothing but their logits are sampled here (:func:`device_samplable`):
+greedy rows, temperature / top-k / top-p rows (unseeded ones together; a seeded one alone, with its own
+generator, drawing exactly the token ``torch.multinomial`` draws from it on the host), and their
+logprobs; not rows with penalties or a grammar, which read the tokens so far on the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tritonvlm.engine import sampler
+from tritonvlm.engine.logprobs import LogprobsRow
 from tritonvlm.engine.sequence import Sequence
 
 SAMPLED, BAD_LOGITS, NOT_A_DISTRIBUTION = 0, 1, 2
@@ -31,10 +34,7 @@ REASONS = {
 
 def device_samplable(seq: Sequence) -> bool:
     """Whether ``seq``'s next token can be chosen on the device alone (nothing read on the host)."""
-    p = seq.params
-    return (
-        seq.guide is None and not p.logprobs and not sampler.has_penalties(p) and (p.greedy or p.seed is None)
-    )
+    return seq.guide is None and not sampler.has_penalties(seq.params)
 
 
 def device_tensor(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -47,24 +47,34 @@ def device_tensor(values: list[Any], dtype: torch.dtype, device: torch.device) -
 
 @dataclass
 class DeviceSample:
-    """One step's tokens on the device (``tokens`` [rows], long), and their copy on its way to the host."""
+    """One step's tokens on the device (``tokens`` [rows], long), and their copy on its way to the host
+    (with the log probabilities of the rows that asked for them: ``_logprob_rows``)."""
 
     tokens: torch.Tensor
     _host: torch.Tensor  # [2, rows]: tokens, status
     _copied: torch.cuda.Event | None
+    _logprob_rows: list[int] = field(default_factory=list)
+    _logprobs: tuple[torch.Tensor, ...] = ()  # on the host: chosen [k], top values and ids [k, top]
 
-    def result(self) -> tuple[list[int], dict[int, str]]:
-        """The tokens as a list, and ``{row: reason}`` for rows that could not be sampled (waits for the
-        device to finish the step)."""
+    def result(self) -> tuple[list[int], dict[int, str], dict[int, LogprobsRow]]:
+        """The tokens as a list, ``{row: reason}`` for rows that could not be sampled, and ``{row:
+        (the token's logprob, [(logprob, token), ...] of the most likely ones)}`` for rows with
+        logprobs (waits for the device to finish the step)."""
         if self._copied is not None:
             self._copied.synchronize()
         tokens, status = self._host.tolist()
-        return tokens, {row: REASONS[code] for row, code in enumerate(status) if code != SAMPLED}
+        failures = {row: REASONS[code] for row, code in enumerate(status) if code != SAMPLED}
+        logprobs: dict[int, LogprobsRow] = {}
+        if self._logprob_rows:
+            chosen, values, ids = (t.tolist() for t in self._logprobs)
+            for j, row in enumerate(self._logprob_rows):
+                logprobs[row] = (chosen[j], list(zip(values[j], ids[j], strict=True)))
+        return tokens, failures, logprobs
 
 
 def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
     """One token per row of ``logits`` (every row :func:`device_samplable`), left on the device."""
-    logits = logits.float()
+    logits = raw = logits.float()
     if sampler.fault_pattern():
         logits = sampler.poison(logits, seqs)
     device, vocab = logits.device, logits.shape[-1]
@@ -75,23 +85,63 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample
     groups: dict[str, list[int]] = {"plain": [], "top_k": [], "sorted": []}
     for i, seq in enumerate(seqs):
         p = seq.params
-        if not p.greedy:
+        if not p.greedy and p.seed is None:
             groups["top_k" if 0 < p.top_k < vocab else "sorted" if p.top_p < 1.0 else "plain"].append(i)
     for kind, drawn in groups.items():
         if drawn:
             rows = device_tensor(drawn, torch.long, device)
             picked, ok = _draw(logits.index_select(0, rows), [seqs[i].params for i in drawn], kind)
-            tokens = tokens.index_copy(0, rows, picked)
-            failed = torch.zeros_like(status).index_copy(0, rows, (~ok).to(torch.long) * NOT_A_DISTRIBUTION)
-            status = torch.where(status == SAMPLED, failed, status)
-    both = torch.stack([tokens, status])
+            tokens, status = _place(tokens, status, rows, picked, ok)
+    seeded = [i for i, seq in enumerate(seqs) if not seq.params.greedy and seq.params.seed is not None]
+    if seeded:
+        drawn_alone = [_draw_seeded(logits[i], seqs[i]) for i in seeded]
+        picked, ok = (torch.stack(t) for t in zip(*drawn_alone, strict=True))
+        tokens, status = _place(tokens, status, device_tensor(seeded, torch.long, device), picked, ok)
+    with_logprobs = [i for i, seq in enumerate(seqs) if seq.params.logprobs]
+    on_device = [torch.stack([tokens, status])]
+    if with_logprobs:
+        top = max(seqs[i].params.top_logprobs for i in with_logprobs)
+        on_device += _logprobs(raw, tokens, with_logprobs, top)
     if device.type != "cuda":
-        return DeviceSample(tokens, both, None)
-    host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-    host.copy_(both, non_blocking=True)
+        return DeviceSample(tokens, on_device[0], None, with_logprobs, tuple(on_device[1:]))
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in on_device]
+    for copy, t in zip(host, on_device, strict=True):
+        copy.copy_(t, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
-    return DeviceSample(tokens, host, copied)
+    return DeviceSample(tokens, host[0], copied, with_logprobs, tuple(host[1:]))
+
+
+def _place(
+    tokens: torch.Tensor, status: torch.Tensor, rows: torch.Tensor, picked: torch.Tensor, ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` with ``picked`` at ``rows``; ``status`` with rows whose draw was not a distribution
+    (``~ok``) marked so (a row already marked keeps its mark)."""
+    failed = torch.zeros_like(status).index_copy(0, rows, (~ok).to(torch.long) * NOT_A_DISTRIBUTION)
+    return tokens.index_copy(0, rows, picked), torch.where(status == SAMPLED, failed, status)
+
+
+def _draw_seeded(logits: torch.Tensor, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's draw with its own generator: the distribution of ``sampler.row_probabilities`` and the
+    draw ``torch.multinomial(probs, 1, generator)`` makes (its exponential race), without its check."""
+    probs = sampler.row_probabilities(logits, seq.params)
+    ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+    probs = torch.where(ok, probs, torch.ones_like(probs))
+    return (probs / torch.empty_like(probs).exponential_(generator=seq.generator)).argmax(), ok
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int) -> list[torch.Tensor]:
+    """For ``rows``: each one's token's log probability, and the ``top`` most likely tokens' (values
+    and ids), as ``logprobs.token_logprobs`` computes them."""
+    index = device_tensor(rows, torch.long, logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+    chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    top = min(top, logp.shape[-1])
+    if top == 0:
+        empty = logp.new_empty(len(rows), 0)
+        return [chosen, empty, empty.long()]
+    values, ids = torch.topk(logp, top, dim=-1)
+    return [chosen, values, ids]
 
 
 def _draw(logits: torch.Tensor, params: list[Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:

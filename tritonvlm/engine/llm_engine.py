@@ -24,7 +24,7 @@ from tritonvlm.engine.engine_config import (
 from tritonvlm.engine.engine_stats import EngineStats
 from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_admission import KVAdmission
-from tritonvlm.engine.logprobs import TokenTexts, token_logprobs
+from tritonvlm.engine.logprobs import LogprobsRow, TokenTexts, logprobs_entry, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
@@ -375,8 +375,9 @@ class LLMEngine:
 
     def _overlaps(self, running: list[Sequence]) -> bool:
         """Whether the next decode step of ``running`` can be launched before the step in flight is
-        recorded (async scheduling): every row is chosen on the device, and none can be preempted
-        (a sequence must be recorded to be recomputed: each row may take a block this step)."""
+        recorded (async scheduling): every row is chosen on the device (no penalties or grammar), and
+        none can be preempted (a sequence must be recorded to be recomputed: each row may take a block
+        this step)."""
         if not self.async_scheduling:
             return False
         allocator = self.runner.cache.allocator
@@ -417,11 +418,11 @@ class LLMEngine:
     def _record_step(self, step: InflightStep) -> None:
         """Record the tokens of a step launched with async scheduling (waits for the device to be done
         with it); rows of sequences that ended since are dropped."""
-        tokens, failures = step.sample.result()
+        tokens, failures, logprobs = step.sample.result()
         for seq in step.batch:
             seq.inflight -= 1
         self._count_step(step.batch, step.started)
-        self._commit(step.batch, tokens, None, failures)
+        self._commit(step.batch, tokens, None, failures, logprobs)
 
     def _settle(self) -> None:
         """Record the step in flight, if any (async scheduling), send every recorded token's text and
@@ -562,12 +563,14 @@ class LLMEngine:
         tokens: list[int],
         logits: torch.Tensor | None,
         failures: dict[int, str],
+        logprobs: dict[int, LogprobsRow] | None = None,
     ) -> None:
         """Record one new token per sequence (but those that ended since the step was launched: their
         row is dropped) and retire those it ends; their text is made and sent by :meth:`_publish`, but
         a sequence's last output at once. A row whose sampling failed (``failures``), or whose token
         cannot be recorded, ends that sequence alone with an error: the other rows of the step go on.
-        ``logits``: the step's, for rows with logprobs (None: no row has them)."""
+        Rows with logprobs take them from ``logits`` (the step's), or from ``logprobs`` (by row: those
+        computed on the device)."""
         finals: list[PendingOutput] = []
         failed: list[tuple[Sequence, str]] = []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
@@ -578,7 +581,7 @@ class LLMEngine:
                 continue
             try:
                 row_logits = logits[row] if logits is not None and seq.params.logprobs else None
-                entry = self._record(seq, token, row_logits)
+                entry = self._record(seq, token, row_logits, logprobs.get(row) if logprobs else None)
             except Exception as exc:
                 log.exception("could not append a token to %s", seq.request_id)
                 failed.append((seq, f"internal error while decoding this request: {exc}"))
@@ -599,8 +602,11 @@ class LLMEngine:
         if done or failed:
             self.scheduler.retire(done + failed)
 
-    def _record(self, seq: Sequence, token: int, logits: torch.Tensor | None) -> PendingOutput:
-        """Append ``token`` to ``seq`` (and its grammar); whether the token alone ends it; its logprobs."""
+    def _record(
+        self, seq: Sequence, token: int, logits: torch.Tensor | None, row: LogprobsRow | None = None
+    ) -> PendingOutput:
+        """Append ``token`` to ``seq`` (and its grammar); whether the token alone ends it; its logprobs
+        (from its row of ``logits``, or ``row`` computed on the device)."""
         seq.output_ids.append(token)
         guided_end = seq.guide is not None and seq.guide.advance(token)  # its grammar is complete
         eos = token in self.stop_ids and (guided_end or not seq.params.ignore_eos)
@@ -610,7 +616,9 @@ class LLMEngine:
         elif len(seq.output_ids) >= seq.params.max_tokens:
             finish = "length"
         logprobs = None
-        if seq.params.logprobs and logits is not None:
+        if seq.params.logprobs and row is not None:
+            logprobs = [logprobs_entry(token, row, seq.params.top_logprobs, self.token_texts)]
+        elif seq.params.logprobs and logits is not None:
             logprobs = [token_logprobs(logits, token, seq.params.top_logprobs, self.token_texts)]
         return PendingOutput(seq, token, finish, eos, logprobs)
 

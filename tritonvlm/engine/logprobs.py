@@ -78,19 +78,25 @@ class TokenTexts:
         return hit
 
 
+# A row's log probabilities: the chosen token's, and (logprob, token id) of the most likely ones.
+LogprobsRow = tuple[float, list[tuple[float, int]]]
+
+
 def token_logprobs(logits: torch.Tensor, token_id: int, top: int, texts: TokenTexts) -> dict[str, Any]:
     """One entry of OpenAI's ``choices[].logprobs.content`` for a row of raw logits ``[vocab]``."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    text, raw = texts(token_id)
-    entry: dict[str, Any] = {
-        "token": text,
-        "logprob": float(logp[token_id]),
-        "bytes": raw,
-        "top_logprobs": [],
-    }
+    alternatives: list[tuple[float, int]] = []
     if top > 0:
         values, ids = torch.topk(logp, min(top, logp.shape[-1]))
-        for value, tid in zip(values.tolist(), ids.tolist(), strict=True):
-            t_text, t_raw = texts(tid)
-            entry["top_logprobs"].append({"token": t_text, "logprob": value, "bytes": t_raw})
+        alternatives = list(zip(values.tolist(), ids.tolist(), strict=True))
+    return logprobs_entry(token_id, (float(logp[token_id]), alternatives), top, texts)
+
+
+def logprobs_entry(token_id: int, row: LogprobsRow, top: int, texts: TokenTexts) -> dict[str, Any]:
+    """The entry of ``token_id`` from its row's log probabilities (the first ``top`` alternatives)."""
+    text, raw = texts(token_id)
+    entry: dict[str, Any] = {"token": text, "logprob": row[0], "bytes": raw, "top_logprobs": []}
+    for value, tid in row[1][:top]:
+        t_text, t_raw = texts(tid)
+        entry["top_logprobs"].append({"token": t_text, "logprob": value, "bytes": t_raw})
     return entry
