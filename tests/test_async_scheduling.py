@@ -16,6 +16,7 @@ from family_harness import FAMILIES, cases_for, one_sequence_budget
 from test_async_output import assert_same_streams, run, stop_after
 from test_engine import Collector
 
+import tritonvlm.engine.llm_engine as llm_engine
 from tritonvlm.engine import EngineConfig, EngineOutput, LLMEngine, SamplingParams, sampler
 from tritonvlm.engine.cuda_graphs import take_previous
 from tritonvlm.engine.device_sampling import _draw, sample_on_device
@@ -143,9 +144,12 @@ def test_a_step_is_launched_before_the_one_before_is_recorded(family_kit):
     assert orders[True] == ["launch"] + ["launch", "record"] * 5 + ["record"]
 
 
-def test_sampled_rows_are_drawn_on_the_device_from_their_distribution(family_kit):
+def test_sampled_rows_are_drawn_on_the_device_from_their_distribution(family_kit, monkeypatch):
     """Sampled rows (temperature, top-k, top-p) in a running batch: top-k 1 and a tiny top-p leave
-    one token, the greedy one; the others draw tokens of their own distribution, max_tokens each."""
+    one token, the greedy one; the others draw tokens of their own distribution, max_tokens each.
+    Every token, the first ones after each prefill included, is chosen on the device (the host's
+    sampler is never called), and every step but the first is launched before the one before is
+    recorded."""
     kit = family_kit("qwen2_5_vl")
     ids, mm = kit.engine_inputs(cases_for(kit.name)[1])
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -158,10 +162,14 @@ def test_sampled_rows_are_drawn_on_the_device_from_their_distribution(family_kit
     ]
     engine = engine_for(kit, True)
     events = spy_steps(engine)
+    host_sampled: list[int] = []
+    host_sample = llm_engine.sample
+    monkeypatch.setattr(llm_engine, "sample", lambda *a: host_sampled.append(1) or host_sample(*a))
     got = run(engine, requests)
     assert got.tokens("top_k_1") == expected and got.tokens("top_p_tiny") == expected
     assert all(len(got.tokens(rid)) == 16 for rid, *_ in requests)
-    assert overlapped(events) >= 10
+    assert host_sampled == [] and len(engine.stats.ttft_seconds) == len(requests)
+    assert overlapped(events) == events.count("record") - 1, events
 
 
 @pytest.mark.parametrize("kind", ["plain", "top_k", "sorted"])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.device_sampling import DeviceSample, device_samplable, sample_on_device
+from tritonvlm.engine.device_sampling import DeviceSample, device_samplable, device_tensor, sample_on_device
 from tritonvlm.engine.engine_config import (
     EngineConfig,
     async_output_wanted,
@@ -65,13 +65,32 @@ class PendingOutput:
 
 
 @dataclass
-class InflightStep:
-    """A decode step launched with async scheduling whose tokens are not recorded yet: its batch (row i
-    is ``batch[i]``), its tokens on the device, when it was launched."""
+class InflightPart:
+    """Tokens chosen on the device (async scheduling) and not recorded yet: of a decode step, or the
+    first tokens of prompts just prefilled (``prefill``); row i is ``batch[i]``'s."""
 
     batch: list[Sequence]
     sample: DeviceSample
     started: float
+    prefill: bool = False
+
+
+@dataclass
+class InflightStep:
+    """What the device computes and the host has not recorded: a decode step, the first tokens of a
+    prefill, or both. Row ``i`` of :attr:`tokens` is part by part, batch by batch."""
+
+    parts: list[InflightPart]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0].sample.tokens
+        return torch.cat([part.sample.tokens for part in self.parts])
+
+    @property
+    def rows(self) -> int:
+        return sum(len(part.batch) for part in self.parts)
 
 
 class LLMEngine:
@@ -393,12 +412,10 @@ class LLMEngine:
         started = time.monotonic()
         if overlap:
             before = self._inflight
-            logits = self.runner.decode(batch, before.sample.tokens if before is not None else None)
+            logits = self.runner.decode(batch, before.tokens if before is not None else None)
             sampled = sample_on_device(logits, batch)
-            for row, seq in enumerate(batch):
-                seq.inflight += 1
-                seq.inflight_row = row
-            self._inflight = InflightStep(batch, sampled, started)
+            self._inflight = None
+            self._in_flight(InflightPart(batch, sampled, started))
             if before is not None:  # the device is computing this step meanwhile
                 self._record_step(before)
             self._publish()
@@ -415,14 +432,29 @@ class LLMEngine:
         self._retire_stopped()  # (ended by their text: this step's token for them is dropped)
         self._commit(batch, tokens, logits, failures)
 
+    def _in_flight(self, part: InflightPart) -> None:
+        """``part``'s tokens stay on the device, after those already there: each sequence's next input
+        is its row there."""
+        step = self._inflight or InflightStep([])
+        offset = step.rows
+        for row, seq in enumerate(part.batch):
+            seq.inflight += 1
+            seq.inflight_row = offset + row
+        step.parts.append(part)
+        self._inflight = step
+
     def _record_step(self, step: InflightStep) -> None:
         """Record the tokens of a step launched with async scheduling (waits for the device to be done
         with it); rows of sequences that ended since are dropped."""
-        tokens, failures, logprobs = step.sample.result()
-        for seq in step.batch:
-            seq.inflight -= 1
-        self._count_step(step.batch, step.started)
-        self._commit(step.batch, tokens, None, failures, logprobs)
+        for part in step.parts:
+            tokens, failures, logprobs = part.sample.result()
+            for seq in part.batch:
+                seq.inflight -= 1
+            if part.prefill:
+                self._count_prefill(part.batch, part.started)
+            else:
+                self._count_step(part.batch, part.started)
+            self._commit(part.batch, tokens, None, failures, logprobs)
 
     def _settle(self) -> None:
         """Record the step in flight, if any (async scheduling), send every recorded token's text and
@@ -529,9 +561,13 @@ class LLMEngine:
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
-        # The last step's tokens are recorded and their text goes out while the device computes the
-        # prefill; the sequences they end give their slots back before the new ones join.
-        self._settle()
+        # With async scheduling (and first tokens the device can choose) the prompts join the running
+        # batch with their first token on the device. Otherwise the last step's tokens are recorded and
+        # their text goes out while the device computes the prefill; the sequences they end give their
+        # slots back before the new ones join.
+        on_device = self.async_scheduling and not any(s.host_sampled for s in seqs if not s.resumed)
+        if not on_device:
+            self._settle()
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(s.prefill_end - s.prefilled for s in seqs)
         for seq in seqs:
@@ -546,16 +582,27 @@ class LLMEngine:
         # A resumed sequence has its next token already (the last output, fed by the next decode).
         rows = [i for i, seq in enumerate(seqs) if not seq.resumed]
         fresh = [seqs[i] for i in rows]
-        logits = logits[rows] if len(rows) < len(seqs) else logits
+        if len(rows) < len(seqs):
+            logits = logits.index_select(0, device_tensor(rows, torch.long, logits.device))
+        if on_device:
+            if fresh:
+                self._in_flight(InflightPart(fresh, sample_on_device(logits, fresh), started, prefill=True))
+            else:
+                self.stats.prefill_step_seconds.append(time.monotonic() - started)
+            return
         failures: dict[int, str] = {}
         tokens = sample(logits, fresh, failures) if fresh else []
+        self._count_prefill(fresh, started)
+        self._commit(fresh, tokens, logits, failures)
+        self._flush()  # first tokens go out at once
+
+    def _count_prefill(self, fresh: list[Sequence], started: float) -> None:
+        """A prefill's time, and its prompts' time to first token (their first tokens are known now)."""
         now = time.monotonic()
         self.stats.prefill_step_seconds.append(now - started)
         for seq in fresh:
             seq.first_token_time = now
             self.stats.ttft_seconds.append(now - seq.arrival_time)
-        self._commit(fresh, tokens, logits, failures)
-        self._flush()  # first tokens go out at once
 
     def _commit(
         self,
