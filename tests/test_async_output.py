@@ -250,17 +250,19 @@ def test_serve_hands_the_async_output_setting_to_the_triton_models():
     assert "TRITONVLM_ASYNC_OUTPUT" not in defaults
 
 
-@pytest.mark.parametrize("async_output", [False, True])
-def test_a_failing_step_ends_the_running_requests_and_the_engine_goes_on(family_kit, async_output):
-    """A decode forward raises in the engine's own thread: the running requests get every token the
-    steps before recorded, then an error; the next request is served as if nothing happened."""
+@pytest.mark.parametrize("setting", ["off", "async output", "async scheduling"])
+def test_a_failing_step_ends_the_running_requests_and_the_engine_goes_on(family_kit, setting):
+    """A decode forward raises in the engine's own thread (with async scheduling: while the step
+    before is in flight): the running requests get every token the steps before recorded, then an
+    error; the next request is served as if nothing happened."""
     import threading
 
     kit = family_kit("qwen2_5_vl")
     ids, mm = kit.engine_inputs(cases_for(kit.name)[0])
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     expected = run(engine_for(kit, False), [("ref", ids, mm, params)]).tokens("ref")
-    engine = engine_for(kit, async_output)
+    scheduling = "true" if setting == "async scheduling" else "false"
+    engine = engine_for(kit, setting != "off", async_scheduling=scheduling)
     decode = engine.runner.decode
     calls = {"n": 0}
     decoded: dict[str, int] = {}  # successful decode steps of each request
