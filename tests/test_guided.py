@@ -265,3 +265,25 @@ def test_masks_touch_only_constrained_rows(processor) -> None:
     assert allowed and all("yes".startswith(processor.tokenizer.decode([t])) for t in allowed)
     assert not torch.isfinite(masked[1, vocab:]).any()
     assert guided.apply_masks(logits, [None, None, None]) is logits
+
+
+def test_a_tokenizer_with_ids_past_the_logits_takes_constraints(family_kit) -> None:
+    """Llama 3.2 Vision's tokenizer knows an id past its LM head's width (``<|image|>``): constraints
+    still compile, and a constrained request with an image gets output its grammar allows."""
+    from family_harness import cases_for
+    from test_engine import Collector
+
+    kit = family_kit("mllama")
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=256), kit.family)
+    assert len(kit.tokenizer) > engine.vocab_size
+    ids, mm = kit.engine_inputs(cases_for("mllama")[1])
+    sink = Collector()
+    spec = {"type": "regex", "pattern": "(yes|no)"}
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=0, guided=spec)
+    engine.add_request("r", ids, params, sink, mm)
+    steps = 0
+    while not sink.finished("r"):
+        engine.step()
+        steps += 1
+        assert steps < 50
+    assert sink.outputs["r"][-1].error is None and sink.text("r") in ("yes", "no")

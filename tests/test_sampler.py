@@ -169,3 +169,16 @@ def test_unseeded_rows_share_a_draw_seeded_rows_keep_their_own_and_a_bad_row_fai
     assert list(failures) == [4]
     assert tokens[2] == seeded_alone[0]  # the shared draw did not touch the seeded row's stream
     assert tokens[1] in torch.topk(logits[1], 3).indices.tolist()
+
+
+def test_prompt_ids_past_the_logits_are_not_penalised() -> None:
+    """Llama 3.2 Vision's ``<|image|>`` id lies past its LM head's width: a repetition penalty over a
+    prompt holding it penalises the other prompt tokens and does not fail the request."""
+    s = seq("mllama", temperature=0.0, repetition_penalty=2.0)
+    s.prompt_ids = [1, 2, VOCAB + 3]
+    logits = batch(1)[0].abs() + 1.0  # (positive: a repetition penalty divides them)
+    penalised = sampler.apply_penalties(logits.clone(), s)
+    assert torch.equal(penalised[[1, 2]], logits[[1, 2]] / 2.0)
+    assert torch.equal(penalised[3:], logits[3:]) and torch.equal(penalised[:1], logits[:1])
+    failures: dict[int, str] = {}
+    assert sampler.sample(logits[None], [s], failures) == [int((penalised).argmax())] and failures == {}

@@ -53,15 +53,16 @@ class GuidedDecoding:
     ) -> None:
         self.vocab_size = vocab_size
         self.stop_ids = sorted(stop_ids)
-        self.ll_tokenizer = llguidance.hf.from_tokenizer(
-            tokenizer, n_vocab=vocab_size, eos_token=self.stop_ids
-        )
+        # The tokenizer may know ids past the logits' width (tokens the model reads but never writes,
+        # e.g. Llama 3.2 Vision's <|image|>): the matcher counts them, the masks cut them off.
+        n_vocab = max(vocab_size, len(tokenizer))
+        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=self.stop_ids)
         self.special_tokens = tuple(tokenizer.get_added_vocab())
         self.executor = llguidance.LLExecutor()
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # start() runs on request threads, the cache is shared
-        words = (vocab_size + 31) // 32
+        words = (n_vocab + 31) // 32
         self._stop_mask = torch.zeros(words, dtype=torch.int32)
         for token in self.stop_ids:
             # int32 two's complement: bit 31 is the sign bit

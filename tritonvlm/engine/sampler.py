@@ -60,10 +60,14 @@ def has_penalties(p: Any) -> bool:
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """Repetition (HF semantics, over prompt + output), presence and frequency (OpenAI, over output)."""
+    """Repetition (HF semantics, over prompt + output), presence and frequency (OpenAI, over output).
+    Prompt ids past the logits' width (tokens the model reads but never writes, e.g. Llama 3.2
+    Vision's ``<|image|>``) have no logit to penalise."""
     p = seq.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device=logits.device)
+        vocab = logits.shape[-1]
+        seen_ids = sorted(t for t in set(seq.prompt_ids) | set(seq.output_ids) if t < vocab)
+        seen = torch.tensor(seen_ids, dtype=torch.long, device=logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
