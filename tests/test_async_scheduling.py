@@ -2,7 +2,7 @@
 takes them on the device), and they are recorded while it runs. What a client receives must not
 change: the same outputs, one by one, for every family, with sequences ended by a stop string, an
 end-of-sequence token or their length while already in the next step, cancellations, preemption,
-failures, and requests whose tokens need the host (a penalty) switching the engine back and forth.
+failures, and a request whose tokens need the host (a grammar) switching the engine back and forth.
 On a CPU the setting is forced on: the device is the host there, but every step takes the same path
 as on a GPU. (A decode launch that raises while a step is in flight: tests/test_async_output.py.)"""
 
@@ -30,6 +30,9 @@ def kit(request, family_kit):
 @pytest.fixture(scope="module")
 def inputs(kit):
     return [kit.engine_inputs(case) for case in cases_for(kit.name)]
+
+
+CONSTRAINT = {"type": "regex", "pattern": "[a-c]{4}"}
 
 
 def engine_for(kit, scheduling: bool, **kw) -> LLMEngine:
@@ -73,16 +76,27 @@ def overlapped(events: list[str]) -> int:
 
 def test_streams_are_the_same_with_async_scheduling(kit, inputs):
     """Greedy requests ended by a stop string, by an end-of-sequence token and by their length, in
-    staggered arrivals, one cancelled mid-stream, one with logprobs and a seeded sampled one (both
-    chosen on the device too), and one whose tokens need the host (a penalty: the steps it is in run
-    as without async scheduling): every request gets the outputs it gets without, and most steps were
-    launched before the one before was recorded."""
+    staggered arrivals, one cancelled mid-stream, one with logprobs, seeded sampled ones and penalised
+    ones (all chosen on the device too; the penalised sampled one's prompt has an image, whose
+    placeholder may lie past the logits), and one whose tokens need the host (a grammar: the steps it
+    is in run as without async scheduling): every request gets the outputs it gets without, and most
+    steps were launched before the one before was recorded."""
     plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = [(f"r{i}", ids, mm, plain) for i, (ids, mm) in enumerate(inputs)]
     reference = run(engine_for(kit, False), alone)
     ids, mm = inputs[0]
-    requests = [  # (the penalised one first: the steps it is in record each step before the next)
-        ("penalised", ids, mm, SamplingParams(max_tokens=5, temperature=0.0, presence_penalty=0.5)),
+    image_ids, image_mm = inputs[1]
+    requests = [  # (the constrained one first: the steps it is in record each step before the next)
+        ("constrained", ids, mm, SamplingParams(max_tokens=6, temperature=0.0, guided=CONSTRAINT)),
+        ("penalised", ids, mm, SamplingParams(max_tokens=16, temperature=0.0, presence_penalty=0.5)),
+        (
+            "penalised_sampled",
+            image_ids,
+            image_mm,
+            SamplingParams(
+                max_tokens=16, temperature=0.9, repetition_penalty=1.3, frequency_penalty=0.4, seed=9
+            ),
+        ),
         ("logprobs", ids, mm, SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2)),
         ("seeded", ids, mm, SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=3)),
         ("seeded_top_k", ids, mm, SamplingParams(max_tokens=16, temperature=1.2, top_k=7, seed=5)),
@@ -199,8 +213,9 @@ def test_the_device_draw_follows_each_rows_distribution(kind):
 class Row:
     """What device sampling reads of a sequence."""
 
-    def __init__(self, params: SamplingParams) -> None:
-        self.params, self.request_id, self.output_ids, self.inflight = params, "x", [], 0
+    def __init__(self, params: SamplingParams, prompt: list[int] = (), output: list[int] = ()) -> None:
+        self.params, self.request_id, self.inflight = params, "x", 0
+        self.prompt_ids, self.output_ids = list(prompt), list(output)
         self.guide = None
         self.generator = sampler.make_generator(params.seed, torch.device("cpu"))
 
@@ -250,6 +265,34 @@ def test_seeded_rows_and_logprobs_on_the_device_are_the_hosts():
             assert logprobs[row][0] == pytest.approx(want["logprob"], abs=1e-5)
             got = logprobs[row][1][:top]
             assert [t for _, t in got] == [int(e["token"]) for e in want["top_logprobs"]]
+
+
+def test_penalised_rows_on_the_device_are_the_hosts():
+    """Penalised rows (repetition over prompt and output, presence and frequency over the output;
+    greedy, seeded and unseeded) drawn on the device, their last token still there: the token the
+    host's sampler picks with every token recorded. Prompt ids past the logits' width (an image
+    placeholder the model never writes) are not penalised, on either side."""
+    torch.manual_seed(1)
+    vocab = 40
+    prompt, output, last = [3, 5, 5, 41, 7], [9, 3, 9], 11  # (41: past the width)
+    settings = [
+        SamplingParams(temperature=0.0, presence_penalty=1.5),
+        SamplingParams(temperature=0.0, repetition_penalty=1.8, frequency_penalty=0.7),
+        SamplingParams(temperature=0.9, repetition_penalty=1.3, seed=4),
+        SamplingParams(temperature=1.1, top_k=6, frequency_penalty=-0.5, presence_penalty=0.3),
+    ]
+    on_device = [Row(p, prompt, output) for p in settings]
+    on_host = [Row(p, prompt, [*output, last]) for p in settings]
+    for row, host in zip(on_device, on_host, strict=True):
+        row.inflight, row.inflight_row = 1, 2  # (its last token: row 2 of the step before)
+        host.generator = sampler.make_generator(None, torch.device("cpu"))
+        host.generator.set_state(row.generator.get_state())
+    previous = torch.tensor([0, 1, last, 2])
+    for _ in range(3):
+        logits = torch.randn(len(settings), vocab) * 2
+        logits[:, [3, 5, 9, 11]] += 3.0  # (the penalised tokens would often win)
+        tokens, failures, _ = sample_on_device(logits, on_device, previous).result()
+        assert failures == {} and tokens == sampler.sample(logits, on_host)
 
 
 def test_take_previous_feeds_the_last_steps_tokens():

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--async-scheduling",
         choices=("auto", "true", "false"),
         help="launch the next decode step before the last one's tokens are read back (it takes them "
-        "on the device) and record them while it runs; steps with a penalised or constrained request "
+        "on the device) and record them while it runs; steps with a constrained request (a grammar) "
         "run without; true turns async output on too; auto (default): on CUDA "
         "unless --async-output is false",
     )

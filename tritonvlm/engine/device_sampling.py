@@ -8,10 +8,11 @@ host-side check of the probabilities). Rows whose logits hold NaN or +inf, or wh
 not a distribution, get a stand-in token and a status the engine reads with the tokens (it then ends
 that sequence alone with an error, as :func:`tritonvlm.engine.sampler.sample` reports them).
 
-Only rows whose choice needs nothing but their logits are sampled here (:func:`device_samplable`):
-greedy rows, temperature / top-k / top-p rows (unseeded ones together; a seeded one alone, with its own
-generator, drawing exactly the token ``torch.multinomial`` draws from it on the host), and their
-logprobs; not rows with penalties or a grammar, which read the tokens so far on the host.
+Every row but a constrained one is sampled here (:func:`device_samplable`: a grammar's mask needs the
+last token on the host): greedy rows together; temperature / top-k / top-p rows without a seed or
+penalties together; a seeded or penalised row alone, with its own generator, drawing exactly the token
+``torch.multinomial`` draws from it on the host (penalties counted on the device, the last token, still
+on the device, included); and the log probabilities of rows that ask for them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ REASONS = {
 
 def device_samplable(seq: Sequence) -> bool:
     """Whether ``seq``'s next token can be chosen on the device alone (nothing read on the host)."""
-    return seq.guide is None and not sampler.has_penalties(seq.params)
+    return seq.guide is None
 
 
 def device_tensor(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -72,8 +73,12 @@ class DeviceSample:
         return tokens, failures, logprobs
 
 
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
-    """One token per row of ``logits`` (every row :func:`device_samplable`), left on the device."""
+def sample_on_device(
+    logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None
+) -> DeviceSample:
+    """One token per row of ``logits`` (every row :func:`device_samplable`), left on the device.
+    ``previous``: the tokens of the step before, where a sequence's last token still is
+    (``Sequence.inflight``; penalties count it)."""
     logits = raw = logits.float()
     if sampler.fault_pattern():
         logits = sampler.poison(logits, seqs)
@@ -85,18 +90,18 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample
     groups: dict[str, list[int]] = {"plain": [], "top_k": [], "sorted": []}
     for i, seq in enumerate(seqs):
         p = seq.params
-        if not p.greedy and p.seed is None:
+        if not p.greedy and p.seed is None and not sampler.has_penalties(p):
             groups["top_k" if 0 < p.top_k < vocab else "sorted" if p.top_p < 1.0 else "plain"].append(i)
     for kind, drawn in groups.items():
         if drawn:
             rows = device_tensor(drawn, torch.long, device)
             picked, ok = _draw(logits.index_select(0, rows), [seqs[i].params for i in drawn], kind)
             tokens, status = _place(tokens, status, rows, picked, ok)
-    seeded = [i for i, seq in enumerate(seqs) if not seq.params.greedy and seq.params.seed is not None]
-    if seeded:
-        drawn_alone = [_draw_seeded(logits[i], seqs[i]) for i in seeded]
+    alone = [i for i, seq in enumerate(seqs) if _alone(seq.params)]
+    if alone:
+        drawn_alone = [_draw_alone(logits[i], seqs[i], previous) for i in alone]
         picked, ok = (torch.stack(t) for t in zip(*drawn_alone, strict=True))
-        tokens, status = _place(tokens, status, device_tensor(seeded, torch.long, device), picked, ok)
+        tokens, status = _place(tokens, status, device_tensor(alone, torch.long, device), picked, ok)
     with_logprobs = [i for i, seq in enumerate(seqs) if seq.params.logprobs]
     on_device = [torch.stack([tokens, status])]
     if with_logprobs:
@@ -121,13 +126,46 @@ def _place(
     return tokens.index_copy(0, rows, picked), torch.where(status == SAMPLED, failed, status)
 
 
-def _draw_seeded(logits: torch.Tensor, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's draw with its own generator: the distribution of ``sampler.row_probabilities`` and the
-    draw ``torch.multinomial(probs, 1, generator)`` makes (its exponential race), without its check."""
-    probs = sampler.row_probabilities(logits, seq.params)
+def _alone(p: Any) -> bool:
+    """Whether a row is drawn on its own: seeded (its draws must not depend on the batch) or penalised."""
+    return sampler.has_penalties(p) or (not p.greedy and p.seed is not None)
+
+
+def _draw_alone(
+    logits: torch.Tensor, seq: Sequence, previous: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row as ``sampler.sample_row`` picks it: penalties, then the argmax (greedy) or the draw
+    ``torch.multinomial(probs, 1, generator)`` makes from ``sampler.row_probabilities`` with the row's
+    own generator (its exponential race, without its check); ``(token, whether it could be picked)``."""
+    p = seq.params
+    if sampler.has_penalties(p):
+        logits = _penalised(logits, seq, previous)
+    if p.greedy:
+        return logits.argmax(), ~torch.isnan(logits).any()
+    probs = sampler.row_probabilities(logits, p)
     ok = torch.isfinite(probs).all() & (probs.sum() > 0)
     probs = torch.where(ok, probs, torch.ones_like(probs))
     return (probs / torch.empty_like(probs).exponential_(generator=seq.generator)).argmax(), ok
+
+
+def _penalised(logits: torch.Tensor, seq: Sequence, previous: torch.Tensor | None) -> torch.Tensor:
+    """``sampler.apply_penalties`` with the tokens counted on the device: the recorded outputs and the
+    last one, where it is still on the device (``previous``)."""
+    p, device, vocab = seq.params, logits.device, logits.shape[-1]
+    outputs = device_tensor(seq.output_ids, torch.long, device)
+    if seq.inflight:
+        assert previous is not None
+        outputs = torch.cat([outputs, previous[seq.inflight_row : seq.inflight_row + 1]])
+    counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
+    counts.scatter_add_(0, outputs, torch.ones(outputs.shape, dtype=logits.dtype, device=device))
+    if p.repetition_penalty != 1.0:
+        prompt = device_tensor([t for t in seq.prompt_ids if t < vocab], torch.long, device)
+        seen = counts.index_fill(0, prompt, 1.0) > 0
+        r = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    if p.presence_penalty or p.frequency_penalty:
+        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype))
+    return logits
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int) -> list[torch.Tensor]:

@@ -52,7 +52,7 @@ class EngineConfig:
     # Launch the next decode step before the last one's tokens are read back, feeding it those tokens
     # on the device, and record them (and make their text) while it runs: "true" (async output on
     # too), "false", "auto" (CUDA, unless async output is off). Steps with a row whose choice needs
-    # the host (penalties, a grammar) or that may preempt run as without.
+    # the host (a grammar) or that may preempt run as without.
     async_scheduling: str = "auto"
 
 

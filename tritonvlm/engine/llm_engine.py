@@ -394,7 +394,7 @@ class LLMEngine:
 
     def _overlaps(self, running: list[Sequence]) -> bool:
         """Whether the next decode step of ``running`` can be launched before the step in flight is
-        recorded (async scheduling): every row is chosen on the device (no penalties or grammar), and
+        recorded (async scheduling): every row is chosen on the device (none has a grammar), and
         none can be preempted (a sequence must be recorded to be recomputed: each row may take a block
         this step)."""
         if not self.async_scheduling:
@@ -412,8 +412,9 @@ class LLMEngine:
         started = time.monotonic()
         if overlap:
             before = self._inflight
-            logits = self.runner.decode(batch, before.tokens if before is not None else None)
-            sampled = sample_on_device(logits, batch)
+            previous = before.tokens if before is not None else None
+            logits = self.runner.decode(batch, previous)
+            sampled = sample_on_device(logits, batch, previous)
             self._inflight = None
             self._in_flight(InflightPart(batch, sampled, started))
             if before is not None:  # the device is computing this step meanwhile
