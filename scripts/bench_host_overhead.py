@@ -102,7 +102,7 @@ def measure(model_dir: Path, batch: int, steps: int, setting: str, device_ms: fl
             device.wait(self.end)
             return super().result()
 
-    def sample_on_device(logits: torch.Tensor, seqs: list) -> DeviceSample:
+    def sample_on_device(logits: torch.Tensor, seqs: list, previous: Any = None) -> DeviceSample:
         tokens = fixed[: len(seqs)]
         out = Sample(tokens, torch.stack([tokens, torch.zeros_like(tokens)]), None)
         out.end = ends[-1]
