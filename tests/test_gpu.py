@@ -97,8 +97,8 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
 def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
     """With CUDA graphs, async output (the next step launched before a step's text is made) and async
     scheduling (launched before its tokens are read back, taking them on the device), the streams
-    equal those without, stop strings met mid-stream and a seeded request with logprobs included; a
-    sampled top-k 1 row drawn on the device gives the greedy tokens."""
+    equal those without, stop strings met mid-stream, a seeded request with logprobs and a penalised
+    one included; a sampled top-k 1 row drawn on the device gives the greedy tokens."""
     from test_async_output import assert_same_streams, run, stop_after
 
     kit = family_kit("qwen2_5_vl")
@@ -132,7 +132,8 @@ def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
     assert scheduled.async_scheduling
     top_k_1 = SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True)
     seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=11, logprobs=True, top_logprobs=2)
-    requests.append(("seeded", *inputs[0], seeded))
+    penalised = SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.3, presence_penalty=0.4)
+    requests += [("seeded", *inputs[0], seeded), ("penalised", *inputs[1], penalised)]
     expected = run(engine("false"), requests)
     assert_same_streams(run(scheduled, requests), expected)  # (the seeded draws and logprobs included)
     assert scheduled.runner.graphs.replays > 0
@@ -144,8 +145,8 @@ def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
 def test_an_overlapped_decode_launch_does_not_wait_for_the_device(family_kit):
     """Async scheduling launches a decode step while the one before runs: the launch (inputs, the
     tokens taken from the step before on the device, the graph replay) and the device-side sampling
-    of greedy, sampled and seeded rows with logprobs must not synchronise with the device (torch's
-    sync debug mode raises on any that does)."""
+    of greedy, sampled, seeded and penalised rows with logprobs must not synchronise with the device
+    (torch's sync debug mode raises on any that does)."""
     from test_engine import Collector
 
     from tritonvlm.engine.device_sampling import sample_on_device
@@ -163,6 +164,7 @@ def test_an_overlapped_decode_launch_does_not_wait_for_the_device(family_kit):
         SamplingParams(max_tokens=40, temperature=0.8, top_k=5, ignore_eos=True),
         SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, ignore_eos=True),
         SamplingParams(max_tokens=40, temperature=0.8, seed=3, logprobs=True, top_logprobs=2),
+        SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.2, frequency_penalty=0.3),
     ]
     for i, params in enumerate(settings):
         engine.add_request(str(i), ids, params, sink)
