@@ -4,9 +4,11 @@ Split the way nano-vllm splits it: ``engine_config`` (the settings, and the KV b
 blocks), ``engine_stats``, ``sequence`` (a request's state), ``scheduler`` (waiting/running),
 ``kv_cache`` (KV memory in blocks), ``block_manager`` (block reference counts), ``kv_admission`` (who
 holds blocks: admission, growth, preemption), ``prefix_cache``, ``model_runner`` (tensors in, logits
-out), ``sampler``, ``detokenizer`` and ``llm_engine`` (the loop). On CUDA, Triton kernels
-(``triton_kernels``, loaded by ``triton_runtime``) do the decode attention over the KV blocks
-(``paged_attention``), the RMSNorm layers (``fused_norm``) and the rotary embeddings (``fused_rotary``).
+out), ``sampler`` (and ``device_sampling``, its choices left on the device), ``detokenizer``,
+``overlap`` (what async output and scheduling leave outstanding) and ``llm_engine`` (the loop). On
+CUDA, Triton kernels (``triton_kernels``, loaded by ``triton_runtime``) do the decode attention over
+the KV blocks (``paged_attention``), the RMSNorm layers (``fused_norm``) and the rotary embeddings
+(``fused_rotary``).
 """
 
 from __future__ import annotations

@@ -8,13 +8,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.device_sampling import DeviceSample, device_samplable, device_tensor, sample_on_device
+from tritonvlm.engine.device_sampling import device_samplable, device_tensor, sample_on_device
 from tritonvlm.engine.engine_config import (
     EngineConfig,
     async_output_wanted,
@@ -26,6 +25,7 @@ from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_admission import KVAdmission
 from tritonvlm.engine.logprobs import LogprobsRow, TokenTexts, logprobs_entry, token_logprobs
 from tritonvlm.engine.model_runner import ModelRunner
+from tritonvlm.engine.overlap import InflightPart, InflightStep, PendingOutput
 from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
@@ -49,48 +49,6 @@ def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-@dataclass
-class PendingOutput:
-    """A token recorded in its sequence whose text has not been made and sent yet. ``finish``: the
-    reason the token alone ends the sequence (end of sequence, max_tokens, the grammar complete; a stop
-    string is found with the text); ``eos``: it is an end-of-sequence token (no text of its own)."""
-
-    seq: Sequence
-    token: int
-    finish: str | None
-    eos: bool
-    logprobs: list | None
-
-
-@dataclass
-class InflightPart:
-    """Tokens chosen on the device (async scheduling) and not recorded yet: of a decode step, or the
-    first tokens of prompts just prefilled (``prefill``); row i is ``batch[i]``'s."""
-
-    batch: list[Sequence]
-    sample: DeviceSample
-    started: float
-    prefill: bool = False
-
-
-@dataclass
-class InflightStep:
-    """What the device computes and the host has not recorded: a decode step, the first tokens of a
-    prefill, or both. Row ``i`` of :attr:`tokens` is part by part, batch by batch."""
-
-    parts: list[InflightPart]
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        if len(self.parts) == 1:
-            return self.parts[0].sample.tokens
-        return torch.cat([part.sample.tokens for part in self.parts])
-
-    @property
-    def rows(self) -> int:
-        return sum(len(part.batch) for part in self.parts)
 
 
 class LLMEngine:
