@@ -17,7 +17,7 @@ from test_engine import Collector
 import tritonvlm.engine.llm_engine as llm_engine
 from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams, sampler
 from tritonvlm.engine.cuda_graphs import take_previous
-from tritonvlm.engine.device_sampling import _draw, sample_on_device
+from tritonvlm.engine.device_sampling import sample_on_device
 from tritonvlm.engine.engine_config import async_scheduling_wanted, engine_config
 from tritonvlm.engine.sampler import row_probabilities
 
@@ -199,7 +199,7 @@ def test_the_device_draw_follows_each_rows_distribution(kind):
         "sorted": [SamplingParams(temperature=t, top_p=p) for t, p in ((1.0, 0.5), (0.7, 0.9), (1.3, 0.75))],
     }[kind]
     params = [p for p in settings for _ in range(draws)]
-    picked, ok = _draw(logits.repeat_interleave(draws, dim=0), params, kind)
+    picked, ok = sampler.draw_shared(logits.repeat_interleave(draws, dim=0), params)
     assert bool(ok.all())
     for i, p in enumerate(settings):
         want = row_probabilities(logits[i], p)

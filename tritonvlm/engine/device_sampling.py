@@ -25,6 +25,7 @@ import torch
 from tritonvlm.engine import sampler
 from tritonvlm.engine.logprobs import LogprobsRow
 from tritonvlm.engine.sequence import Sequence
+from tritonvlm.modeling.device import device_tensor
 
 SAMPLED, BAD_LOGITS, NOT_A_DISTRIBUTION = 0, 1, 2
 REASONS = {
@@ -36,14 +37,6 @@ REASONS = {
 def device_samplable(seq: Sequence) -> bool:
     """Whether ``seq``'s next token can be chosen on the device alone (nothing read on the host)."""
     return seq.guide is None
-
-
-def device_tensor(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` on ``device`` without waiting for the device (from pinned memory on CUDA)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -82,24 +75,17 @@ def sample_on_device(
     logits = raw = logits.float()
     if sampler.fault_pattern():
         logits = sampler.poison(logits, seqs)
-    device, vocab = logits.device, logits.shape[-1]
+    device = logits.device
     status = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).to(torch.long) * BAD_LOGITS
     tokens = torch.argmax(logits, dim=-1)
-    # Sampled rows by what they need (nothing; top-k, over the largest k only; top-p alone, over the
-    # sorted vocabulary), one pass per group, as sampler.sample_shared groups them.
-    groups: dict[str, list[int]] = {"plain": [], "top_k": [], "sorted": []}
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if not p.greedy and p.seed is None and not sampler.has_penalties(p):
-            groups["top_k" if 0 < p.top_k < vocab else "sorted" if p.top_p < 1.0 else "plain"].append(i)
-    for kind, drawn in groups.items():
-        if drawn:
-            rows = device_tensor(drawn, torch.long, device)
-            picked, ok = _draw(logits.index_select(0, rows), [seqs[i].params for i in drawn], kind)
-            tokens, status = _place(tokens, status, rows, picked, ok)
+    shared = [i for i, seq in enumerate(seqs) if sampler.shares_a_draw(seq.params)]
+    if shared:
+        rows = device_tensor(shared, torch.long, device)
+        picked, ok = sampler.draw_shared(logits.index_select(0, rows), [seqs[i].params for i in shared])
+        tokens, status = _place(tokens, status, rows, picked, ok)
     alone = [i for i, seq in enumerate(seqs) if _alone(seq.params)]
     if alone:
-        drawn_alone = [_draw_alone(logits[i], seqs[i], previous) for i in alone]
+        drawn_alone = [sampler.pick_row(logits[i], seqs[i], previous) for i in alone]
         picked, ok = (torch.stack(t) for t in zip(*drawn_alone, strict=True))
         tokens, status = _place(tokens, status, device_tensor(alone, torch.long, device), picked, ok)
     with_logprobs = [i for i, seq in enumerate(seqs) if seq.params.logprobs]
@@ -117,6 +103,12 @@ def sample_on_device(
     return DeviceSample(tokens, host[0], copied, with_logprobs, tuple(host[1:]))
 
 
+def _alone(p: Any) -> bool:
+    """Whether a row is picked on its own: seeded (its draws must not depend on the batch) or
+    penalised; the other sampled rows share a draw, greedy ones an argmax."""
+    return sampler.has_penalties(p) or (not p.greedy and p.seed is not None)
+
+
 def _place(
     tokens: torch.Tensor, status: torch.Tensor, rows: torch.Tensor, picked: torch.Tensor, ok: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,48 +116,6 @@ def _place(
     (``~ok``) marked so (a row already marked keeps its mark)."""
     failed = torch.zeros_like(status).index_copy(0, rows, (~ok).to(torch.long) * NOT_A_DISTRIBUTION)
     return tokens.index_copy(0, rows, picked), torch.where(status == SAMPLED, failed, status)
-
-
-def _alone(p: Any) -> bool:
-    """Whether a row is drawn on its own: seeded (its draws must not depend on the batch) or penalised."""
-    return sampler.has_penalties(p) or (not p.greedy and p.seed is not None)
-
-
-def _draw_alone(
-    logits: torch.Tensor, seq: Sequence, previous: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row as ``sampler.sample_row`` picks it: penalties, then the argmax (greedy) or the draw
-    ``torch.multinomial(probs, 1, generator)`` makes from ``sampler.row_probabilities`` with the row's
-    own generator (its exponential race, without its check); ``(token, whether it could be picked)``."""
-    p = seq.params
-    if sampler.has_penalties(p):
-        logits = _penalised(logits, seq, previous)
-    if p.greedy:
-        return logits.argmax(), ~torch.isnan(logits).any()
-    probs = sampler.row_probabilities(logits, p)
-    ok = torch.isfinite(probs).all() & (probs.sum() > 0)
-    probs = torch.where(ok, probs, torch.ones_like(probs))
-    return (probs / torch.empty_like(probs).exponential_(generator=seq.generator)).argmax(), ok
-
-
-def _penalised(logits: torch.Tensor, seq: Sequence, previous: torch.Tensor | None) -> torch.Tensor:
-    """``sampler.apply_penalties`` with the tokens counted on the device: the recorded outputs and the
-    last one, where it is still on the device (``previous``)."""
-    p, device, vocab = seq.params, logits.device, logits.shape[-1]
-    outputs = device_tensor(seq.output_ids, torch.long, device)
-    if seq.inflight:
-        assert previous is not None
-        outputs = torch.cat([outputs, previous[seq.inflight_row : seq.inflight_row + 1]])
-    counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
-    counts.scatter_add_(0, outputs, torch.ones(outputs.shape, dtype=logits.dtype, device=device))
-    if p.repetition_penalty != 1.0:
-        prompt = device_tensor([t for t in seq.prompt_ids if t < vocab], torch.long, device)
-        seen = counts.index_fill(0, prompt, 1.0) > 0
-        r = p.repetition_penalty
-        logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
-    if p.presence_penalty or p.frequency_penalty:
-        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype))
-    return logits
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int) -> list[torch.Tensor]:
@@ -180,31 +130,3 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: 
         return [chosen, empty, empty.long()]
     values, ids = torch.topk(logp, top, dim=-1)
     return [chosen, values, ids]
-
-
-def _draw(logits: torch.Tensor, params: list[Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, top-k, top-p and one draw per row (the distribution of
-    :func:`tritonvlm.engine.sampler.row_probabilities`); ``(tokens, whether each row's probabilities
-    were a distribution)``."""
-    device = logits.device
-    temperature = device_tensor([p.temperature for p in params], logits.dtype, device)
-    logits = logits / temperature[:, None]
-    order = None
-    if kind == "top_k":
-        top_k = [p.top_k for p in params]
-        logits, order = torch.topk(logits, max(top_k), dim=-1)  # sorted, largest first
-        kth = logits.gather(1, device_tensor([k - 1 for k in top_k], torch.long, device)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    elif kind == "sorted":
-        logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(logits, dim=-1)
-    if kind != "plain" and any(p.top_p < 1.0 for p in params):
-        limit = device_tensor([p.top_p for p in params], probs.dtype, device)[:, None]
-        probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs > limit, 0.0)
-    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    probs = torch.where(ok[:, None], probs, torch.ones_like(probs))  # (a stand-in the draw can take)
-    race = torch.empty_like(probs).exponential_(generator=sampler.shared_generator(device))
-    picked = (probs / race).argmax(dim=-1)
-    if order is not None:
-        picked = order.gather(1, picked[:, None])[:, 0]
-    return picked, ok

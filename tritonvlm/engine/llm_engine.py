@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.device_sampling import device_samplable, device_tensor, sample_on_device
+from tritonvlm.engine.device_sampling import device_samplable, sample_on_device
 from tritonvlm.engine.engine_config import (
     EngineConfig,
     async_output_wanted,
@@ -33,6 +33,7 @@ from tritonvlm.engine.sampling_params import SamplingParams
 from tritonvlm.engine.scheduler import Scheduler
 from tritonvlm.engine.sequence import EngineOutput, OutputCallback, Sequence
 from tritonvlm.families import Family, family_for_config
+from tritonvlm.modeling.device import device_tensor
 from tritonvlm.wire import InvalidRequestError
 
 log = logging.getLogger("tritonvlm.engine")

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.cuda_graphs import DecodeGraphs, take_previous
-from tritonvlm.engine.device_sampling import device_tensor
 from tritonvlm.engine.kernel_setup import set_up_kernels
 from tritonvlm.engine.kv_cache import PagedKVCache
 from tritonvlm.engine.sequence import Sequence
 from tritonvlm.families.base import Family
+from tritonvlm.modeling.device import device_tensor
 
 
 class ModelRunner:

@@ -25,6 +25,7 @@ import torch
 
 from tritonvlm.engine.guided import mask_logits
 from tritonvlm.engine.sequence import Sequence
+from tritonvlm.modeling.device import device_tensor
 
 log = logging.getLogger("tritonvlm.engine.sampler")
 
@@ -59,20 +60,28 @@ def has_penalties(p: Any) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """Repetition (HF semantics, over prompt + output), presence and frequency (OpenAI, over output).
-    Prompt ids past the logits' width (tokens the model reads but never writes, e.g. Llama 3.2
-    Vision's ``<|image|>``) have no logit to penalise."""
-    p = seq.params
+def apply_penalties(
+    logits: torch.Tensor, seq: Sequence, previous: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Repetition (HF semantics, over prompt + output), presence and frequency (OpenAI, over output),
+    with the tokens counted on the device: the recorded outputs, and the last one where it is still on
+    the device (``Sequence.inflight``: its row in ``previous``, the step before's tokens). Prompt ids
+    past the logits' width (tokens the model reads but never writes, e.g. Llama 3.2 Vision's
+    ``<|image|>``) have no logit to penalise."""
+    p, device, vocab = seq.params, logits.device, logits.shape[-1]
+    outputs = device_tensor(seq.output_ids, torch.long, device)
+    if seq.inflight:
+        assert previous is not None
+        outputs = torch.cat([outputs, previous[seq.inflight_row : seq.inflight_row + 1]])
+    counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
+    counts.scatter_add_(0, outputs, torch.ones(outputs.shape, dtype=logits.dtype, device=device))
     if p.repetition_penalty != 1.0:
-        vocab = logits.shape[-1]
-        seen_ids = sorted(t for t in set(seq.prompt_ids) | set(seq.output_ids) if t < vocab)
-        seen = torch.tensor(seen_ids, dtype=torch.long, device=logits.device)
-        picked = logits[seen]
-        logits[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        ids, counts = torch.tensor(seq.output_ids, device=logits.device).unique(return_counts=True)
-        logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+        prompt = device_tensor([t for t in seq.prompt_ids if t < vocab], torch.long, device)
+        seen = counts.index_fill(0, prompt, 1.0) > 0
+        r = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    if p.presence_penalty or p.frequency_penalty:
+        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype))
     return logits
 
 
@@ -80,22 +89,35 @@ class RowSamplingError(ValueError):
     """One row of logits cannot be sampled."""
 
 
+def pick_row(
+    logits: torch.Tensor, seq: Sequence, previous: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's token on its device, without waiting for it: penalties, then the argmax (greedy) or
+    the draw ``torch.multinomial(probs, 1, generator)`` makes from :func:`row_probabilities` with the
+    row's own generator (its exponential race, the same token, without its host-side check);
+    ``(token, whether the row could be picked)``. ``previous``: see :func:`apply_penalties`."""
+    p = seq.params
+    if has_penalties(p):
+        logits = apply_penalties(logits, seq, previous)
+    if p.greedy:
+        return logits.argmax(), ~torch.isnan(logits).any()
+    probs = row_probabilities(logits, p)
+    ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+    probs = torch.where(ok, probs, torch.ones_like(probs))  # (a stand-in the draw can take)
+    return (probs / torch.empty_like(probs).exponential_(generator=seq.generator)).argmax(), ok
+
+
 def sample_row(logits: torch.Tensor, seq: Sequence) -> int:
-    """Pick one token from a row of logits (float32, [vocab]).
+    """Pick one token from a row of logits (float32, [vocab]) (:func:`pick_row`).
 
     Raises RowSamplingError when the row (after penalties and temperature) is not a distribution.
     """
-    p = seq.params
-    if has_penalties(p):
-        logits = apply_penalties(logits.clone(), seq)
-    if p.greedy:
-        if torch.isnan(logits).any():
+    token, ok = pick_row(logits, seq)
+    if not bool(ok):
+        if seq.params.greedy:
             raise RowSamplingError("the logits hold NaN")
-        return int(torch.argmax(logits))
-    probs = row_probabilities(logits, p)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
         raise RowSamplingError("the probabilities are not finite (NaN or inf in the logits)")
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    return int(token)
 
 
 def row_probabilities(logits: torch.Tensor, p: Any) -> torch.Tensor:
@@ -132,48 +154,58 @@ def shared_generator(device: torch.device) -> torch.Generator:
 
 
 def sample_shared(logits: torch.Tensor, params: list[Any]) -> dict[int, int]:
-    """Temperature, top-k, top-p and the draw for many rows at once, from the distribution
-    :func:`row_probabilities` gives each row. Rows are grouped by what they need (nothing; top-k, over
-    the largest k only; top-p alone, over the sorted vocabulary), one pass per group. Returns
-    ``{row: token}`` for the rows whose probabilities were a distribution; the others are left to
-    :func:`sample_row` (which reports them)."""
-    vocab = logits.shape[-1]
+    """``{row: token}`` of :func:`draw_shared` for the rows whose probabilities were a distribution;
+    the others are left to :func:`sample_row` (which reports them)."""
+    picked, ok = draw_shared(logits, params)
+    return {
+        row: token for row, (token, good) in enumerate(zip(picked.tolist(), ok.tolist(), strict=True)) if good
+    }
+
+
+def draw_shared(logits: torch.Tensor, params: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p and the draw for many rows at once (unseeded, no penalties: the shared
+    generator), from the distribution :func:`row_probabilities` gives each row, without waiting for
+    the device. Rows are grouped by what they need (nothing; top-k, over the largest k only; top-p
+    alone, over the sorted vocabulary), one pass per group. ``(tokens, whether each row's
+    probabilities were a distribution)``."""
+    device, vocab = logits.device, logits.shape[-1]
     groups: dict[str, list[int]] = {"plain": [], "top_k": [], "sorted": []}
     for i, p in enumerate(params):
-        kind = "top_k" if 0 < p.top_k < vocab else "sorted" if p.top_p < 1.0 else "plain"
-        groups[kind].append(i)
-    out: dict[int, int] = {}
+        groups["top_k" if 0 < p.top_k < vocab else "sorted" if p.top_p < 1.0 else "plain"].append(i)
+    picked = torch.zeros(len(params), dtype=torch.long, device=device)
+    ok = torch.zeros(len(params), dtype=torch.bool, device=device)
     for kind, rows in groups.items():
         if rows:
-            picked = _draw(logits[rows], [params[i] for i in rows], kind)
-            out.update({rows[j]: token for j, token in picked.items()})
-    return out
+            index = device_tensor(rows, torch.long, device)
+            tokens, good = _draw(logits.index_select(0, index), [params[i] for i in rows], kind)
+            picked, ok = picked.index_copy(0, index, tokens), ok.index_copy(0, index, good)
+    return picked, ok
 
 
-def _draw(logits: torch.Tensor, params: list[Any], kind: str) -> dict[int, int]:
+def _draw(logits: torch.Tensor, params: list[Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group of :func:`draw_shared`: ``(tokens, whether each row was a distribution)``."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    temperature = device_tensor([p.temperature for p in params], logits.dtype, device)
     logits = logits / temperature[:, None]
     order = None
     if kind == "top_k":
-        k = torch.tensor([p.top_k for p in params], device=device)
-        logits, order = torch.topk(logits, int(k.max()), dim=-1)  # sorted, largest first
-        kth = logits.gather(1, (k - 1)[:, None])
+        top_k = [p.top_k for p in params]
+        logits, order = torch.topk(logits, max(top_k), dim=-1)  # sorted, largest first
+        kth = logits.gather(1, device_tensor([k - 1 for k in top_k], torch.long, device)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     elif kind == "sorted":
         logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(logits, dim=-1)
     if kind != "plain" and any(p.top_p < 1.0 for p in params):
-        limit = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype)[:, None]
+        limit = device_tensor([p.top_p for p in params], probs.dtype, device)[:, None]
         probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs > limit, 0.0)
-    ok = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
-    rows = [i for i, good in enumerate(ok) if good]
-    if not rows:
-        return {}
-    picked = torch.multinomial(probs[rows], 1, generator=shared_generator(device))
+    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    probs = torch.where(ok[:, None], probs, torch.ones_like(probs))  # (a stand-in the draw can take)
+    race = torch.empty_like(probs).exponential_(generator=shared_generator(device))
+    picked = (probs / race).argmax(dim=-1)  # (torch.multinomial's own form for one sample)
     if order is not None:
-        picked = order[rows].gather(1, picked)
-    return dict(zip(rows, picked[:, 0].tolist(), strict=True))
+        picked = order.gather(1, picked[:, None])[:, 0]
+    return picked, ok
 
 
 def _stand_in(logits: torch.Tensor) -> int:
