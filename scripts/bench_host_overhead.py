@@ -17,10 +17,13 @@ it is done. So a step takes ``--device-ms`` plus the host work the device waits 
   device step (the next step is launched before the tokens of the one running are read back).
 
 Per batch and setting, the host's work per step (with no device time) and the step time with
-``--device-ms``, in one table:
+``--device-ms``, in one table. ``--constrained N`` makes N rows of each batch constrained (a regular
+expression): their grammar masks are the real ones (computed on the host before their step's sampling,
+with the tiny model's small vocabulary), and the stub's tokens for them the grammar's choice:
 
     .venv/bin/python scripts/bench_host_overhead.py
     .venv/bin/python scripts/bench_host_overhead.py --batches 256 --steps 200 --device-ms 2
+    .venv/bin/python scripts/bench_host_overhead.py --batches 256 --constrained 8
 """
 
 from __future__ import annotations
@@ -62,11 +65,18 @@ class SimulatedDevice:
             pass
 
 
-def measure(model_dir: Path, batch: int, steps: int, setting: str, device_ms: float) -> float:
-    """Milliseconds per decode step of ``batch`` rows with the simulated device and ``setting``."""
+CONSTRAINT = {"type": "regex", "pattern": "[a-z ]+"}
+
+
+def measure(
+    model_dir: Path, batch: int, steps: int, setting: str, device_ms: float, constrained: int = 0
+) -> float:
+    """Milliseconds per decode step of ``batch`` rows (``constrained`` of them with a grammar) with the
+    simulated device and ``setting``."""
     import tritonvlm.engine.llm_engine as llm_engine
     from tritonvlm.engine import EngineConfig, LLMEngine, SamplingParams
     from tritonvlm.engine.device_sampling import DeviceSample
+    from tritonvlm.engine.guided import mask_logits
 
     async_output, async_scheduling = SETTINGS[setting]
     config = EngineConfig(
@@ -80,13 +90,34 @@ def measure(model_dir: Path, batch: int, steps: int, setting: str, device_ms: fl
     engine = LLMEngine.from_pretrained(str(model_dir), config, device="cpu", dtype="float32")
     done: set[str] = set()
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    guided = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, guided=CONSTRAINT)
     prompt = [(7 + 31 * i) % 1500 + 300 for i in range(16)]
     for i in range(batch):
-        engine.add_request(str(i), prompt, params, lambda out: out.finished and done.add(out.request_id))
+        engine.add_request(
+            str(i),
+            prompt,
+            guided if i < constrained else params,
+            lambda out: out.finished and done.add(out.request_id),
+        )
     engine.step()  # the prefill (and a first decode step) with the real model
     device = SimulatedDevice(device_ms / 1000)
     zeros = torch.zeros(batch, engine.vocab_size)
     fixed = torch.tensor([(7 * i) % 1500 + 300 for i in range(batch)])
+    # A constrained row takes its fixed token where its grammar allows it, else the first token it
+    # allows that is not a stop token.
+    preferred = torch.zeros(batch, engine.vocab_size)
+    preferred[torch.arange(batch), fixed] = 1.0
+    preferred[:, sorted(engine.stop_ids)] = -1.0
+
+    def pick(seqs: list) -> torch.Tensor:
+        tokens = fixed[: len(seqs)].clone()
+        guides = [None if seq.closed else seq.guide for seq in seqs]
+        rows = [i for i, guide in enumerate(guides) if guide is not None]
+        if rows:
+            masked = mask_logits(preferred[rows], [guides[i] for i in rows])
+            tokens[rows] = masked.argmax(dim=-1)
+        return tokens
+
     ends: list[float] = []  # the end of the last launched step
 
     def forward(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -95,7 +126,7 @@ def measure(model_dir: Path, batch: int, steps: int, setting: str, device_ms: fl
 
     def sample(logits: torch.Tensor, seqs: list, failures: Any = None) -> list[int]:
         device.wait(ends[-1])
-        return fixed[: len(seqs)].tolist()
+        return pick(seqs).tolist()
 
     class Sample(DeviceSample):
         def result(self) -> tuple[list[int], dict[int, str]]:
@@ -103,7 +134,7 @@ def measure(model_dir: Path, batch: int, steps: int, setting: str, device_ms: fl
             return super().result()
 
     def sample_on_device(logits: torch.Tensor, seqs: list, previous: Any = None) -> DeviceSample:
-        tokens = fixed[: len(seqs)]
+        tokens = pick(seqs)
         out = Sample(tokens, torch.stack([tokens, torch.zeros_like(tokens)]), None)
         out.end = ends[-1]
         return out
@@ -130,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device-ms", type=float, default=3.0, help="the simulated device's time per step (default 3)"
     )
+    parser.add_argument(
+        "--constrained", type=int, default=0, help="rows of each batch with a grammar (default 0)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from tritonvlm.testmodels.qwen2_5_vl import build_test_model
@@ -140,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         build_test_model(model_dir, size="tiny")
         for batch in (int(b) for b in args.batches.split(",")):
             for setting in SETTINGS:
-                host = measure(model_dir, batch, args.steps, setting, 0.0)
-                step = measure(model_dir, batch, args.steps, setting, args.device_ms)
+                host = measure(model_dir, batch, args.steps, setting, 0.0, args.constrained)
+                step = measure(model_dir, batch, args.steps, setting, args.device_ms, args.constrained)
                 rows.append((batch, setting, host, step))
                 print(
                     f"[host-overhead] batch {batch}, {setting}: host {host:.3f} ms/step, "
@@ -150,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print(
         f"\nhost work per decode step, and the step with a simulated device taking {args.device_ms} ms "
-        "(forward and sampling replaced by stubs; CPU threads: 1)"
+        f"(forward and sampling replaced by stubs; constrained rows a batch: {args.constrained}; "
+        "CPU threads: 1)"
     )
     print("| batch | overlap | host ms/step | ms/step with the device | device waits ms/step | µs/row |")
     print("|---|---|---|---|---|---|")

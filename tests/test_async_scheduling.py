@@ -2,9 +2,10 @@
 takes them on the device), and they are recorded while it runs. What a client receives must not
 change: the same outputs, one by one, for every family, with sequences ended by a stop string, an
 end-of-sequence token or their length while already in the next step, cancellations, preemption,
-failures, and a request whose tokens need the host (a grammar) switching the engine back and forth.
-On a CPU the setting is forced on: the device is the host there, but every step takes the same path
-as on a GPU. (A decode launch that raises while a step is in flight: tests/test_async_output.py.)"""
+failures, and constrained requests (a grammar, whose mask needs each step's tokens on the host before
+the next one is sampled). On a CPU the setting is forced on: the device is the host there, but every
+step takes the same path as on a GPU. (A decode launch that raises while a step is in flight:
+tests/test_async_output.py.)"""
 
 from __future__ import annotations
 
@@ -78,15 +79,15 @@ def test_streams_are_the_same_with_async_scheduling(kit, inputs):
     """Greedy requests ended by a stop string, by an end-of-sequence token and by their length, in
     staggered arrivals, one cancelled mid-stream, one with logprobs, seeded sampled ones and penalised
     ones (all chosen on the device too; the penalised sampled one's prompt has an image, whose
-    placeholder may lie past the logits), and one whose tokens need the host (a grammar: the steps it
-    is in run as without async scheduling): every request gets the outputs it gets without, and most
+    placeholder may lie past the logits), and a constrained one (a grammar: the step before is
+    recorded before each step's sampling): every request gets the outputs it gets without, and most
     steps were launched before the one before was recorded."""
     plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = [(f"r{i}", ids, mm, plain) for i, (ids, mm) in enumerate(inputs)]
     reference = run(engine_for(kit, False), alone)
     ids, mm = inputs[0]
     image_ids, image_mm = inputs[1]
-    requests = [  # (the constrained one first: the steps it is in record each step before the next)
+    requests = [
         ("constrained", ids, mm, SamplingParams(max_tokens=6, temperature=0.0, guided=CONSTRAINT)),
         ("penalised", ids, mm, SamplingParams(max_tokens=16, temperature=0.0, presence_penalty=0.5)),
         (
@@ -156,6 +157,55 @@ def test_a_step_is_launched_before_the_one_before_is_recorded(family_kit):
     assert orders[True] == ["launch"] + ["launch", "record"] * 5 + ["record"]
 
 
+def test_constrained_rows_are_masked_and_sampled_on_the_device(family_kit, monkeypatch):
+    """Constrained requests (greedy, seeded sampled, and one with logprobs) beside free ones: every
+    step is launched before the one before is recorded (a constrained batch records it before its
+    sampling, while the forward runs), every token is chosen on the device (the host's sampler is
+    never called), each constrained output matches its grammar (which the model alone does not), and
+    every request gets the outputs it gets without async scheduling."""
+    import re
+
+    kit = family_kit("qwen2_5_vl")
+    ids, mm = kit.engine_inputs(cases_for(kit.name)[1])
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    free = run(engine_for(kit, False), [("free", ids, mm, greedy)])
+    pattern = "[a-c]{4}( [a-c]{3})?"
+    assert not re.fullmatch(pattern, free.text("free"))  # (the grammar is what makes the output match)
+    guided = {"type": "regex", "pattern": pattern}
+    requests = [
+        ("free", ids, mm, greedy),
+        ("constrained", ids, mm, SamplingParams(max_tokens=12, temperature=0.0, guided=guided)),
+        ("sampled", ids, mm, SamplingParams(max_tokens=12, temperature=1.0, seed=4, guided=guided)),
+        (
+            "logprobs",
+            ids,
+            mm,
+            SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=2, guided=guided),
+        ),
+        ("free_sampled", ids, mm, SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True)),
+    ]
+    expected = run(engine_for(kit, False), requests)
+    engine = engine_for(kit, True)
+    events = spy_steps(engine)
+    host_sampled: list[int] = []
+    host_sample = llm_engine.sample
+    monkeypatch.setattr(llm_engine, "sample", lambda *a: host_sampled.append(1) or host_sample(*a))
+    got = run(engine, requests)
+    assert_same_streams(got, expected)
+    assert all(re.fullmatch(pattern, got.text(rid)) for rid in ("constrained", "sampled", "logprobs"))
+    assert host_sampled == [] and overlapped(events) == events.count("record") - 1, events
+
+
+def test_a_constrained_row_is_not_sampled_before_its_last_token_is_recorded():
+    guide = object()
+    row = Row(SamplingParams(temperature=0.0))
+    row.guide, row.inflight = guide, 1
+    with pytest.raises(RuntimeError, match="last token is not recorded"):
+        sample_on_device(torch.randn(1, 10), [row])
+    row.closed = True  # (an ended sequence's row is dropped: not masked)
+    assert sample_on_device(torch.randn(1, 10), [row]).result()[1] == {}
+
+
 def test_sampled_rows_are_drawn_on_the_device_from_their_distribution(family_kit, monkeypatch):
     """Sampled rows (temperature, top-k, top-p) in a running batch: top-k 1 and a tiny top-p leave
     one token, the greedy one; the others draw tokens of their own distribution, max_tokens each.
@@ -216,7 +266,7 @@ class Row:
     def __init__(self, params: SamplingParams, prompt: list[int] = (), output: list[int] = ()) -> None:
         self.params, self.request_id, self.inflight = params, "x", 0
         self.prompt_ids, self.output_ids = list(prompt), list(output)
-        self.guide = None
+        self.guide, self.closed = None, False
         self.generator = sampler.make_generator(params.seed, torch.device("cpu"))
 
 

@@ -97,8 +97,9 @@ def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
 def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
     """With CUDA graphs, async output (the next step launched before a step's text is made) and async
     scheduling (launched before its tokens are read back, taking them on the device), the streams
-    equal those without, stop strings met mid-stream, a seeded request with logprobs and a penalised
-    one included; a sampled top-k 1 row drawn on the device gives the greedy tokens."""
+    equal those without, stop strings met mid-stream, a seeded request with logprobs, a penalised
+    one and a constrained one included; a sampled top-k 1 row drawn on the device gives the greedy
+    tokens."""
     from test_async_output import assert_same_streams, run, stop_after
 
     kit = family_kit("qwen2_5_vl")
@@ -133,7 +134,14 @@ def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
     top_k_1 = SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True)
     seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=11, logprobs=True, top_logprobs=2)
     penalised = SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.3, presence_penalty=0.4)
-    requests += [("seeded", *inputs[0], seeded), ("penalised", *inputs[1], penalised)]
+    constrained = SamplingParams(
+        max_tokens=12, temperature=0, guided={"type": "regex", "pattern": "[a-c]{4,9}"}
+    )
+    requests += [
+        ("seeded", *inputs[0], seeded),
+        ("penalised", *inputs[1], penalised),
+        ("constrained", *inputs[1], constrained),
+    ]
     expected = run(engine("false"), requests)
     assert_same_streams(run(scheduled, requests), expected)  # (the seeded draws and logprobs included)
     assert scheduled.runner.graphs.replays > 0
@@ -145,8 +153,9 @@ def test_async_output_on_cuda_sends_what_it_sends_without(family_kit):
 def test_an_overlapped_decode_launch_does_not_wait_for_the_device(family_kit):
     """Async scheduling launches a decode step while the one before runs: the launch (inputs, the
     tokens taken from the step before on the device, the graph replay) and the device-side sampling
-    of greedy, sampled, seeded and penalised rows with logprobs must not synchronise with the device
-    (torch's sync debug mode raises on any that does)."""
+    of greedy, sampled, seeded, penalised and constrained rows with logprobs must not synchronise with
+    the device (torch's sync debug mode raises on any that does). (A constrained batch's sampling
+    follows the recording of the step before, which waits for that step alone.)"""
     from test_engine import Collector
 
     from tritonvlm.engine.device_sampling import sample_on_device
@@ -165,6 +174,7 @@ def test_an_overlapped_decode_launch_does_not_wait_for_the_device(family_kit):
         SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, ignore_eos=True),
         SamplingParams(max_tokens=40, temperature=0.8, seed=3, logprobs=True, top_logprobs=2),
         SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.2, frequency_penalty=0.3),
+        SamplingParams(max_tokens=40, temperature=0.8, guided={"type": "regex", "pattern": "[a-z ]{1,60}"}),
     ]
     for i, params in enumerate(settings):
         engine.add_request(str(i), ids, params, sink)
@@ -172,15 +182,22 @@ def test_an_overlapped_decode_launch_does_not_wait_for_the_device(family_kit):
         engine.step()
     assert engine._inflight is not None and len(engine.scheduler.running) == len(settings)
     batch = list(engine.scheduler.running)
-    previous = engine._inflight.sample.tokens
+    step = engine._inflight
+    previous = step.tokens
     torch.cuda.synchronize()
-    torch.cuda._sleep(100_000_000)  # the device busy: anything that waits for it would wait here
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        logits = engine.runner.decode(batch, previous)
-        sample_on_device(logits, batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    def without_waiting(launch):
+        torch.cuda._sleep(100_000_000)  # the device busy: anything that waits for it would wait here
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    logits = without_waiting(lambda: engine.runner.decode(batch, previous))
+    engine._inflight = None
+    engine._record_step(step)  # (the constrained row's grammar takes its last token)
+    without_waiting(lambda: sample_on_device(logits, batch, previous))
     torch.cuda.synchronize()
 
 

@@ -8,11 +8,12 @@ host-side check of the probabilities). Rows whose logits hold NaN or +inf, or wh
 not a distribution, get a stand-in token and a status the engine reads with the tokens (it then ends
 that sequence alone with an error, as :func:`tritonvlm.engine.sampler.sample` reports them).
 
-Every row but a constrained one is sampled here (:func:`device_samplable`: a grammar's mask needs the
-last token on the host): greedy rows together; temperature / top-k / top-p rows without a seed or
+Every row is sampled here: greedy rows together; temperature / top-k / top-p rows without a seed or
 penalties together; a seeded or penalised row alone, with its own generator, drawing exactly the token
 ``torch.multinomial`` draws from it on the host (penalties counted on the device, the last token, still
-on the device, included); and the log probabilities of rows that ask for them.
+on the device, included); and the log probabilities of rows that ask for them. A constrained row (a
+grammar) is masked first, as the host sampler masks it: its grammar must have seen its last token, so
+the engine records the step before (while this step's forward runs) before it samples such a batch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine import sampler
+from tritonvlm.engine.guided import mask_logits
 from tritonvlm.engine.logprobs import LogprobsRow
 from tritonvlm.engine.sequence import Sequence
 from tritonvlm.modeling.device import device_tensor
@@ -32,11 +34,6 @@ REASONS = {
     BAD_LOGITS: "the model produced NaN or inf logits",
     NOT_A_DISTRIBUTION: "sampling failed: the probabilities are not finite (NaN or inf in the logits)",
 }
-
-
-def device_samplable(seq: Sequence) -> bool:
-    """Whether ``seq``'s next token can be chosen on the device alone (nothing read on the host)."""
-    return seq.guide is None
 
 
 @dataclass
@@ -69,10 +66,15 @@ class DeviceSample:
 def sample_on_device(
     logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None
 ) -> DeviceSample:
-    """One token per row of ``logits`` (every row :func:`device_samplable`), left on the device.
-    ``previous``: the tokens of the step before, where a sequence's last token still is
-    (``Sequence.inflight``; penalties count it)."""
+    """One token per row of ``logits``, left on the device. ``previous``: the tokens of the step before,
+    where a sequence's last token still is (``Sequence.inflight``; penalties count it). A constrained
+    row's grammar must have seen its last token (raises RuntimeError if it is still on the device);
+    rows of sequences already ended are not masked (their tokens are dropped)."""
     logits = raw = logits.float()
+    guides = [None if seq.closed else seq.guide for seq in seqs]
+    if any(guide is not None and seq.inflight for guide, seq in zip(guides, seqs, strict=True)):
+        raise RuntimeError("a constrained row's last token is not recorded: its grammar cannot mask it")
+    logits = mask_logits(logits, guides)
     if sampler.fault_pattern():
         logits = sampler.poison(logits, seqs)
     device = logits.device

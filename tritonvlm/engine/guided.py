@@ -24,6 +24,7 @@ import llguidance.hf
 import torch
 
 from tritonvlm.engine.grammar import PARAM, check_grammar, grammar_for
+from tritonvlm.modeling.device import device_tensor
 from tritonvlm.wire import InvalidRequestError
 
 log = logging.getLogger("tritonvlm.engine.guided")
@@ -107,7 +108,9 @@ class GuidedDecoding:
         rows = [i for i, g in enumerate(guides) if g is not None]
         if not rows:
             return logits
-        bitmask = torch.empty((len(rows), self._stop_mask.shape[0]), dtype=torch.int32)
+        # (pinned on CUDA: its copy to the device then does not wait for the device)
+        pinned = logits.device.type == "cuda"
+        bitmask = torch.empty((len(rows), self._stop_mask.shape[0]), dtype=torch.int32, pin_memory=pinned)
         # (not llguidance.torch: importing it runs torch.compile, which pulls in inductor)
         self.executor.unsafe_compute_mask_ptr(
             [(guides[r].matcher, k) for k, r in enumerate(rows)],
@@ -119,7 +122,7 @@ class GuidedDecoding:
             if guides[r].matcher.is_error() or not bool(bitmask[k].any()):
                 bitmask[k] = self._stop_mask  # nothing allowed: end the sequence rather than fail
         masked = logits.clone()
-        index = torch.tensor(rows, device=logits.device)
+        index = device_tensor(rows, torch.long, logits.device)
         sub = masked.index_select(0, index)
         allowed = self._unpack(bitmask.to(logits.device, non_blocking=True), sub.shape[-1])
         masked.index_copy_(0, index, sub.masked_fill_(~allowed, float("-inf")))
@@ -129,8 +132,8 @@ class GuidedDecoding:
         """[rows, words] int32 bits → [rows, width] bool."""
         bits = self._bits.get(bitmask.device)
         if bits is None:
-            bits = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
-            bits = self._bits.setdefault(bitmask.device, bits.to(bitmask.device))
+            bits = device_tensor([1 << i for i in range(31)] + [-(1 << 31)], torch.int32, bitmask.device)
+            self._bits[bitmask.device] = bits
         allowed = (bitmask.unsqueeze(-1) & bits) != 0
         allowed = allowed.reshape(bitmask.shape[0], -1)
         if allowed.shape[1] >= width:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.device_sampling import device_samplable, sample_on_device
+from tritonvlm.engine.device_sampling import sample_on_device
 from tritonvlm.engine.engine_config import (
     EngineConfig,
     async_output_wanted,
@@ -63,7 +63,8 @@ class LLMEngine:
     before the last one's tokens are read back (it takes them on the device), and they are recorded
     while it runs: between two steps the host only prepares the next one's inputs. A sequence those
     tokens end (by end of sequence, length or text) has been given the next step too; its token there
-    is dropped the same way.
+    is dropped the same way. A batch with a constrained row (a grammar, whose mask needs the last
+    token) records them after the next step's forward is launched and before its sampling.
     """
 
     def __init__(
@@ -211,7 +212,6 @@ class LLMEngine:
             generator=None if params.greedy else make_generator(params.seed, self.runner.device),
             guide=None if params.guided is None else self.guided.start(params.guided),
         )
-        seq.host_sampled = not device_samplable(seq)
         if self.prefix_cache.enabled:  # here, on the caller's thread: hashing images takes a while
             per_image = image_digests if seq.mm else None
             digest = mm_digest if seq.mm and mm_digest is not None else None
@@ -353,26 +353,28 @@ class LLMEngine:
 
     def _overlaps(self, running: list[Sequence]) -> bool:
         """Whether the next decode step of ``running`` can be launched before the step in flight is
-        recorded (async scheduling): every row is chosen on the device (none has a grammar), and
-        none can be preempted (a sequence must be recorded to be recomputed: each row may take a block
-        this step)."""
+        recorded (async scheduling): none can be preempted (a sequence must be recorded to be
+        recomputed; each row may take a block this step)."""
         if not self.async_scheduling:
             return False
         allocator = self.runner.cache.allocator
-        if self.kv.preemptive and allocator.free_blocks + allocator.cache_only_blocks < len(running):
-            return False
-        return not any(seq.host_sampled for seq in running)
+        return not self.kv.preemptive or allocator.free_blocks + allocator.cache_only_blocks >= len(running)
 
     def _decode(self, batch: list[Sequence], overlap: bool = False) -> None:
         """One decode step of the running ``batch``; with async output, the previous step's outputs are
         sent (and the gauges updated) while the device computes this one. With ``overlap`` (async
         scheduling) its tokens stay on the device until the next step has been launched; the step
-        before's are recorded now."""
+        before's are recorded now: once this step's forward is launched, and before its sampling where
+        a row has a grammar (whose mask needs the last token)."""
         started = time.monotonic()
         if overlap:
             before = self._inflight
             previous = before.tokens if before is not None else None
             logits = self.runner.decode(batch, previous)
+            if before is not None and any(seq.guide is not None and seq.inflight for seq in batch):
+                self._inflight = None
+                self._record_step(before)  # (the device computes the forward meanwhile)
+                before = None
             sampled = sample_on_device(logits, batch, previous)
             self._inflight = None
             self._in_flight(InflightPart(batch, sampled, started))
@@ -521,11 +523,11 @@ class LLMEngine:
                 seq.slot = -1
                 self._finish(seq, "error", error=f"prefill failed: {exc}")
             return
-        # With async scheduling (and first tokens the device can choose) the prompts join the running
-        # batch with their first token on the device. Otherwise the last step's tokens are recorded and
-        # their text goes out while the device computes the prefill; the sequences they end give their
-        # slots back before the new ones join.
-        on_device = self.async_scheduling and not any(s.host_sampled for s in seqs if not s.resumed)
+        # With async scheduling the prompts join the running batch with their first token on the
+        # device. Otherwise the last step's tokens are recorded and their text goes out while the
+        # device computes the prefill; the sequences they end give their slots back before the new
+        # ones join.
+        on_device = self.async_scheduling
         if not on_device:
             self._settle()
         self.stats.prefill_steps += 1

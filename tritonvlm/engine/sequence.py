@@ -68,7 +68,6 @@ class Sequence:
     # keys count as held), and its row in the latest of them (where the next step takes its token).
     inflight: int = 0
     inflight_row: int = -1
-    host_sampled: bool = True  # its tokens are chosen on the host (a grammar's mask needs the last one)
     guide: Any = None  # a constrained sequence's grammar state (tritonvlm.engine.guided.Guide)
     # Prefix cache: where each image's placeholders start and its digest (set when the cache is on;
     # see prefix_cache.ImageMarks), and how many leading prompt tokens were copied from a cached prefix
