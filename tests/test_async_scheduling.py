@@ -75,6 +75,19 @@ def overlapped(events: list[str]) -> int:
     return count
 
 
+def run_on_the_device(kit, requests: list, monkeypatch) -> tuple[LLMEngine, Collector, list[str]]:
+    """Run ``requests`` with async scheduling, the host's sampler raising if it is called (every
+    token must be chosen on the device); the engine, its outputs and its steps (:func:`spy_steps`)."""
+
+    def host_sample(*args):
+        raise AssertionError("the host's sampler was called")
+
+    engine = engine_for(kit, True)
+    events = spy_steps(engine)
+    monkeypatch.setattr(llm_engine, "sample", host_sample)
+    return engine, run(engine, requests), events
+
+
 def test_streams_are_the_same_with_async_scheduling(kit, inputs):
     """Greedy requests ended by a stop string, by an end-of-sequence token and by their length, in
     staggered arrivals, one cancelled mid-stream, one with logprobs, seeded sampled ones and penalised
@@ -185,15 +198,10 @@ def test_constrained_rows_are_masked_and_sampled_on_the_device(family_kit, monke
         ("free_sampled", ids, mm, SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True)),
     ]
     expected = run(engine_for(kit, False), requests)
-    engine = engine_for(kit, True)
-    events = spy_steps(engine)
-    host_sampled: list[int] = []
-    host_sample = llm_engine.sample
-    monkeypatch.setattr(llm_engine, "sample", lambda *a: host_sampled.append(1) or host_sample(*a))
-    got = run(engine, requests)
+    _, got, events = run_on_the_device(kit, requests, monkeypatch)
     assert_same_streams(got, expected)
     assert all(re.fullmatch(pattern, got.text(rid)) for rid in ("constrained", "sampled", "logprobs"))
-    assert host_sampled == [] and overlapped(events) == events.count("record") - 1, events
+    assert overlapped(events) == events.count("record") - 1, events
 
 
 def test_a_constrained_row_is_not_sampled_before_its_last_token_is_recorded():
@@ -222,15 +230,10 @@ def test_sampled_rows_are_drawn_on_the_device_from_their_distribution(family_kit
         ("plain", ids, mm, SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)),
         ("top_k_5", ids, mm, SamplingParams(max_tokens=16, temperature=1.0, top_k=5, ignore_eos=True)),
     ]
-    engine = engine_for(kit, True)
-    events = spy_steps(engine)
-    host_sampled: list[int] = []
-    host_sample = llm_engine.sample
-    monkeypatch.setattr(llm_engine, "sample", lambda *a: host_sampled.append(1) or host_sample(*a))
-    got = run(engine, requests)
+    engine, got, events = run_on_the_device(kit, requests, monkeypatch)
     assert got.tokens("top_k_1") == expected and got.tokens("top_p_tiny") == expected
     assert all(len(got.tokens(rid)) == 16 for rid, *_ in requests)
-    assert host_sampled == [] and len(engine.stats.ttft_seconds) == len(requests)
+    assert len(engine.stats.ttft_seconds) == len(requests)
     assert overlapped(events) == events.count("record") - 1, events
 
 
