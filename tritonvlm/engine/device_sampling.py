@@ -36,6 +36,12 @@ REASONS = {
 }
 
 
+def awaits_its_grammar(seq: Sequence) -> bool:
+    """Whether ``seq``'s row cannot be masked yet: it has a grammar (and has not ended) and its last
+    token is still on the device; the engine must record it first."""
+    return seq.guide is not None and not seq.closed and bool(seq.inflight)
+
+
 @dataclass
 class DeviceSample:
     """One step's tokens on the device (``tokens`` [rows], long), and their copy on its way to the host
@@ -71,10 +77,9 @@ def sample_on_device(
     row's grammar must have seen its last token (raises RuntimeError if it is still on the device);
     rows of sequences already ended are not masked (their tokens are dropped)."""
     logits = raw = logits.float()
-    guides = [None if seq.closed else seq.guide for seq in seqs]
-    if any(guide is not None and seq.inflight for guide, seq in zip(guides, seqs, strict=True)):
+    if any(awaits_its_grammar(seq) for seq in seqs):
         raise RuntimeError("a constrained row's last token is not recorded: its grammar cannot mask it")
-    logits = mask_logits(logits, guides)
+    logits = mask_logits(logits, [None if seq.closed else seq.guide for seq in seqs])
     if sampler.fault_pattern():
         logits = sampler.poison(logits, seqs)
     device = logits.device

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tritonvlm.engine.detokenizer import IncrementalDetokenizer
-from tritonvlm.engine.device_sampling import sample_on_device
+from tritonvlm.engine.device_sampling import awaits_its_grammar, sample_on_device
 from tritonvlm.engine.engine_config import (
     EngineConfig,
     async_output_wanted,
@@ -371,7 +371,7 @@ class LLMEngine:
             before = self._inflight
             previous = before.tokens if before is not None else None
             logits = self.runner.decode(batch, previous)
-            if before is not None and any(seq.guide is not None and seq.inflight for seq in batch):
+            if before is not None and any(awaits_its_grammar(seq) for seq in batch):
                 self._inflight = None
                 self._record_step(before)  # (the device computes the forward meanwhile)
                 before = None
