@@ -112,6 +112,13 @@ def test_sizes_count_blocks_and_the_window_and_a_move_copies_the_ring() -> None:
     assert per_seq == 2 * HEADS * DIM * 4 * (MAX_LEN + WINDOW)
     assert PagedKVCache.slot_bytes(kinds, HEADS, DIM, MAX_LEN, torch.float32) == 2 * HEADS * DIM * 4 * WINDOW
     assert cache.nbytes == 3 * per_seq + cache.block_bytes  # three sequences' blocks by default, scratch
+    # Held: whole blocks in the full layer, at most the window in the sliding one; the gauge's sum over
+    # sequences is the sum of each one's.
+    per_column = 2 * HEADS * DIM * 4
+    assert cache.bytes_held(5) == per_column * (2 * BLOCK + WINDOW)
+    assert cache.bytes_held(3) == per_column * (BLOCK + 3)
+    assert cache.total_bytes_held([5, 3, 0]) == per_column * (3 * BLOCK + WINDOW + 3)
+    assert cache.total_bytes_held([]) == 0
 
 
 STATES = 6

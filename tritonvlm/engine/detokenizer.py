@@ -44,7 +44,7 @@ class IncrementalDetokenizer:
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
-        self.text = ""  # all decoded text (cut at a stop string once one is found)
+        self._parts: list[str] = []  # all decoded text (cut at a stop string once one is found)
         self._sent = 0  # characters of self.text already handed out
         self.stopped = False
         self._stream = _decode_stream(tokenizer)
@@ -67,17 +67,32 @@ class IncrementalDetokenizer:
                 self._read_offset = self._pending
                 self._prefix_offset = max(0, self._pending - WINDOW_CONTEXT)
             else:
-                if piece is not None:
-                    self.text += piece
-                    self._pending = len(self.token_ids)
+                if piece is None:  # (nothing new: nothing more to send)
+                    return ""
+                self._pending = len(self.token_ids)
+                self._parts.append(piece)
+                if not self.stop:  # (the common case, per token of every stream: all of it is sent)
+                    self._sent += len(piece)
+                    return piece
                 return self._release(final=False)
         prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self.token_ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
-            self.text += new_text[len(prefix_text) :]
+            self._parts.append(new_text[len(prefix_text) :])
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
         return self._release(final=False)
+
+    @property
+    def text(self) -> str:
+        """All text decoded so far (appended piece by piece: one copy of it when it is read)."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._parts = [value]
 
     def finish(self) -> str:
         """The text still held back, to be sent with the final response."""
@@ -92,7 +107,7 @@ class IncrementalDetokenizer:
             tail = self._decode(self.token_ids[self._prefix_offset :])
             head = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
             if len(tail) > len(head):
-                self.text += tail[len(head) :]
+                self._parts.append(tail[len(head) :])
                 self._read_offset = len(self.token_ids)
                 self._prefix_offset = self._read_offset
             self._check_stop()

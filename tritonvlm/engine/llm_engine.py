@@ -735,17 +735,18 @@ class LLMEngine:
         self.stats.num_waiting = len(self.scheduler.waiting)
         running = self.scheduler.running
         partial = self.scheduler.prefilling
-        held = [s.num_tokens for s in running] + ([partial.prefilled] if partial else [])
+        # (inline Sequence.num_tokens: at batch 256 the gauges are a host cost of every step)
+        held = [len(s.prompt_ids) + len(s.output_ids) + s.inflight for s in running]
+        if partial:
+            held.append(partial.prefilled)
         self.stats.kv_tokens_used = sum(held)
-        self.stats.kv_bytes_used = sum(self.runner.cache.bytes_held(n) for n in held)
+        self.stats.kv_bytes_used = self.runner.cache.total_bytes_held(held)
         self.stats.kv_bytes_capacity = self.runner.cache.nbytes
         self.stats.kv_blocks_used = self.runner.cache.allocator.used_blocks
         self.stats.kv_blocks_free = self.runner.cache.allocator.free_blocks
         self.stats.kv_tokens_peak = max(self.stats.kv_tokens_peak, self.stats.kv_tokens_used)
         self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, self.stats.kv_bytes_used)
-        self.stats.extra_state_bytes = sum(
-            self.family.sequence_state_bytes(s) for s in running
-        ) + self.runner.cache.state_bytes_held(len(running))
+        self.stats.extra_state_bytes = self.runner.cache.state_bytes_held(len(running))
         cache = self.prefix_cache
         self.stats.prefix_cache_queries = cache.queries
         self.stats.prefix_cache_hits = cache.hits

@@ -12,7 +12,7 @@ from tritonvlm.engine.device_sampling import DeviceSample
 from tritonvlm.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingOutput:
     """A token recorded in its sequence whose text has not been made and sent yet. ``finish``: the
     reason the token alone ends the sequence (end of sequence, max_tokens, the grammar complete; a stop

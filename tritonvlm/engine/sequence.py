@@ -20,7 +20,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineOutput:
     """What the engine reports for one sequence after a step (streamed to the client as one response)."""
 

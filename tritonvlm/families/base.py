@@ -374,11 +374,6 @@ class Family:
         of ``cross`` layers are not extra: the KV cache holds and counts them."""
         return 0
 
-    def sequence_state_bytes(self, seq: Sequence) -> int:
-        """Memory of the per-sequence state ``seq`` holds now besides its keys/values (metrics; the
-        engine adds what its ``cross`` layers hold in the KV cache)."""
-        return 0
-
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether a prompt may start from another sequence's cached keys/values: only when every layer
