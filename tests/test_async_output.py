@@ -132,7 +132,7 @@ def test_streams_are_the_same_with_async_output(kit, inputs):
         )
     assert sum(dropped) >= 1  # (a stop string met in a step that prefills is handled before it)
     assert expected.outputs["cancelled"][-1].finish_reason == "cancelled"
-    assert engine.scheduler.running == [] and engine._pending == [] and engine._stopped == []
+    assert engine.scheduler.running == [] and engine.out.pending == [] and engine.out.stopped == []
     assert engine.stats.num_running == 0 and engine.stats.kv_tokens_used == 0  # (gauges at the end)
     assert engine.stats.requests_finished == len(requests) - 1
 
@@ -178,7 +178,7 @@ def test_a_sequence_preempted_before_its_text_is_sent(kit, inputs):
     victim = next(s for s in engine.scheduler.running if s.request_id == "victim")
     while len(victim.output_ids) < k + 1:
         engine.step()
-    assert [e.seq for e in engine._pending if e.seq is victim], "its last token should still be pending"
+    assert [e.seq for e in engine.out.pending if e.seq is victim], "its last token should still be pending"
     assert not sink.finished("victim")
     engine._preempt(victim)  # (what kv.grow does when blocks run out)
     assert sink.finished("victim") and sink.outputs["victim"][-1].finish_reason == "stop"

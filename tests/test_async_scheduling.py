@@ -130,7 +130,7 @@ def test_streams_are_the_same_with_async_scheduling(kit, inputs):
 
     def engine_with_eos(scheduling: bool) -> LLMEngine:
         engine = engine_for(kit, scheduling)
-        engine.stop_ids = {*engine.stop_ids, eos_token}
+        engine.stop_ids.add(eos_token)  # (the set the engine's outputs read)
         return engine
 
     expected = run(engine_with_eos(False), requests, cancel="cancelled")
@@ -142,7 +142,7 @@ def test_streams_are_the_same_with_async_scheduling(kit, inputs):
     assert expected.outputs["length"][-1].finish_reason == "length"
     assert expected.outputs["cancelled"][-1].finish_reason == "cancelled"
     assert overlapped(events) >= 5, events
-    assert engine._inflight is None and engine.scheduler.running == [] and engine._pending == []
+    assert engine._inflight is None and engine.scheduler.running == [] and engine.out.pending == []
     assert engine.stats.num_running == 0 and engine.stats.kv_tokens_used == 0
     engine.prefix_cache.clear()
     assert engine.runner.cache.allocator.free_blocks == engine.runner.cache.num_blocks

@@ -23,15 +23,16 @@ from tritonvlm.engine.engine_config import (
 from tritonvlm.engine.engine_stats import EngineStats
 from tritonvlm.engine.guided import GuidedDecoding
 from tritonvlm.engine.kv_admission import KVAdmission
-from tritonvlm.engine.logprobs import LogprobsRow, TokenTexts, logprobs_entry, token_logprobs
+from tritonvlm.engine.logprobs import LogprobsRow, TokenTexts
 from tritonvlm.engine.model_runner import ModelRunner
+from tritonvlm.engine.outputs import OutputPath
 from tritonvlm.engine.overlap import InflightPart, InflightStep, PendingOutput
 from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
 from tritonvlm.engine.scheduler import Scheduler
-from tritonvlm.engine.sequence import EngineOutput, OutputCallback, Sequence
+from tritonvlm.engine.sequence import OutputCallback, Sequence
 from tritonvlm.families import Family, family_for_config
 from tritonvlm.modeling.device import device_tensor
 from tritonvlm.wire import InvalidRequestError
@@ -130,24 +131,18 @@ class LLMEngine:
         # (Mllama's <|image|> is one).
         self.num_embeddings = int(self.runner.embed_tokens.num_embeddings)
         self.vocab_size = int(model.config.get_text_config().vocab_size)  # the logits' width
-        self.token_texts = TokenTexts(tokenizer)
         self.stats = EngineStats()
+        self.out = OutputPath(self.stop_ids, TokenTexts(tokenizer), self.stats)
         self.on_step_end: Callable[[EngineStats], None] | None = None
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._by_id: dict[str, Sequence] = {}
         self._early_cancels: dict[str, None] = {}  # cancelled before they arrived (ordered, capped)
         self._last_decode_end: float | None = None
         self._guided: GuidedDecoding | None = None
         self._guided_lock = threading.Lock()
-        # Tokens recorded by the last decode step whose text has not gone out yet (async output), and
-        # sequences that a stop string ended while they were in the batch running now (retired once it
-        # is done).
-        self._pending: list[PendingOutput] = []
-        self._stopped: list[tuple[Sequence, bool]] = []  # (sequence, ended without an error)
         self._inflight: InflightStep | None = None  # (async scheduling)
 
     @classmethod
@@ -288,8 +283,8 @@ class LLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        for seq in list(self._by_id.values()):
-            self._finish(seq, "error", error="the server is shutting down")
+        for seq in list(self.out.open.values()):
+            self.out.finish(seq, "error", error="the server is shutting down")
 
     # ---- the loop (engine thread) ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -315,16 +310,16 @@ class LLMEngine:
         except Exception:
             log.exception("could not send the last step's outputs")
         self._inflight = None
-        pending, self._pending, self._stopped = self._pending, [], []
+        pending, self.out.pending, self.out.stopped = self.out.pending, [], []
         for entry in pending:  # (sequences the last step ended included: their final output is owed)
-            self._finish(entry.seq, "error", error=error)
+            self.out.finish(entry.seq, "error", error=error)
         for seq in list(self.scheduler.running):
-            self._finish(seq, "error", error=error)
+            self.out.finish(seq, "error", error=error)
         self.scheduler.retire(list(self.scheduler.running))
         partial, self.scheduler.prefilling = self.scheduler.prefilling, None
         if partial is not None:
             self.kv.release(partial)
-            self._finish(partial, "error", error=error)
+            self.out.finish(partial, "error", error=error)
 
     def step(self) -> None:
         """One iteration: take arrivals and cancellations, prefill what fits, decode everyone once."""
@@ -380,13 +375,13 @@ class LLMEngine:
             self._in_flight(InflightPart(batch, sampled, started))
             if before is not None:  # the device is computing this step meanwhile
                 self._record_step(before)
-            self._publish()
+            self.out.publish()
             self._retire_stopped()  # (the device's work on their slots is queued before any reuse)
             self._update_gauges()
             return
         logits = self.runner.decode(batch)
         if self.async_output:  # the device is computing the step meanwhile
-            self._publish()
+            self.out.publish()
             self._update_gauges()
         failures: dict[int, str] = {}
         tokens = sample(logits, batch, failures)
@@ -442,11 +437,11 @@ class LLMEngine:
             if seq.request_id in self._early_cancels:
                 del self._early_cancels[seq.request_id]
                 seq.cancel_requested = True
-            self._by_id[seq.request_id] = seq
+            self.out.open[seq.request_id] = seq
             self.scheduler.add(seq)
         while not self._cancels.empty():
             request_id = self._cancels.get()
-            seq = self._by_id.get(request_id)
+            seq = self.out.open.get(request_id)
             if seq is not None:
                 seq.cancel_requested = True
             else:
@@ -460,16 +455,16 @@ class LLMEngine:
             self.scheduler.prefilling = None
             self.kv.release(partial)
             partial.slot = -1
-            self._finish(partial, "cancelled")
+            self.out.finish(partial, "cancelled")
         for seq in [s for s in self.scheduler.waiting if s.wants_cancel()]:
             self.scheduler.drop_waiting(seq)
-            self._finish(seq, "cancelled")
+            self.out.finish(seq, "cancelled")
         leaving = [s for s in self.scheduler.running if s.wants_cancel()]
         if leaving:
             self.scheduler.retire(leaving)
             for seq in leaving:
                 log.info("dropped cancelled request %s after %d tokens", seq.request_id, len(seq.output_ids))
-                self._finish(seq, "cancelled")
+                self.out.finish(seq, "cancelled")
 
     def _preempt(self, seq: Sequence) -> None:
         """Take ``seq``'s KV blocks back; it waits first in line and is recomputed when resumed."""
@@ -477,7 +472,7 @@ class LLMEngine:
             raise RuntimeError(f"{seq.request_id} preempted with a token still on the device")
         self.scheduler.preempt(seq)
         seq.prefilled = seq.prefill_end = 0
-        if self._publish(only=seq):  # its last token's text ended it: it does not come back
+        if self.out.publish(only=seq):  # its last token's text ended it: it does not come back
             self.scheduler.drop_waiting(seq)
             return
         self.stats.preemptions += 1
@@ -521,7 +516,7 @@ class LLMEngine:
             for seq in seqs:
                 self.kv.release(seq)
                 seq.slot = -1
-                self._finish(seq, "error", error=f"prefill failed: {exc}")
+                self.out.finish(seq, "error", error=f"prefill failed: {exc}")
             return
         # With async scheduling the prompts join the running batch with their first token on the
         # device. Otherwise the last step's tokens are recorded and their text goes out while the
@@ -575,8 +570,8 @@ class LLMEngine:
         logprobs: dict[int, LogprobsRow] | None = None,
     ) -> None:
         """Record one new token per sequence (but those that ended since the step was launched: their
-        row is dropped) and retire those it ends; their text is made and sent by :meth:`_publish`, but
-        a sequence's last output at once. A row whose sampling failed (``failures``), or whose token
+        row is dropped) and retire those it ends; their text is made and sent by ``self.out.publish``,
+        but a sequence's last output at once. A row whose sampling failed (``failures``), or whose token
         cannot be recorded, ends that sequence alone with an error: the other rows of the step go on.
         Rows with logprobs take them from ``logits`` (the step's), or from ``logprobs`` (by row: those
         computed on the device)."""
@@ -590,18 +585,18 @@ class LLMEngine:
                 continue
             try:
                 row_logits = logits[row] if logits is not None and seq.params.logprobs else None
-                entry = self._record(seq, token, row_logits, logprobs.get(row) if logprobs else None)
+                entry = self.out.record(seq, token, row_logits, logprobs.get(row) if logprobs else None)
             except Exception as exc:
                 log.exception("could not append a token to %s", seq.request_id)
                 failed.append((seq, f"internal error while decoding this request: {exc}"))
                 continue
-            (finals if entry.finish else self._pending).append(entry)
+            (finals if entry.finish else self.out.pending).append(entry)
         self._leave([entry.seq for entry in finals], [seq for seq, _ in failed])
         for entry in finals:  # (a request's last output does not wait for the next step)
-            self._publish_one(entry)
+            self.out.publish_one(entry)
         for seq, message in failed:
             log.warning("request %s ends with an error: %s", seq.request_id, message)
-            self._finish(seq, "error", error=message)
+            self.out.finish(seq, "error", error=message)
 
     def _leave(self, done: list[Sequence], failed: list[Sequence]) -> None:
         """Retire running sequences that are done (kept in the prefix cache first) or failed."""
@@ -611,124 +606,16 @@ class LLMEngine:
         if done or failed:
             self.scheduler.retire(done + failed)
 
-    def _record(
-        self, seq: Sequence, token: int, logits: torch.Tensor | None, row: LogprobsRow | None = None
-    ) -> PendingOutput:
-        """Append ``token`` to ``seq`` (and its grammar); whether the token alone ends it; its logprobs
-        (from its row of ``logits``, or ``row`` computed on the device)."""
-        seq.output_ids.append(token)
-        guided_end = seq.guide is not None and seq.guide.advance(token)  # its grammar is complete
-        eos = token in self.stop_ids and (guided_end or not seq.params.ignore_eos)
-        finish = None
-        if eos or guided_end:
-            finish = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens:
-            finish = "length"
-        logprobs = None
-        if seq.params.logprobs and row is not None:
-            logprobs = [logprobs_entry(token, row, seq.params.top_logprobs, self.token_texts)]
-        elif seq.params.logprobs and logits is not None:
-            logprobs = [token_logprobs(logits, token, seq.params.top_logprobs, self.token_texts)]
-        return PendingOutput(seq, token, finish, eos, logprobs)
-
-    def _publish(self, only: Sequence | None = None) -> bool:
-        """Make the text of the recorded tokens (of ``only``, if given) and send it. Sequences still
-        running that their text ends (a stop string, an error) are retired by :meth:`_retire_stopped`
-        (the caller's, for ``only``: returns whether it ended)."""
-        if not self._pending:
-            return False
-        if only is None:
-            entries, self._pending = self._pending, []
-        else:
-            entries = [e for e in self._pending if e.seq is only]
-            self._pending = [e for e in self._pending if e.seq is not only]
-        ended = False
-        for entry in entries:
-            if entry.seq.closed:  # cancelled or failed since
-                continue
-            reason = self._publish_one(entry)
-            if reason is not None and entry.finish is None:  # it was still running
-                ended = True
-                if only is None:
-                    self._stopped.append((entry.seq, reason != "error"))
-        return ended
-
-    def _publish_one(self, entry: PendingOutput) -> str | None:
-        """Send one recorded token's text; the finish reason when this ends its sequence."""
-        seq, finish = entry.seq, entry.finish
-        try:
-            if entry.eos:
-                text = seq.detokenizer.finish()
-            else:
-                text = seq.detokenizer.add_token(entry.token)
-                if seq.detokenizer.stopped:
-                    finish = "stop"
-                if finish:
-                    text += seq.detokenizer.finish()
-        except Exception as exc:
-            log.exception("could not turn a token of %s into text", seq.request_id)
-            self._finish(seq, "error", error=f"internal error while decoding this request: {exc}")
-            return "error"
-        self._emit(seq, text, [entry.token], finish, logprobs=entry.logprobs)
-        if finish:
-            self._forget(seq)
-            self.stats.requests_finished += 1
-        return finish
-
     def _retire_stopped(self) -> None:
         """Retire the running sequences their text ended (the device must be done with their slots)."""
-        if self._stopped:
-            stopped, self._stopped = self._stopped, []
+        stopped = self.out.take_stopped()
+        if stopped:
             self._leave([seq for seq, ok in stopped if ok], [seq for seq, ok in stopped if not ok])
 
     def _flush(self) -> None:
         """Send every recorded token's text now and retire the sequences it ends."""
-        self._publish()
+        self.out.publish()
         self._retire_stopped()
-
-    def _emit(
-        self,
-        seq: Sequence,
-        text: str,
-        token_ids: list[int],
-        finish: str | None,
-        error: str | None = None,
-        logprobs: list[dict] | None = None,
-    ) -> None:
-        if seq.closed:  # its final output went out already
-            return
-        seq.sent_tokens += len(token_ids)
-        out = EngineOutput(
-            request_id=seq.request_id,
-            text=text,
-            token_ids=token_ids,
-            finish_reason=finish,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=seq.sent_tokens,
-            cached_tokens=seq.cached_len,
-            error=error,
-            logprobs=logprobs,
-        )
-        if finish is not None:
-            seq.closed = True
-        try:
-            seq.on_output(out)
-        except Exception:  # a broken response channel must not take the batch down
-            log.exception("output callback failed for %s; cancelling it", seq.request_id)
-            seq.cancel_requested = True
-
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        if seq.closed:
-            return
-        if reason == "cancelled":
-            self.stats.requests_cancelled += 1
-        elif reason == "error":
-            self.stats.requests_failed += 1
-        self._forget(seq)
-        self._emit(seq, "", [], reason, error)
-
-    def _forget(self, seq: Sequence) -> None:
-        self._by_id.pop(seq.request_id, None)
 
     def _update_gauges(self) -> None:
         self.stats.num_running = len(self.scheduler.running)
