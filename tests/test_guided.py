@@ -267,6 +267,22 @@ def test_masks_touch_only_constrained_rows(processor) -> None:
     assert guided.apply_masks(logits, [None, None, None]) is logits
 
 
+def test_a_row_its_grammar_allows_nothing_may_only_stop(processor) -> None:
+    """A matcher in error (it was fed a token its grammar forbids) allows no token: its row gets the
+    stop tokens alone (the sequence ends rather than fails); the row beside it is masked as usual."""
+    vocab = len(processor.tokenizer)
+    guided = GuidedDecoding(processor.tokenizer, vocab, [0])
+    broken, fine = (
+        guided.start({"type": "regex", "pattern": "yes"}),
+        guided.start({"type": "regex", "pattern": "yes"}),
+    )
+    assert broken.advance(processor.tokenizer.encode("no", add_special_tokens=False)[0])  # (it must end)
+    masked = guided.apply_masks(torch.randn(2, vocab), [broken, fine])
+    assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [0]
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed and 0 not in allowed
+
+
 def test_a_tokenizer_with_ids_past_the_logits_takes_constraints(family_kit) -> None:
     """Llama 3.2 Vision's tokenizer knows an id past its LM head's width (``<|image|>``): constraints
     still compile, and a constrained request with an image gets output its grammar allows."""

@@ -118,8 +118,9 @@ class GuidedDecoding:
             bitmask.shape[1] * 4,
             bitmask.shape[0],
         )
+        allows_some = bitmask.any(dim=1).tolist()  # (one check for all rows: this is per step)
         for k, r in enumerate(rows):
-            if guides[r].matcher.is_error() or not bool(bitmask[k].any()):
+            if guides[r].matcher.is_error() or not allows_some[k]:
                 bitmask[k] = self._stop_mask  # nothing allowed: end the sequence rather than fail
         masked = logits.clone()
         index = device_tensor(rows, torch.long, logits.device)
