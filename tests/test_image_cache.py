@@ -567,9 +567,12 @@ def test_a_preprocess_that_cannot_replay_layouts_falls_back_to_the_images(name: 
     again_ids, again, _ = model_inputs(chat([turn], [image]), failing_layouts, cache, kit.family)
     assert calls == ["failed", wire.PREPROCESS_MODEL, wire.IMAGES]  # from the images; encoder: a hit
     assert again_ids == ids and all(np.array_equal(again[k], first[k]) for k in first)
+    stats = cache.stats()  # one hit (the encoder's), not two: the files' lookup was not used
+    assert (stats.hits, stats.misses, stats.preprocess_skips) == (1, 1, 0)
     calls.clear()
     model_inputs(chat([turn], [image]), failing_layouts, cache, kit.family)
     assert calls == [wire.PREPROCESS_MODEL, wire.IMAGES]  # the layout is not tried again
+    assert (cache.stats().hits, cache.stats().preprocess_skips) == (2, 0)
 
     triton = as_triton(real)
 

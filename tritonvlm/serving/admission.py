@@ -80,7 +80,7 @@ def model_inputs(
                 [wire.INPUT_IDS, wire.MM_INPUTS],
             )
         except StageError as exc:
-            layout_refused(exc, image_cache)  # (re-raises the client's own mistakes)
+            layout_refused(exc, image_cache, len(keys))  # (re-raises the client's own mistakes)
         else:
             ids = prompt_ids(pre)
             if len(keys) > 1:  # the images were kept apart (Family.split_images)

@@ -249,11 +249,15 @@ class ImageCache:
             while len(self._files) > self.MAX_FILE_KEYS:
                 self._files.popitem(last=False)
 
-    def stop_remembering_files(self) -> None:
-        """Forget every image-file digest and remember none from now on (the entries stay)."""
+    def stop_remembering_files(self, found: int = 0) -> None:
+        """Forget every image-file digest and remember none from now on (the entries stay). ``found``:
+        entries the caller's :meth:`lookup_files` counted as hits that it does not use after all (it
+        looks its images up again, which counts them then)."""
         with self._lock:
             self._remember_files = False
             self._files.clear()
+            self._stats.hits -= found
+            self._stats.preprocess_skips -= found
 
     def _insert(self, key: bytes, value: Tensors) -> None:
         """Keep ``value`` unless it alone is over the capacity; evict the oldest entries to fit it.

@@ -30,15 +30,16 @@ def client_error(exc: StageError) -> bool:
     return bool(wire.parse_wire_error(str(exc))[0])
 
 
-def layout_refused(exc: StageError, cache: ImageCache) -> None:
+def layout_refused(exc: StageError, cache: ImageCache, found: int) -> None:
     """After `preprocess` failed to rebuild a prompt from image layouts: re-raise the client's own
     mistakes (the same answer as from the images); otherwise the processor does not suit the layout
-    replay, and the caller serves the request from its images, as all requests from now on."""
+    replay, and the caller serves the request from its images, as all requests from now on (the
+    ``found`` entries its file lookups counted as hits are counted when it looks them up again)."""
     if client_error(exc):
         raise exc
     log.warning("preprocess could not rebuild a prompt from image layouts (%s); image files are "
                 "preprocessed on every request from now on", exc)  # fmt: skip
-    cache.stop_remembering_files()
+    cache.stop_remembering_files(found)
 
 
 def prompt_ids(pre: dict[str, np.ndarray]) -> list[int]:

@@ -43,7 +43,7 @@ def per_image_inputs(
         try:
             return request.with_known_images()
         except StageError as exc:
-            layout_refused(exc, cache)  # (re-raises the client's own mistakes)
+            layout_refused(exc, cache, len(request.known))  # (re-raises the client's own mistakes)
             request.known = {}
     pre = call(wire.PREPROCESS_MODEL, {**pre_inputs, wire.IMAGES: images}, OUTPUTS)
     return request.encode_new(pre)
