@@ -19,7 +19,6 @@ the engine records the step before (while this step's forward runs) before it sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -90,7 +89,7 @@ def sample_on_device(
         rows = device_tensor(shared, torch.long, device)
         picked, ok = sampler.draw_shared(logits.index_select(0, rows), [seqs[i].params for i in shared])
         tokens, status = _place(tokens, status, rows, picked, ok)
-    alone = [i for i, seq in enumerate(seqs) if _alone(seq.params)]
+    alone = [i for i, seq in enumerate(seqs) if sampler.picked_alone(seq.params)]
     if alone:
         drawn_alone = [sampler.pick_row(logits[i], seqs[i], previous) for i in alone]
         picked, ok = (torch.stack(t) for t in zip(*drawn_alone, strict=True))
@@ -108,12 +107,6 @@ def sample_on_device(
     copied = torch.cuda.Event()
     copied.record()
     return DeviceSample(tokens, host[0], copied, with_logprobs, tuple(host[1:]))
-
-
-def _alone(p: Any) -> bool:
-    """Whether a row is picked on its own: seeded (its draws must not depend on the batch) or
-    penalised; the other sampled rows share a draw, greedy ones an argmax."""
-    return sampler.has_penalties(p) or (not p.greedy and p.seed is not None)
 
 
 def _place(

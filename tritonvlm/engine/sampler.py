@@ -142,6 +142,12 @@ def shares_a_draw(p: Any) -> bool:
     return not p.greedy and p.seed is None and not has_penalties(p)
 
 
+def picked_alone(p: Any) -> bool:
+    """Whether a row is sampled on its own (with its own generator, or its penalties): neither plain
+    greedy (one argmax for all such rows) nor sharing a draw."""
+    return not (p.greedy and not has_penalties(p)) and not shares_a_draw(p)
+
+
 _shared_generators: dict[str, torch.Generator] = {}
 
 
