@@ -1,6 +1,6 @@
 """Chunked prefill: while other sequences decode, a long prompt is prefilled a chunk per step between
 their decode steps, and every sequence still gets exactly the tokens transformers' generate() gives it
-alone, for every model family (those with sliding-window or cross-attention layers prefill whole)."""
+alone, for every model family (those with cross-attention layers prefill whole)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_long_prompt_is_chunked_between_decode_steps_and_token_exact(kit):
     assert sink.tokens("runner") == kit.reference_tokens(RUNNER, 24)
     assert sink.tokens("long") == kit.reference_tokens(long, 8)
     chunk_steps = sum(mid for mid, _ in trace)
-    if kit.family.supports_prefix_cache:
+    if kit.family.supports_chunked_prefill:
         # One chunk per step while the runner decodes: it gets a token in each of those steps.
         assert chunk_steps >= prompt_len // CHUNK - 1
         assert len(sink.tokens("runner")) - before >= chunk_steps
@@ -109,7 +109,7 @@ def test_running_sequences_leaving_mid_chunks_and_a_cached_start(kit):
 
 
 def test_a_prompt_cancelled_mid_chunks_frees_its_slot(kit):
-    if not kit.family.supports_prefix_cache:
+    if not kit.family.supports_chunked_prefill:
         pytest.skip("this family prefills whole prompts")
     engine = engine_for(kit, prefix_cache_slots=0, max_num_seqs=2)
     sink = Collector()
@@ -135,3 +135,35 @@ def test_alone_a_long_prompt_is_prefilled_in_one_pass(kit):
     add(engine, sink, long_case(kit), kit, 4)
     engine.step()
     assert engine.scheduler.prefilling is None and engine.stats.prefill_steps == 1
+
+
+def test_the_last_chunks_log_probabilities_equal_a_whole_prefills(kit):
+    """Closer than tokens: the first token's log probabilities (its own and the top 20) after a prompt
+    prefilled in chunks equal those after one whole prefill (float32, on the CPU: within 1e-4). The
+    image comes last, in a later chunk, close enough to the end for the last token to see it through
+    every layer (a sliding window of 16 in the tiny Gemma 3)."""
+    if not kit.family.supports_chunked_prefill:
+        pytest.skip("this family prefills whole prompts")
+    parts = [{"type": "text", "text": LONG_TEXT}, {"type": "image"}]
+    long = Case("long", [{"role": "user", "content": parts}], [make_image(56, 84, "blue", "square")])
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
+
+    def first_entry(chunked: bool) -> tuple[dict, int]:
+        engine = engine_for(kit, prefix_cache_slots=0)
+        sink = Collector()
+        if chunked:  # (a prompt is chunked while others decode)
+            add(engine, sink, RUNNER, kit, 24)
+            engine.step()
+        ids, mm = kit.engine_inputs(long)
+        engine.add_request("long", ids, params, sink, mm)
+        trace = drain(engine, sink, ["long"])
+        return sink.outputs["long"][-1].logprobs[0], sum(mid for mid, _ in trace)
+
+    whole, no_chunks = first_entry(chunked=False)
+    chunked, chunks = first_entry(chunked=True)
+    assert no_chunks == 0 and chunks >= 3
+    assert chunked["token"] == whole["token"]
+    got = [chunked["logprob"]] + [t["logprob"] for t in chunked["top_logprobs"]]
+    want = [whole["logprob"]] + [t["logprob"] for t in whole["top_logprobs"]]
+    assert [t["token"] for t in chunked["top_logprobs"]] == [t["token"] for t in whole["top_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4

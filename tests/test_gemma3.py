@@ -177,6 +177,7 @@ def test_prefill_masks_equal_transformers_image_masks(window):
 
     class Seq:
         prompt_ids = ids
+        prefill_range = (0, len(ids))
 
     n = len(ids)
     length = n + 2  # right padding, as in a batch with a longer prompt

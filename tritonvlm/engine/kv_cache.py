@@ -293,7 +293,8 @@ class PagedKVCache:
 
         With ``offsets`` (a prefix-cache hit, a later chunk), row i's slot already holds the keys of its
         first ``offsets[i]`` prompt tokens: the new tokens' keys go after them and attention spans
-        positions ``0 .. kv_len-1`` of the slot (full-attention layers only)."""
+        positions ``0 .. kv_len-1`` of the slot in the full layers, the ring as it was (the window
+        before the new tokens) and the new keys in the sliding ones (no cross layers)."""
         states = list(state_lengths) if state_lengths is not None else [0] * num_rows
         for i, n in enumerate(states):
             if not 0 <= n <= self.max_states:
@@ -304,8 +305,8 @@ class PagedKVCache:
         self._lengths = list(lengths)
         self._state_width = max(states, default=0)
         self._offsets = list(offsets) if offsets is not None and any(offsets) else None
-        if self._offsets is not None and any(not kind.is_full for kind in self.kinds):
-            raise ValueError("a prefill after cached keys needs full-attention layers only")
+        if self._offsets is not None and self.cross_layers:
+            raise ValueError("a prefill after cached keys cannot have cross-attention layers")
         self._kv_len = kv_len
         starts = self._offsets or [0] * num_rows
         rows, tokens, write_at = [], [], []
@@ -438,11 +439,18 @@ class PagedKVCache:
         cols = self.columns[layer_idx]
         if self._mode == "prefill":
             first = self._first_slot
+            starts = self._offsets
+            if starts is not None:  # attention sees the ring as it was, then the new keys
+                rows = slice(first, first + self._num_rows)
+                ring_k, ring_v = k[rows].clone(), v[rows].clone()
             for i, n in enumerate(self._lengths):
                 keep = torch.arange(max(0, n - cols), n, device=self.device)
-                k[first + i, :, keep % cols] = key_states[i, :, keep]
-                v[first + i, :, keep % cols] = value_states[i, :, keep]
-            return key_states, value_states
+                at = (keep + (starts[i] if starts else 0)) % cols
+                k[first + i, :, at] = key_states[i, :, keep]
+                v[first + i, :, at] = value_states[i, :, keep]
+            if starts is None:
+                return key_states, value_states
+            return torch.cat([ring_k, key_states], dim=2), torch.cat([ring_v, value_states], dim=2)
         k[self._rows, :, self._positions % cols] = key_states[:, :, 0]
         v[self._rows, :, self._positions % cols] = value_states[:, :, 0]
         span = self.sliding_columns(self._length)

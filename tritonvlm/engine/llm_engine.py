@@ -111,8 +111,8 @@ class LLMEngine:
             self.async_output,
             self.async_scheduling,
         )
-        # Chunked prefill needs a prefill that starts after keys already in the slot (full layers only).
-        self._chunk = self.config.prefill_chunk_tokens if self.family.supports_prefix_cache else 0
+        # Chunked prefill needs a prefill that starts after keys already in the slot (no cross layers).
+        self._chunk = self.config.prefill_chunk_tokens if self.family.supports_chunked_prefill else 0
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
         self.kv = KVAdmission(cache, self.prefix_cache, self.family.supports_preemption)
@@ -507,8 +507,10 @@ class LLMEngine:
                 seq.prefill_end = seq.prefill_target
             first = seqs[0]
             if len(seqs) == 1 and budget and first.prefill_target - first.prefilled > budget:
-                first.prefill_end = first.prefilled + budget
-                self.scheduler.prefilling = first
+                end = self.family.chunk_end(first, first.prefilled + budget)
+                if end < first.prefill_target:
+                    first.prefill_end = end
+                    self.scheduler.prefilling = first
             logits = self.runner.prefill(seqs, seqs[0].slot)
         except Exception as exc:
             log.exception("prefill failed for %s", [s.request_id for s in seqs])

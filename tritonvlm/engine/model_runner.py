@@ -159,7 +159,27 @@ class ModelRunner:
         cols = torch.arange(kv_len, device=self.device)
         keys = cols[None, None, :]
         allowed = (keys <= query_pos[:, :, None]) & (keys < end[:, None, None])
-        return {"full_attention": allowed[:, None]}, kv_len
+        masks = {"full_attention": allowed[:, None]}
+        if self.cache.has_sliding:
+            masks["sliding_attention"] = self._offset_sliding_mask(start, end, query_pos)
+        return masks, kv_len
+
+    def _offset_sliding_mask(
+        self, start: torch.Tensor, end: torch.Tensor, query_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """``[rows, 1, query, ring + query]`` for the sliding layers of a prefill after keys in the slots:
+        the ring's columns as they were (column c holds the last position before the row's start that
+        is c modulo the ring; none where that is negative), then the new keys; each within the window
+        behind the query."""
+        window = int(self.cache.sliding_window)
+        ring = min(window, self.cache.max_len)  # (the ring's columns: PagedKVCache.layer_columns)
+        last = start[:, None] - 1
+        held = last - (last - torch.arange(ring, device=self.device)[None, :]) % ring  # [rows, ring]
+        query = query_pos[:, :, None]
+        in_ring = (held[:, None, :] >= 0) & (held[:, None, :] > query - window)
+        new = query_pos[:, None, :]  # the new keys' positions
+        in_new = (new <= query) & (new < end[:, None, None]) & (new > query - window)
+        return torch.cat([in_ring, in_new], dim=-1)[:, None]
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:

@@ -377,11 +377,25 @@ class Family:
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether a prompt may start from another sequence's cached keys/values: only when every layer
-        attends fully (a sliding ring has lost the early keys; cross layers hold per-image states).
-        The same families get long prompts prefilled in chunks. A family whose ``attention_mask`` or
-        ``prefill_kwargs`` assume a prefill of the whole prompt from position 0 must honour
-        ``seq.prefill_range`` (the prompt tokens a prefill computes) or say False."""
+        attends fully (a sliding ring has lost the early keys; cross layers hold per-image states), and
+        the family honours ``seq.prefill_range`` (see :attr:`supports_chunked_prefill`)."""
         return all(kind.is_full for kind in self.layer_kinds())
+
+    @property
+    def supports_chunked_prefill(self) -> bool:
+        """Whether a long prompt may be prefilled a chunk per step, each chunk after the keys its slot
+        holds: where every layer attends fully or in a sliding window (the ring holds the window the
+        next chunk attends to), not where cross layers take states only the first prefill writes. A
+        family whose ``attention_mask`` or ``prefill_kwargs`` assume a prefill of the whole prompt from
+        position 0 must honour ``seq.prefill_range`` (the prompt tokens a prefill computes) or say
+        False; one whose prompt tokens attend to later ones sets where chunks end
+        (:meth:`chunk_end`)."""
+        return not any(kind.is_cross for kind in self.layer_kinds())
+
+    def chunk_end(self, seq: Sequence, end: int) -> int:
+        """Where a chunk of ``seq``'s prompt that would end before token ``end`` ends instead (a chunk
+        must not split tokens that attend to each other both ways)."""
+        return end
 
     @property
     def supports_preemption(self) -> bool:

@@ -99,24 +99,54 @@ class Gemma3Family(Family):
 
     def attention_mask(self, masks: dict[str, torch.Tensor], seqs: list[Sequence], prefill: bool) -> Any:
         """At prefill, OR in attention both ways within each run of image tokens (in the sliding layers,
-        only between keys within the window behind the query, as transformers composes it)."""
+        only between keys within the window behind the query, as transformers composes it).
+
+        A prefill after keys the slots hold (a later chunk: ``seq.prefill_range`` starts past 0) has
+        the full layers' keys at their positions and the sliding layers' ring before the new keys; an
+        image's tokens are all in one chunk (:meth:`chunk_end`), so only new keys are added."""
         if not prefill or self.image_token_id is None:
             return masks
         full = masks["full_attention"]
-        length = full.shape[-1]
-        blocks = torch.stack([self.image_blocks(s.prompt_ids, length, full.device) for s in seqs])
+        queries = full.shape[-2]
+        ranges = [s.prefill_range for s in seqs]
+        news = [s.prompt_ids[k:e] for s, (k, e) in zip(seqs, ranges, strict=True)]  # (prompt tokens)
+        blocks = torch.stack([self.image_blocks(ids, queries, full.device) for ids in news])
         same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-        same_image = same_image[:, None]  # [rows, 1, query, key]
+        same_image = same_image[:, None]  # [rows, 1, query, new key]
         if not bool(same_image.any()):
             return masks
+        after_keys = any(k for k, _ in ranges)
         out = dict(masks)
-        out["full_attention"] = full | same_image
+        if not after_keys:
+            out["full_attention"] = full | same_image
+        else:
+            placed = torch.zeros_like(full)
+            for i, (k, _) in enumerate(ranges):
+                width = min(queries, full.shape[-1] - k)
+                placed[i, :, :, k : k + width] = same_image[i, :, :, :width]
+            out["full_attention"] = full | placed
         if "sliding_attention" in masks:
             window = int(self.text_config.sliding_window)
-            cols = torch.arange(length, device=full.device)
-            near = (cols[:, None] - cols[None, :]) < window  # key > query - window
-            out["sliding_attention"] = masks["sliding_attention"] | (same_image & near)
+            cols = torch.arange(queries, device=full.device)
+            near = same_image & ((cols[:, None] - cols[None, :]) < window)  # key > query - window
+            sliding = masks["sliding_attention"]
+            ring = sliding.shape[-1] - queries if after_keys else 0  # (the ring's columns come first)
+            out["sliding_attention"] = torch.cat([sliding[..., :ring], sliding[..., ring:] | near], dim=-1)
         return out
+
+    def chunk_end(self, seq: Sequence, end: int) -> int:
+        """Not inside an image: before it, or after it where it is where the chunk starts."""
+        ids, image = seq.prompt_ids, self.image_token_id
+        if image is None or not 0 < end < len(ids) or ids[end] != image or ids[end - 1] != image:
+            return end
+        start = end
+        while start > 0 and ids[start - 1] == image:
+            start -= 1
+        if start > seq.prefilled:
+            return start
+        while end < len(ids) and ids[end] == image:
+            end += 1
+        return end
 
     def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The LM head's logits as they are, as ``Gemma3ForConditionalGeneration`` returns them."""
