@@ -1,6 +1,7 @@
 """Gemma 3 specifics, on its tiny test model (window 16; one image = 16 soft tokens): sliding-window layers
-over prompts and generations longer than the window, image tokens attending to each other both ways at
-prefill, one BOS, the batched vision encoder, no final soft-capping, and what the window ring saves."""
+over prompts and generations longer than the window, the prefix cache keeping the rings, image tokens
+attending to each other both ways at prefill, one BOS, the batched vision encoder, no final
+soft-capping, and what the window ring saves."""
 
 from __future__ import annotations
 
@@ -145,6 +146,77 @@ def assert_logprobs_match(tops: list[dict], reference: torch.Tensor, atol: float
     want = reference.topk(len(tops)).values
     got = torch.tensor([top["logprob"] for top in tops])
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+def run_one(engine: LLMEngine, case: Case, kit) -> tuple[list[int], int]:
+    """``(tokens, cached prompt tokens)`` of ``case`` run alone to the end (greedy)."""
+    ids, mm = kit.engine_inputs(case)
+    outputs = []
+    engine.add_request(
+        case.name, ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0), outputs.append, mm
+    )
+    while not (outputs and outputs[-1].finished):
+        engine.step()
+    assert outputs[-1].error is None
+    return [t for out in outputs for t in out.token_ids], outputs[-1].cached_tokens
+
+
+def test_the_prefix_cache_keeps_the_rings_and_starts_only_where_they_can_continue(kit):
+    """Prompts longer than the window (16): an entry keeps a copy of the sliding layers' rings at its
+    end, so it serves a prompt only from where they can continue: the same prompt again from all but
+    its last token (the prompt's entry, copied right after its prefill), the next turn of the
+    conversation from the whole first turn (the finished sequence's entry), a prompt sharing only the
+    image and the start of the question from nothing (the rings hold the other prompt's last 16
+    positions). Each gets generate()'s tokens; clearing the cache gives every ring block back."""
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    image = make_image(64, 48, "red")
+    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [image])
+    ids_first, _ = kit.engine_inputs(first)
+    assert len(ids_first) > WINDOW
+    tokens, cached = run_one(engine, first, kit)
+    assert tokens == generate(kit, kit.hf_model, first, NEW_TOKENS) and cached == 0
+    assert all(entry.ring for entry in engine.prefix_cache.entries)
+
+    same = Case("same", first.messages, [image])
+    tokens, cached = run_one(engine, same, kit)
+    assert tokens == generate(kit, kit.hf_model, same, NEW_TOKENS) and cached == len(ids_first) - 1
+
+    other = Case("other", conversation("What is in this image? Name its colour.", 1), [image])
+    tokens, cached = run_one(engine, other, kit)
+    assert tokens == generate(kit, kit.hf_model, other, NEW_TOKENS) and cached == 0
+
+    answer = kit.tokenizer.decode(run_one(engine, first, kit)[0], skip_special_tokens=True)
+    turn2 = Case(
+        "turn2",
+        [*first.messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "Sure?"}],
+        [image],
+    )
+    tokens, cached = run_one(engine, turn2, kit)
+    assert tokens == generate(kit, kit.hf_model, turn2, NEW_TOKENS)
+    assert cached >= len(ids_first) + NEW_TOKENS // 2  # (the first turn and most of its answer)
+
+    cache = engine.runner.cache
+    entries = engine.prefix_cache.entries
+    rings = {block for entry in entries for block in entry.ring}
+    assert rings and cache.allocator.used_blocks == len(rings | {b for e in entries for b in e.blocks})
+    engine.prefix_cache.clear()
+    assert cache.allocator.used_blocks == 0
+
+
+def test_within_the_window_any_shared_start_is_served(kit):
+    """A window longer than the prompts (the tiny weights, window 512): the rings hold every position,
+    so a prompt sharing the image and the start of the question starts from the other's entry, and
+    gets what generate() of that model gives."""
+    wide = with_text_config(kit, sliding_window=512)
+    engine = LLMEngine(wide, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family_cls(wide.config))
+    image = make_image(64, 48, "red")
+    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [image])
+    other = Case("other", conversation("What is in this image? Name its colour.", 1), [image])
+    assert run_one(engine, first, kit)[0] == generate(kit, wide, first, NEW_TOKENS)
+    tokens, cached = run_one(engine, other, kit)
+    ids_first, ids_other = kit.engine_inputs(first)[0], kit.engine_inputs(other)[0]
+    shared = next(i for i, (a, b) in enumerate(zip(ids_first, ids_other, strict=False)) if a != b)
+    assert tokens == generate(kit, wide, other, NEW_TOKENS) and cached == shared
 
 
 def test_image_tokens_attend_to_each_other_both_ways_at_prefill(kit):

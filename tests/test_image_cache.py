@@ -487,7 +487,7 @@ def test_a_later_turn_adding_an_image_encodes_it_alone_and_reuses_the_prefix(nam
     assert digests[0] == first_digests[0] and digests[1][1] != digests[0][1]
     assert digests[1][0] == kit.family.image_tokens(b_input)
     assert ids[: len(first_ids)] == first_ids
-    if kit.family.supports_prefix_cache:  # (not with sliding-window layers)
+    if kit.family.supports_prefix_cache:
         image_a = ids.index(kit.family.image_token_id)
         assert sink.outputs["turn 2"][-1].cached_tokens >= len(first_ids) - 1 > image_a
 

@@ -178,3 +178,28 @@ def test_cross_states_count_in_the_budget_and_the_held_bytes() -> None:
     assert cache.state_bytes_held(2) == per_column * STATES and cache.state_bytes_held(0) == 0
     with pytest.raises(ValueError, match="cross-attention states"):
         cache.prepare_prefill(0, 1, 4, [4], [STATES + 1])
+
+
+def test_a_ring_saved_into_blocks_loads_into_another_slot_as_it_was() -> None:
+    """The rings of a slot (every sliding layer) go into pool blocks (a prefix-cache entry keeps them)
+    and come back into another slot unchanged; the blocks are taken from the full layers' pool, a
+    block holding one block of columns of one sliding layer per full layer."""
+    torch.manual_seed(0)
+    window = 2 * BLOCK + 1  # (a last block of columns only partly used)
+    kinds = [LayerKind("sliding", window), FULL, LayerKind("sliding", window), LayerKind("sliding", window)]
+    cache = PagedKVCache(4, HEADS, DIM, 3, MAX_LEN, torch.float32, CPU, kinds, block_size=BLOCK)
+    assert cache.ring_columns == window
+    assert cache.ring_blocks_for(window) == 3 * 3  # 3 sliding layers x 3 blocks of columns, 1 full layer
+    assert cache.ring_blocks_for(BLOCK) == 3
+    for layer in (0, 2, 3):
+        cache.keys[layer].normal_()
+        cache.values[layer].normal_()
+    for columns in (window, BLOCK + 1):
+        blocks = cache.allocator.allocate(cache.ring_blocks_for(columns))
+        cache.save_ring(1, columns, blocks)
+        cache.load_ring(2, columns, blocks)
+        for layer in (0, 2, 3):
+            assert torch.equal(cache.keys[layer][2, :, :columns], cache.keys[layer][1, :, :columns])
+            assert torch.equal(cache.values[layer][2, :, :columns], cache.values[layer][1, :, :columns])
+        assert not torch.equal(cache.keys[0][2], cache.keys[0][0])  # (slot 0 is another ring)
+        cache.allocator.release(blocks)

@@ -77,8 +77,25 @@ class KVAdmission:
         tail = start - shared * cache.block_size
         if tail:
             cache.copy_positions(match.entry.blocks[shared], cache.slot_blocks[slot][shared], tail)
+        if match is not None and match.entry.ring:
+            cache.load_ring(slot, min(len(match.entry.tokens), cache.ring_columns), match.entry.ring)
         seq.prefilled = start
         return True
+
+    def keep_ring(self, slot: int, length: int) -> list[int] | None:
+        """Copy ``slot``'s rings (of a sequence that has written ``length`` positions) into blocks held
+        by the prefix cache alone; None where taking them would leave fewer free than the running
+        sequences may need this step and the margin."""
+        cache, allocator = self.cache, self.cache.allocator
+        columns = min(length, cache.ring_columns)
+        need = cache.ring_blocks_for(columns)
+        if allocator.free_blocks - need < self.margin + len(self.holders):
+            return None
+        blocks = allocator.allocate(need)
+        cache.save_ring(slot, columns, blocks)
+        allocator.share(blocks, cached=True)
+        allocator.release(blocks)  # (now the cache's alone)
+        return blocks
 
     def grow(self, running: list[Sequence], preempt: Callable[[Sequence], None]) -> None:
         """Give each of ``running`` the block for the key it writes this step; where none is free,

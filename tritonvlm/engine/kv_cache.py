@@ -117,6 +117,8 @@ class PagedKVCache:
         self._tables_copied: torch.cuda.Event | None = None  # the last copy's end (it reads the host's)
         self.sliding_window = min((k.window for k in self.kinds if k.is_sliding), default=None)
         self.cross_layers = [i for i, kind in enumerate(self.kinds) if kind.is_cross]
+        self._ring_layers = [i for i, kind in enumerate(self.kinds) if kind.is_sliding]
+        self._full_layers = [i for i, paged in enumerate(self.paged) if paged]
         self.max_states = min((self.columns[i] for i in self.cross_layers), default=0)
         self._sliding_columns = [c for c, k in zip(self.columns, self.kinds, strict=True) if k.is_sliding]
         # Cross-layer columns each slot holds; in a free slot, the columns it may still hold (not zero).
@@ -219,6 +221,53 @@ class PagedKVCache:
     def sliding_columns(self, kv_len: int) -> int:
         """Ring columns a decode step over ``kv_len`` tokens attends in the sliding layers."""
         return min(self.sliding_window or kv_len, kv_len)
+
+    # ---- sliding rings kept with prefix-cache entries ---------------------------------------------------
+    @property
+    def ring_columns(self) -> int:
+        """Columns of each slot's ring in the sliding layers (0: no sliding layers)."""
+        return min(self.sliding_window, self.max_len) if self.sliding_window else 0
+
+    def ring_blocks_for(self, columns: int) -> int:
+        """Pool blocks that hold ``columns`` ring columns of every sliding layer: one block holds
+        ``block_size`` columns of one sliding layer in each full layer's pool."""
+        chunks = len(self._ring_layers) * self.blocks_for(columns)
+        return -(-chunks // max(1, len(self._full_layers)))
+
+    def save_ring(self, slot: int, columns: int, blocks: Sequence[int]) -> None:
+        """Copy the first ``columns`` ring columns of ``slot`` in every sliding layer into ``blocks``
+        (:meth:`ring_blocks_for` of them)."""
+        for pools in (self.keys, self.values):
+            chunks = self._ring_chunks(torch.stack([pools[i][slot, :, :columns] for i in self._ring_layers]))
+            for k, layer in enumerate(self._full_layers):
+                mine = chunks[k :: len(self._full_layers)]
+                where = torch.tensor(list(blocks[: mine.shape[0]]), device=self.device)
+                pools[layer].index_copy_(0, where, mine)
+
+    def load_ring(self, slot: int, columns: int, blocks: Sequence[int]) -> None:
+        """Fill the first ``columns`` ring columns of ``slot`` in every sliding layer from ``blocks``
+        (written by :meth:`save_ring`)."""
+        full, sliding, per_layer = len(self._full_layers), len(self._ring_layers), self.blocks_for(columns)
+        shape = (sliding, per_layer, self.block_size, self.heads, self.head_dim)
+        for pools in (self.keys, self.values):
+            chunks = pools[self._full_layers[0]].new_empty(sliding * per_layer, *shape[2:])
+            for k, layer in enumerate(self._full_layers):
+                count = len(range(k, chunks.shape[0], full))
+                where = torch.tensor(list(blocks[:count]), device=self.device)
+                chunks[k::full] = pools[layer].index_select(0, where)
+            rings = chunks.view(shape).permute(0, 3, 1, 2, 4).reshape(sliding, self.heads, -1, self.head_dim)
+            for j, layer in enumerate(self._ring_layers):
+                pools[layer][slot, :, :columns] = rings[j, :, :columns]
+
+    def _ring_chunks(self, rings: torch.Tensor) -> torch.Tensor:
+        """``[sliding, heads, columns, dim]`` rings as ``[sliding * blocks, block_size, heads, dim]``
+        chunks, block by block of columns (the last one padded)."""
+        count, heads, columns, dim = rings.shape
+        per_layer = self.blocks_for(columns)
+        padded = rings.new_zeros(count, heads, per_layer * self.block_size, dim)
+        padded[:, :, :columns] = rings
+        chunks = padded.view(count, heads, per_layer, self.block_size, dim).permute(0, 2, 3, 1, 4)
+        return chunks.reshape(count * per_layer, self.block_size, heads, dim)
 
     # ---- blocks of a slot ------------------------------------------------------------------------------
     def grow(self, slot: int, num_tokens: int) -> None:

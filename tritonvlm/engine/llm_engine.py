@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +39,16 @@ from tritonvlm.modeling.device import device_tensor
 from tritonvlm.wire import InvalidRequestError
 
 log = logging.getLogger("tritonvlm.engine")
+
+
+def ring_start(length: int, window: int, exact: bool) -> int:
+    """The shortest prefix-cache match that rings copied at the end of ``length`` tokens can continue
+    (a prefill from position m attends to the ``window - 1`` positions before m in the sliding
+    layers). ``exact``: nothing was written past them (a copy right after the prompt's prefill);
+    else the step after may have fed one more token, overwriting the oldest position of the ring."""
+    if length < window or (exact and length == window):
+        return 0  # (the rings hold every position)
+    return length - 1 if exact else length
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -489,9 +500,18 @@ class LLMEngine:
         sequence, which writes only past the prompt), so requests arriving while it runs start from it.
         The cache is an optimisation: a failure here never fails the request."""
         held = seq.prompt_ids if prompt_only else seq.prompt_ids + seq.output_ids[:-1]  # (last: never fed)
-        blocks = self.runner.cache.slot_blocks[seq.slot]
+        cache = self.runner.cache
+        blocks = cache.slot_blocks[seq.slot]
+        keep_ring, ring_from = None, 0
+        if cache.has_sliding:
+            if prompt_only and seq.prefilled != len(held):  # (resumed: its rings are past its prompt)
+                return
+            keep_ring, ring_from = (
+                partial(self.kv.keep_ring, seq.slot, len(held)),
+                ring_start(len(held), cache.ring_columns, exact=prompt_only),
+            )
         try:
-            self.prefix_cache.store(blocks, held, seq.image_marks)
+            self.prefix_cache.store(blocks, held, seq.image_marks, keep_ring, ring_from)
         except Exception:
             log.exception("could not keep %s in the prefix cache", seq.request_id)
 

@@ -24,6 +24,13 @@ first key covers the first :data:`MIN_MATCH_TOKENS` tokens, for matches shorter 
 hashes the digests of the images that start in its tokens too. The match then runs on, token
 by token, into the next block (of the most recent entries found at the deepest block) and is checked
 against the entry's tokens, so a hash collision can never give wrong keys/values.
+
+A model with sliding-window layers (Gemma 3) keeps only a ring of the last ``window`` keys/values per
+sequence there, so an entry keeps a copy of the rings as they were at its end too (in blocks of the
+same pool), and serves only the matches those rings can continue: of at least ``ring_from`` tokens
+(all of them while its tokens fit in the window; else its whole length, or all but its last token
+where the copy was taken right after the prompt's prefill). Such an entry is not cut short by
+eviction (its rings would no longer fit its end): it goes whole.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,6 +129,8 @@ class PrefixEntry:
     tokens: list[int]
     marks: ImageMarks  # the images that start in ``tokens``
     chain: list[int] = field(default_factory=list)  # its index keys (:func:`block_chain`)
+    ring: list[int] = field(default_factory=list)  # blocks holding the sliding layers' rings at its end
+    ring_from: int = 0  # the shortest match its rings can continue
 
 
 @dataclass
@@ -197,12 +206,24 @@ class PrefixCache:
         found = self._index.get(chain[0]) if chain else None
         if not found:
             return None
-        depth = 0  # full blocks matched
-        for blocks, key in enumerate(chain[1:], start=1):
+        levels = [found]  # entries holding the first key, the first block, ...
+        for key in chain[1:]:
             holders = self._index.get(key)
             if not holders:
                 break
-            found, depth = holders, blocks
+            levels.append(holders)
+        # The deepest level's entries match longest; shallower ones only matter where rings make the
+        # deeper ones unusable.
+        for depth in range(len(levels) - 1, -1, -1):
+            best = self._best_at(levels[depth], depth, prompt, marks)
+            if best is not None:
+                return best
+        return None
+
+    def _best_at(
+        self, found: dict[int, PrefixEntry], depth: int, prompt: list[int], marks: ImageMarks
+    ) -> PrefixMatch | None:
+        """The longest usable match among ``found``, entries that hold ``depth`` full blocks of it."""
         start, stop = depth * self.block_size, (depth + 1) * self.block_size
         best: PrefixMatch | None = None
         for entry in itertools.islice(reversed(found.values()), MAX_TAIL_CANDIDATES):
@@ -211,6 +232,8 @@ class PrefixCache:
             if differ is not None:
                 n = min(n, differ)
             n = min(n, len(prompt) - 1)
+            if n < entry.ring_from:  # its rings cannot continue from there
+                continue
             if best is None or n > best.length:
                 best = PrefixMatch(entry, n)
         if (
@@ -233,16 +256,29 @@ class PrefixCache:
             self.hits += 1
             self.hit_tokens += match.length
 
-    def store(self, blocks: Sequence[int], tokens: list[int], marks: ImageMarks) -> None:
+    def store(
+        self,
+        blocks: Sequence[int],
+        tokens: list[int],
+        marks: ImageMarks,
+        keep_ring: Callable[[], list[int] | None] | None = None,
+        ring_from: int = 0,
+    ) -> None:
         """Keep the keys/values of ``tokens``, held in ``blocks`` (position order), as an entry, unless
         an entry already covers them; an entry they extend, or the least recently used one when the
-        cache is full, makes room."""
+        cache is full, makes room. With sliding-window layers, ``keep_ring()`` copies the rings into
+        blocks it takes for the cache (None: no room, no entry), and the entry serves matches of at
+        least ``ring_from`` tokens."""
         if not self.enabled or len(tokens) < MIN_MATCH_TOKENS:
             return
         marks = marks_within(marks, len(tokens))
         chain = block_chain(tokens, self.block_size, marks)
         for entry in self._index.get(chain[-1], {}).values():
-            if entry.tokens[: len(tokens)] == tokens and marks_within(entry.marks, len(tokens)) == marks:
+            if (
+                entry.tokens[: len(tokens)] == tokens
+                and marks_within(entry.marks, len(tokens)) == marks
+                and entry.ring_from <= ring_from
+            ):
                 self._touch(entry)
                 return
         superseded = [
@@ -252,14 +288,21 @@ class PrefixCache:
             if len(entry.chain) == depth
             and tokens[: len(entry.tokens)] == entry.tokens
             and entry.marks == marks_within(marks, len(entry.tokens))
+            and ring_from <= entry.ring_from
         ]
+        ring: list[int] = []
+        if keep_ring is not None:
+            kept = keep_ring()
+            if kept is None:
+                return
+            ring = kept
         for entry in superseded:
             self._drop(entry)
         while len(self._entries) >= self.capacity:
             self._drop(next(iter(self._lru.values())))
         held = list(blocks[: -(-len(tokens) // self.block_size)])
         self.blocks.share(held, cached=True)
-        entry = PrefixEntry(held, list(tokens), marks, chain)
+        entry = PrefixEntry(held, list(tokens), marks, chain, ring, ring_from)
         self._entries[id(entry)] = entry
         self._lru[id(entry)] = entry
         for key in chain:
@@ -277,6 +320,9 @@ class PrefixCache:
         victim = next((e for e in entries if e is not keep and self.blocks.holders(e.blocks[-1]) == 1), None)
         victim = victim or next((e for e in entries if e is not keep), keep)
         assert victim is not None
+        if victim.ring:  # (its rings are of its end)
+            self._drop(victim)
+            return True
         kept_blocks = len(victim.blocks) - 1
         kept_tokens = min(len(victim.tokens), kept_blocks * self.block_size)
         if kept_tokens < MIN_MATCH_TOKENS:
@@ -316,7 +362,7 @@ class PrefixCache:
         for key in entry.chain:
             self._unindex(entry, key)
         self.tokens_held -= len(entry.tokens)
-        self.blocks.release(entry.blocks, cached=True)
+        self.blocks.release(entry.blocks + entry.ring, cached=True)
 
     def _unindex(self, entry: PrefixEntry, key: int) -> None:
         holders = self._index[key]

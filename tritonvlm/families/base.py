@@ -376,10 +376,10 @@ class Family:
 
     @property
     def supports_prefix_cache(self) -> bool:
-        """Whether a prompt may start from another sequence's cached keys/values: only when every layer
-        attends fully (a sliding ring has lost the early keys; cross layers hold per-image states), and
-        the family honours ``seq.prefill_range`` (see :attr:`supports_chunked_prefill`)."""
-        return all(kind.is_full for kind in self.layer_kinds())
+        """Whether a prompt may start from another sequence's cached keys/values (and sliding layers'
+        rings): not where cross layers hold per-image states. The family must honour
+        ``seq.prefill_range`` (see :attr:`supports_chunked_prefill`)."""
+        return not any(kind.is_cross for kind in self.layer_kinds())
 
     @property
     def supports_chunked_prefill(self) -> bool:
