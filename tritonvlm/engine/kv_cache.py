@@ -35,6 +35,7 @@ import torch
 from tritonvlm.engine import paged_attention
 from tritonvlm.engine.block_manager import BlockAllocator
 from tritonvlm.families.base import FULL, LayerKind
+from tritonvlm.modeling.device import device_tensor
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -241,7 +242,7 @@ class PagedKVCache:
             chunks = self._ring_chunks(torch.stack([pools[i][slot, :, :columns] for i in self._ring_layers]))
             for k, layer in enumerate(self._full_layers):
                 mine = chunks[k :: len(self._full_layers)]
-                where = torch.tensor(list(blocks[: mine.shape[0]]), device=self.device)
+                where = device_tensor(list(blocks[: mine.shape[0]]), torch.long, self.device)
                 pools[layer].index_copy_(0, where, mine)
 
     def load_ring(self, slot: int, columns: int, blocks: Sequence[int]) -> None:
@@ -253,7 +254,7 @@ class PagedKVCache:
             chunks = pools[self._full_layers[0]].new_empty(sliding * per_layer, *shape[2:])
             for k, layer in enumerate(self._full_layers):
                 count = len(range(k, chunks.shape[0], full))
-                where = torch.tensor(list(blocks[:count]), device=self.device)
+                where = device_tensor(list(blocks[:count]), torch.long, self.device)
                 chunks[k::full] = pools[layer].index_select(0, where)
             rings = chunks.view(shape).permute(0, 3, 1, 2, 4).reshape(sliding, self.heads, -1, self.head_dim)
             for j, layer in enumerate(self._ring_layers):
