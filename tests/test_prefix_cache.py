@@ -167,6 +167,48 @@ def test_entries_hold_their_blocks_until_evicted_superseded_or_pushed_out():
     assert cache.entries == [] and pool.used_blocks == 0 and cache.tokens_held == 0
 
 
+def test_entries_with_rings_serve_only_what_their_rings_continue():
+    """Entries with rings (sliding-window layers) serve matches of at least their ``ring_from`` tokens:
+    a lookup falls back to a shorter entry whose rings can continue where a longer one's cannot; an
+    entry covers or supersedes another only where it serves all the other serves; eviction drops such
+    an entry whole, rings included."""
+    pool = BlockAllocator(64)
+    cache = PrefixCache(4, pool, BLOCK)
+
+    def keep_rings(n: int):
+        def keep() -> list[int]:
+            blocks = pool.allocate(n)
+            pool.share(blocks, cached=True)
+            pool.release(blocks)
+            return blocks
+
+        return keep
+
+    def store(tokens: list[int], ring_from: int) -> None:
+        blocks = pool.allocate(-(-len(tokens) // BLOCK))
+        cache.store(blocks, tokens, (), keep_rings(2), ring_from)
+        pool.release(blocks)
+
+    short, long = list(range(12)), list(range(40))
+    store(short, 0)  # (within the window: any match)
+    store(long, 40)  # (only its whole length)
+    assert len(cache.entries) == 2 and pool.used_blocks == 3 + 10 + 2 * 2  # neither covers the other
+    assert cache.lookup(list(range(30)) + [7], ()).entry.tokens == short  # long's rings cannot do 30
+    match = cache.lookup(long + [7], ())
+    assert match.entry.tokens == long and match.length == 40
+    assert cache.lookup(long, ()).entry.tokens == short  # 39 tokens: long's rings cannot continue
+    used = pool.used_blocks
+    store(list(range(20)), 20)  # long holds its tokens, but its rings cannot serve 20: kept
+    assert len(cache.entries) == 3 and pool.used_blocks == used + 5 + 2
+    store(list(range(11)), 0)  # short serves all it would: nothing new
+    assert len(cache.entries) == 3 and pool.used_blocks == used + 5 + 2
+    store(list(range(14)), 0)  # serves all short does, and more: short goes
+    assert sorted(len(e.tokens) for e in cache.entries) == [14, 20, 40]
+    while cache.evict():
+        pass
+    assert cache.entries == [] and pool.used_blocks == 0
+
+
 def test_many_conversations_each_find_their_own_through_the_block_index(monkeypatch):
     """300 conversations behind one shared system prompt: each next turn finds its own conversation,
     and a lookup compares tokens with a bounded number of entries, not with all of them."""

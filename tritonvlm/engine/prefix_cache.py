@@ -212,20 +212,22 @@ class PrefixCache:
             if not holders:
                 break
             levels.append(holders)
-        # The deepest level's entries match longest; shallower ones only matter where rings make the
-        # deeper ones unusable.
+        # The deepest level's entries match longest; shallower ones are tried only where rings made
+        # entries there unusable.
         for depth in range(len(levels) - 1, -1, -1):
-            best = self._best_at(levels[depth], depth, prompt, marks)
-            if best is not None:
+            best, ring_bound = self._best_at(levels[depth], depth, prompt, marks)
+            if best is not None or not ring_bound:
                 return best
         return None
 
     def _best_at(
         self, found: dict[int, PrefixEntry], depth: int, prompt: list[int], marks: ImageMarks
-    ) -> PrefixMatch | None:
-        """The longest usable match among ``found``, entries that hold ``depth`` full blocks of it."""
+    ) -> tuple[PrefixMatch | None, bool]:
+        """The longest usable match among ``found``, entries that hold ``depth`` full blocks of it, and
+        whether some entry there could not serve its match because of its rings."""
         start, stop = depth * self.block_size, (depth + 1) * self.block_size
         best: PrefixMatch | None = None
+        ring_bound = False
         for entry in itertools.islice(reversed(found.values()), MAX_TAIL_CANDIDATES):
             n = common_prefix(entry.tokens, prompt, start, stop)
             differ = marks_differ_at(entry.marks, marks_within(marks, len(entry.tokens)))
@@ -233,6 +235,7 @@ class PrefixCache:
                 n = min(n, differ)
             n = min(n, len(prompt) - 1)
             if n < entry.ring_from:  # its rings cannot continue from there
+                ring_bound = True
                 continue
             if best is None or n > best.length:
                 best = PrefixMatch(entry, n)
@@ -241,8 +244,8 @@ class PrefixCache:
             or best.length < MIN_MATCH_TOKENS
             or best.entry.tokens[: best.length] != prompt[: best.length]
         ):
-            return None  # (the last check: a hash collision)
-        return best
+            return None, ring_bound  # (the last check: a hash collision)
+        return best, ring_bound
 
     def record(self, prompt_len: int, match: PrefixMatch | None) -> None:
         """A prompt of ``prompt_len`` tokens started from ``match`` (None: from nothing)."""
