@@ -209,6 +209,52 @@ def test_entries_with_rings_serve_only_what_their_rings_continue():
     assert cache.entries == [] and pool.used_blocks == 0
 
 
+def test_rings_kept_for_a_new_entry_push_out_the_least_recently_used_entries():
+    """A pool too full to take a new entry's ring copy without eating into what running sequences may
+    need: the least recently used entries go (rings and all) to make the room; where even the whole
+    cache would not do, the new entry is not kept."""
+    from tritonvlm.engine.kv_admission import KVAdmission
+    from tritonvlm.engine.kv_cache import PagedKVCache
+    from tritonvlm.families.base import FULL, LayerKind
+
+    kinds = [LayerKind("sliding", 8), FULL, LayerKind("sliding", 8)]
+    cache = PagedKVCache(
+        3, 2, 4, 2, 64, torch.float32, torch.device("cpu"), kinds, num_blocks=40, block_size=BLOCK
+    )
+    entries = PrefixCache(8, cache.allocator, BLOCK)
+    kv = KVAdmission(cache, entries, preemptive=True)
+    assert cache.ring_blocks_for(8) == 4 and kv.margin == 1
+
+    def store(first: int) -> None:  # a 12-token prompt in slot 0, kept with its rings
+        tokens = list(range(first, first + 12))
+        blocks = cache.allocator.allocate(3)
+        entries.store(blocks, tokens, (), lambda: kv.keep_ring(0, 12), 0)
+        cache.allocator.release(blocks)
+
+    for first in (100, 200, 300, 400, 500):  # 7 blocks each: 35 of 40
+        store(first)
+    assert len(entries.entries) == 5 and cache.allocator.free_blocks == 5
+    entries.record(13, entries.lookup(list(range(100, 113)), ()))  # the first is used again
+    store(600)  # 4 free after its 3 token blocks, too few for 4 ring blocks and the margin: 200 goes
+    assert sorted(e.tokens[0] for e in entries.entries) == [100, 300, 400, 500, 600]
+    # A prompt's entry and its finished sequence's share their last block (neither frees it alone):
+    # with rings they still go first when least recently used.
+    blocks = cache.allocator.allocate(4)
+    entries.store(blocks, list(range(800, 813)), (), lambda: kv.keep_ring(0, 13), 0)
+    entries.store(blocks, list(range(800, 815)), (), lambda: kv.keep_ring(0, 15), 15)
+    cache.allocator.release(blocks)
+    for entry in [e for e in entries.entries if e.tokens[0] != 800]:
+        entries.record(13, entries.lookup(entry.tokens + [1], ()))  # the others are used again
+    assert entries.evict() and sorted(len(e.tokens) for e in entries.entries if e.tokens[0] == 800) == [15]
+    while entries.evict():
+        pass
+    spare = cache.allocator.allocate(cache.allocator.free_blocks - 3)  # (running sequences' blocks)
+    store(700)  # nothing left to give back, and nothing free after its prompt's blocks: not kept
+    assert entries.entries == [] and cache.allocator.used_blocks == len(spare)
+    cache.allocator.release(spare)
+    assert cache.allocator.used_blocks == 0
+
+
 def test_many_conversations_each_find_their_own_through_the_block_index(monkeypatch):
     """300 conversations behind one shared system prompt: each next turn finds its own conversation,
     and a lookup compares tokens with a bounded number of entries, not with all of them."""

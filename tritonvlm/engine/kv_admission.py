@@ -84,13 +84,15 @@ class KVAdmission:
 
     def keep_ring(self, slot: int, length: int) -> list[int] | None:
         """Copy ``slot``'s rings (of a sequence that has written ``length`` positions) into blocks held
-        by the prefix cache alone; None where taking them would leave fewer free than the running
-        sequences may need this step and the margin."""
+        by the prefix cache alone. Older entries give theirs back (least recently used first) where
+        taking them would leave fewer free than the running sequences may need this step and the
+        margin; None where even that cannot make the room."""
         cache, allocator = self.cache, self.cache.allocator
         columns = min(length, cache.ring_columns)
         need = cache.ring_blocks_for(columns)
-        if allocator.free_blocks - need < self.margin + len(self.holders):
-            return None
+        while allocator.free_blocks - need < self.margin + len(self.holders):
+            if need > allocator.free_blocks + allocator.cache_only_blocks or not self.prefix_cache.evict():
+                return None
         blocks = allocator.allocate(need)
         cache.save_ring(slot, columns, blocks)
         allocator.share(blocks, cached=True)

@@ -295,12 +295,13 @@ class PrefixCache:
         ]
         ring: list[int] = []
         if keep_ring is not None:
-            kept = keep_ring()
+            kept = keep_ring()  # (may evict entries to make room)
             if kept is None:
                 return
             ring = kept
         for entry in superseded:
-            self._drop(entry)
+            if self.holds(entry):
+                self._drop(entry)
         while len(self._entries) >= self.capacity:
             self._drop(next(iter(self._lru.values())))
         held = list(blocks[: -(-len(tokens) // self.block_size)])
@@ -316,11 +317,14 @@ class PrefixCache:
         """Let go of the last block of the least recently used entry whose last block that frees (held
         by it alone, not by a running sequence or a longer entry), else of the least recently used
         entry's (``keep``'s last of all); an entry left with fewer than :data:`MIN_MATCH_TOKENS` tokens
-        goes. False when there is none."""
+        goes, and so does an entry with rings, whole (the least recently used, whatever its last
+        block: its rings are freed). False when there is none."""
         if not self._lru:
             return False
         entries = self._lru.values()
-        victim = next((e for e in entries if e is not keep and self.blocks.holders(e.blocks[-1]) == 1), None)
+        # (an entry with rings frees them whatever its last block: the least recently used goes)
+        frees = (e for e in entries if e is not keep and (e.ring or self.blocks.holders(e.blocks[-1]) == 1))
+        victim = next(frees, None)
         victim = victim or next((e for e in entries if e is not keep), keep)
         assert victim is not None
         if victim.ring:  # (its rings are of its end)
