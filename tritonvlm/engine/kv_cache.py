@@ -344,7 +344,8 @@ class PagedKVCache:
         With ``offsets`` (a prefix-cache hit, a later chunk), row i's slot already holds the keys of its
         first ``offsets[i]`` prompt tokens: the new tokens' keys go after them and attention spans
         positions ``0 .. kv_len-1`` of the slot in the full layers, the ring as it was (the window
-        before the new tokens) and the new keys in the sliding ones (no cross layers)."""
+        before the new tokens) and the new keys in the sliding ones (cross layers: their states, written
+        again)."""
         states = list(state_lengths) if state_lengths is not None else [0] * num_rows
         for i, n in enumerate(states):
             if not 0 <= n <= self.max_states:
@@ -355,8 +356,6 @@ class PagedKVCache:
         self._lengths = list(lengths)
         self._state_width = max(states, default=0)
         self._offsets = list(offsets) if offsets is not None and any(offsets) else None
-        if self._offsets is not None and self.cross_layers:
-            raise ValueError("a prefill after cached keys cannot have cross-attention layers")
         self._kv_len = kv_len
         starts = self._offsets or [0] * num_rows
         rows, tokens, write_at = [], [], []

@@ -122,7 +122,7 @@ class LLMEngine:
             self.async_output,
             self.async_scheduling,
         )
-        # Chunked prefill needs a prefill that starts after keys already in the slot (no cross layers).
+        # Chunked prefill needs a prefill that starts after keys already in the slot.
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_chunked_prefill else 0
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
@@ -221,8 +221,9 @@ class LLMEngine:
         if self.prefix_cache.enabled:  # here, on the caller's thread: hashing images takes a while
             per_image = image_digests if seq.mm else None
             digest = mm_digest if seq.mm and mm_digest is not None else None
-            if digest is None and not per_image:
-                digest = tensors_digest(seq.mm)
+            if digest is None and not per_image:  # (not of tensors that depend on the prompt)
+                own = self.family.prompt_mm_tensors
+                digest = tensors_digest({name: t for name, t in seq.mm.items() if name not in own})
             seq.image_marks = image_marks(seq.prompt_ids, self._placeholders, digest, per_image)
         self._incoming.put(seq)
         self._wakeup.set()

@@ -377,20 +377,19 @@ class Family:
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether a prompt may start from another sequence's cached keys/values (and sliding layers'
-        rings): not where cross layers hold per-image states. The family must honour
-        ``seq.prefill_range`` (see :attr:`supports_chunked_prefill`)."""
-        return not any(kind.is_cross for kind in self.layer_kinds())
+        rings; cross layers' states are written again by the prefill from the request's own images).
+        The family must honour ``seq.prefill_range`` (see :attr:`supports_chunked_prefill`)."""
+        return True
 
     @property
     def supports_chunked_prefill(self) -> bool:
         """Whether a long prompt may be prefilled a chunk per step, each chunk after the keys its slot
-        holds: where every layer attends fully or in a sliding window (the ring holds the window the
-        next chunk attends to), not where cross layers take states only the first prefill writes. A
-        family whose ``attention_mask`` or ``prefill_kwargs`` assume a prefill of the whole prompt from
-        position 0 must honour ``seq.prefill_range`` (the prompt tokens a prefill computes) or say
-        False; one whose prompt tokens attend to later ones sets where chunks end
-        (:meth:`chunk_end`)."""
-        return not any(kind.is_cross for kind in self.layer_kinds())
+        holds (a sliding layer's ring holds the window the next chunk attends to; cross layers' states
+        are written by every chunk). A family whose ``attention_mask`` or ``prefill_kwargs`` assume a
+        prefill of the whole prompt from position 0 must honour ``seq.prefill_range`` (the prompt
+        tokens a prefill computes) or say False; one whose prompt tokens attend to later ones sets
+        where chunks end (:meth:`chunk_end`)."""
+        return True
 
     def chunk_end(self, seq: Sequence, end: int) -> int:
         """Where a chunk of ``seq``'s prompt that would end before token ``end`` ends instead (a chunk

@@ -179,7 +179,10 @@ class MllamaFamily(Family):
         return additive * gate[:, None], gate
 
     def prefill_kwargs(self, seqs: list[Sequence], length: int, device: torch.device) -> dict[str, Any]:
-        """The prompts' states (zeros for text-only rows), additive cross masks and row gates."""
+        """The prompts' states (zeros for text-only rows), additive cross masks and row gates, for the
+        rows each prefill computes (``seq.prefill_range``: after cached keys, a chunk). The states are
+        written to the cache by every prefill of a prompt (a prefix-cache hit or a later chunk needs
+        them in its slot too), and dropped from the sequence after its last."""
         widths = [self.cross_state_length(s) for s in seqs]
         width = max(widths)
         if width == 0:
@@ -192,13 +195,17 @@ class MllamaFamily(Family):
         for i, (seq, n) in enumerate(zip(seqs, widths, strict=True)):
             if n == 0:
                 continue
-            # The states go to the KV cache now: the sequence need not keep the host copy.
-            states[i, :n] = seq.mm.pop(STATES).to(device, self._dtype)
+            start, end = seq.prefill_range
+            last = end >= seq.prefill_target
+            # After the last prefill the states are in the KV cache: the sequence need not keep them.
+            states[i, :n] = (seq.mm.pop(STATES) if last else seq.mm[STATES]).to(device, self._dtype)
             additive, row_gate = self.cross_masks(seq.mm[MASK].to(device))
-            mask[i, 0, : seq.prompt_len, :n] = additive
-            mask[i, 0, : seq.prompt_len, n:] = lowest
-            gate[i, 0, : seq.prompt_len, 0] = row_gate
-            seq.mm[_DECODE_MASK], seq.mm[_DECODE_GATE] = additive[-1], row_gate[-1]
+            rows = min(end, seq.prompt_len) - start
+            mask[i, 0, :rows, :n] = additive[start : start + rows]
+            mask[i, 0, :rows, n:] = lowest
+            gate[i, 0, :rows, 0] = row_gate[start : start + rows]
+            if last:
+                seq.mm[_DECODE_MASK], seq.mm[_DECODE_GATE] = additive[-1], row_gate[-1]
         return {
             "cross_attention_states": states,
             "cross_attention_mask": mask,
