@@ -1,6 +1,6 @@
 """Chunked prefill: while other sequences decode, a long prompt is prefilled a chunk per step between
 their decode steps, and every sequence still gets exactly the tokens transformers' generate() gives it
-alone, for every model family (those with cross-attention layers prefill whole)."""
+alone, for every model family."""
 
 from __future__ import annotations
 
