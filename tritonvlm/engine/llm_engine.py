@@ -28,7 +28,7 @@ from tritonvlm.engine.logprobs import LogprobsRow, TokenTexts
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.outputs import OutputPath
 from tritonvlm.engine.overlap import InflightPart, InflightStep, PendingOutput
-from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks
+from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks, ring_start
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
@@ -39,16 +39,6 @@ from tritonvlm.modeling.device import device_tensor
 from tritonvlm.wire import InvalidRequestError
 
 log = logging.getLogger("tritonvlm.engine")
-
-
-def ring_start(length: int, window: int, exact: bool) -> int:
-    """The shortest prefix-cache match that rings copied at the end of ``length`` tokens can continue
-    (a prefill from position m attends to the ``window - 1`` positions before m in the sliding
-    layers). ``exact``: nothing was written past them (a copy right after the prompt's prefill);
-    else the step after may have fed one more token, overwriting the oldest position of the ring."""
-    if length < window or (exact and length == window):
-        return 0  # (the rings hold every position)
-    return length - 1 if exact else length
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -504,13 +494,11 @@ class LLMEngine:
         cache = self.runner.cache
         blocks = cache.slot_blocks[seq.slot]
         keep_ring, ring_from = None, 0
-        if cache.has_sliding:
+        if cache.has_sliding:  # the entry keeps the rings too
             if prompt_only and seq.prefilled != len(held):  # (resumed: its rings are past its prompt)
                 return
-            keep_ring, ring_from = (
-                partial(self.kv.keep_ring, seq.slot, len(held)),
-                ring_start(len(held), cache.ring_columns, exact=prompt_only),
-            )
+            keep_ring = partial(self.kv.keep_ring, seq.slot, len(held))
+            ring_from = ring_start(len(held), cache.ring_columns, exact=prompt_only)
         try:
             self.prefix_cache.store(blocks, held, seq.image_marks, keep_ring, ring_from)
         except Exception:

@@ -100,6 +100,16 @@ def image_marks(
     return ((first_placeholder(ids, placeholder_ids), digest),)
 
 
+def ring_start(length: int, window: int, exact: bool) -> int:
+    """The shortest match that rings copied at the end of ``length`` tokens can continue (a prefill
+    from position m attends to the ``window - 1`` positions before m in the sliding layers).
+    ``exact``: nothing was written past them (a copy right after the prompt's prefill); else the step
+    after may have fed one more token, overwriting the oldest position of the ring."""
+    if length < window or (exact and length == window):
+        return 0  # (the rings hold every position)
+    return length - 1 if exact else length
+
+
 def marks_within(marks: ImageMarks, length: int) -> ImageMarks:
     """The marks of images that start in the first ``length`` tokens."""
     return tuple(mark for mark in marks if mark[0] < length)
