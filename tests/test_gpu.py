@@ -68,7 +68,7 @@ def run_staggered(engine: LLMEngine, cases) -> dict[str, list[int]]:
 )
 def test_engine_on_cuda_matches_generate(cuda_setup, chunk, tight):
     """Staggered arrivals join a running batch; with 8-token chunks every later prompt is prefilled in
-    chunks between the running sequences' decode steps (families with full attention only); with a
+    chunks between the running sequences' decode steps (every family); with a
     tight KV budget (blocks for one 512-token sequence) running sequences are preempted and resumed."""
     model, family, tokenizer, cases, dtype = cuda_setup
     budget = str(one_sequence_budget(family, getattr(torch, dtype))) if tight else ""
@@ -219,22 +219,24 @@ def test_a_host_table_edit_waits_until_the_device_has_copied_the_table():
     assert cache.tables[0, :3].tolist() == before  # the copy read the table as it was at sync time
 
 
-def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
-    """A prompt that starts from cached keys/values (same image, another question) gets generate()'s
-    tokens on the GPU too (float32; attention lengths rounded up to CUDA's buckets)."""
+@pytest.mark.parametrize(
+    "name,again",
+    [("qwen2_5_vl", "What is in this image?"), ("gemma3", "What is in this image? One sentence.")],
+)
+def test_prefix_cache_hit_on_cuda_matches_generate(family_kit, name, again):
+    """A prompt that starts from cached keys/values (same image, another question; Gemma 3, whose
+    window is shorter than the prompt: the same prompt again, from its entry's ring copy) gets
+    generate()'s tokens on the GPU too (float32; attention lengths rounded up to CUDA's buckets)."""
     from family_harness import Case, conversation
 
-    kit = family_kit("qwen2_5_vl")
+    kit = family_kit(name)
     model = kit.family_cls.load_model(str(kit.model_dir), device="cuda", dtype=torch.float32)
     family = kit.family_cls(model.config)
     engine = LLMEngine(model, kit.tokenizer, EngineConfig(max_model_len=512), family)
     image = make_image(64, 48, "red")
     results = {}
-    for name, text in (
-        ("first", "What is in this image? One sentence."),
-        ("again", "What is in this image?"),
-    ):
-        case = Case(name, conversation(text, 1), [image])
+    for request, text in (("first", "What is in this image? One sentence."), ("again", again)):
+        case = Case(request, conversation(text, 1), [image])
         processed = kit.preprocessor(case.messages, case.images)
         mm = family.encode(model, [{k: torch.from_numpy(v) for k, v in processed.mm.items()}])[0]
         inputs = {k: v.to("cuda") for k, v in kit.reference_inputs(case).items()}
@@ -242,7 +244,7 @@ def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
             ref = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
         outs = []
         engine.add_request(
-            name,
+            request,
             processed.input_ids.tolist(),
             SamplingParams(max_tokens=MAX_NEW, temperature=0),
             outs.append,
@@ -250,8 +252,8 @@ def test_prefix_cache_hit_on_cuda_matches_generate(family_kit):
         )
         while not (outs and outs[-1].finished):
             engine.step()
-        results[name] = ([t for o in outs for t in o.token_ids], outs[-1].cached_tokens)
-        assert results[name][0] == ref[0, inputs["input_ids"].shape[1] :].tolist(), name
+        results[request] = ([t for o in outs for t in o.token_ids], outs[-1].cached_tokens)
+        assert results[request][0] == ref[0, inputs["input_ids"].shape[1] :].tolist(), request
     assert results["first"][1] == 0 and results["again"][1] > 0
 
 
