@@ -9,6 +9,8 @@ and the long prompt's TTFT; each setting after a warm-up pass of its own:
 
     python scripts/bench_chunked_prefill.py                       # CPU: medium test model, 2,048-token prompt
     python scripts/bench_chunked_prefill.py --shape qwen2.5-vl-7b --long-tokens 8000 --chunks 0,2048,512
+    python scripts/bench_chunked_prefill.py --model-dir DIR      # any model of a served family (e.g. a
+                                                                 # Gemma 3 test model: sliding layers)
 """
 
 from __future__ import annotations
@@ -75,11 +77,27 @@ def one_pass(engine: Any, args: Any, long_prompt: list[int], short_prompt: list[
     }
 
 
+def load_model_dir(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """``(model stripped for decoding, its family, its tokenizer)`` from a model directory."""
+    from transformers import AutoTokenizer
+
+    from tritonvlm.families import family_for_model
+
+    log(f"loading {path} on {device} ({dtype})")
+    family = family_for_model(str(path))
+    model = family.load_model(str(path), device=str(device), dtype=dtype)
+    family.strip_for_decoder(model)
+    return model, family, AutoTokenizer.from_pretrained(str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default=None, help="medium (CPU default) or a bench_engine shape")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="a model directory instead of --shape (its own weights)"
+    )
     parser.add_argument("--running", type=int, default=None, help="sequences decoding (CPU 4, GPU 32)")
     parser.add_argument(
         "--long-tokens", type=int, default=None, help="the arriving prompt (CPU 2048, GPU 8000)"
@@ -103,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [int(c) for c in (args.chunks or ("0,2048,512" if gpu else "0,512,256")).split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model, family, tokenizer = load_decoder(args.shape, args.workdir or Path(tmp), device, dtype)
+        if args.model_dir is not None:
+            model, family, tokenizer = load_model_dir(args.model_dir, device, dtype)
+            args.shape = str(args.model_dir)
+        else:
+            model, family, tokenizer = load_decoder(args.shape, args.workdir or Path(tmp), device, dtype)
         long_prompt = synthetic_prompt(model, args.long_tokens)
         short_prompt = long_prompt[:32]
         for chunk in chunks:
