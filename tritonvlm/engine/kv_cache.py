@@ -238,27 +238,34 @@ class PagedKVCache:
     def save_ring(self, slot: int, columns: int, blocks: Sequence[int]) -> None:
         """Copy the first ``columns`` ring columns of ``slot`` in every sliding layer into ``blocks``
         (:meth:`ring_blocks_for` of them)."""
+        wheres = self._ring_block_indices(columns, blocks)
         for pools in (self.keys, self.values):
             chunks = self._ring_chunks(torch.stack([pools[i][slot, :, :columns] for i in self._ring_layers]))
-            for k, layer in enumerate(self._full_layers):
-                mine = chunks[k :: len(self._full_layers)]
-                where = device_tensor(list(blocks[: mine.shape[0]]), torch.long, self.device)
-                pools[layer].index_copy_(0, where, mine)
+            for k, (layer, where) in enumerate(zip(self._full_layers, wheres, strict=True)):
+                pools[layer].index_copy_(0, where, chunks[k :: len(self._full_layers)])
 
     def load_ring(self, slot: int, columns: int, blocks: Sequence[int]) -> None:
         """Fill the first ``columns`` ring columns of ``slot`` in every sliding layer from ``blocks``
         (written by :meth:`save_ring`)."""
         full, sliding, per_layer = len(self._full_layers), len(self._ring_layers), self.blocks_for(columns)
         shape = (sliding, per_layer, self.block_size, self.heads, self.head_dim)
+        wheres = self._ring_block_indices(columns, blocks)
         for pools in (self.keys, self.values):
             chunks = pools[self._full_layers[0]].new_empty(sliding * per_layer, *shape[2:])
-            for k, layer in enumerate(self._full_layers):
-                count = len(range(k, chunks.shape[0], full))
-                where = device_tensor(list(blocks[:count]), torch.long, self.device)
+            for k, (layer, where) in enumerate(zip(self._full_layers, wheres, strict=True)):
                 chunks[k::full] = pools[layer].index_select(0, where)
             rings = chunks.view(shape).permute(0, 3, 1, 2, 4).reshape(sliding, self.heads, -1, self.head_dim)
             for j, layer in enumerate(self._ring_layers):
                 pools[layer][slot, :, :columns] = rings[j, :, :columns]
+
+    def _ring_block_indices(self, columns: int, blocks: Sequence[int]) -> list[torch.Tensor]:
+        """Per full layer, the blocks of ``blocks`` its pool holds ring chunks in (chunk i: full layer
+        ``i % full``, block ``i // full``), on the device (one copy for keys and values)."""
+        chunks, full = len(self._ring_layers) * self.blocks_for(columns), len(self._full_layers)
+        return [
+            device_tensor(list(blocks[: len(range(k, chunks, full))]), torch.long, self.device)
+            for k in range(full)
+        ]
 
     def _ring_chunks(self, rings: torch.Tensor) -> torch.Tensor:
         """``[sliding, heads, columns, dim]`` rings as ``[sliding * blocks, block_size, heads, dim]``

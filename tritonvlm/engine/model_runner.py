@@ -171,8 +171,7 @@ class ModelRunner:
         the ring's columns as they were (column c holds the last position before the row's start that
         is c modulo the ring; none where that is negative), then the new keys; each within the window
         behind the query."""
-        window = int(self.cache.sliding_window)
-        ring = min(window, self.cache.max_len)  # (the ring's columns: PagedKVCache.layer_columns)
+        window, ring = int(self.cache.sliding_window), self.cache.ring_columns
         last = start[:, None] - 1
         held = last - (last - torch.arange(ring, device=self.device)[None, :]) % ring  # [rows, ring]
         query = query_pos[:, :, None]

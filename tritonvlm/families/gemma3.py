@@ -115,22 +115,18 @@ class Gemma3Family(Family):
         same_image = same_image[:, None]  # [rows, 1, query, new key]
         if not bool(same_image.any()):
             return masks
-        after_keys = any(k for k, _ in ranges)
         out = dict(masks)
-        if not after_keys:
-            out["full_attention"] = full | same_image
-        else:
-            placed = torch.zeros_like(full)
-            for i, (k, _) in enumerate(ranges):
-                width = min(queries, full.shape[-1] - k)
-                placed[i, :, :, k : k + width] = same_image[i, :, :, :width]
-            out["full_attention"] = full | placed
+        placed = torch.zeros_like(full)  # (the full layers' keys are at their positions)
+        for i, (k, _) in enumerate(ranges):
+            width = min(queries, full.shape[-1] - k)
+            placed[i, :, :, k : k + width] = same_image[i, :, :, :width]
+        out["full_attention"] = full | placed
         if "sliding_attention" in masks:
             window = int(self.text_config.sliding_window)
             cols = torch.arange(queries, device=full.device)
             near = same_image & ((cols[:, None] - cols[None, :]) < window)  # key > query - window
             sliding = masks["sliding_attention"]
-            ring = sliding.shape[-1] - queries if after_keys else 0  # (the ring's columns come first)
+            ring = sliding.shape[-1] - queries  # (after keys in the slots: the ring's columns first)
             out["sliding_attention"] = torch.cat([sliding[..., :ring], sliding[..., ring:] | near], dim=-1)
         return out
 
