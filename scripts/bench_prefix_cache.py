@@ -3,8 +3,8 @@
 
 Starts `tritonvlm serve` on the medium test model (built once, cached; or --model-dir), then for each
 round sends a request with a new long shared prefix (a ~1,000-token system prompt: a miss) and
-another with the same prefix and a different question (a hit), streaming, one at a time; and the same
-with an image (the same picture, two questions). Prints TTFT p50 of misses and hits, the reduction, and
+another with the same prefix and a different question (a hit; ``--followups N``: N of them, each
+reported), streaming, one at a time; and the same with an image (the same picture, two questions). Prints TTFT p50 of misses and hits, the reduction, and
 the cached tokens the server reported in ``usage``. Then ``--conversations`` conversations, each with a
 system prompt of its own: every first turn, then every second turn (the first answer fed back); a
 second turn finds its conversation's keys/values only if the cache kept all of them meanwhile.
@@ -12,6 +12,7 @@ second turn finds its conversation's keys/values only if the cache kept all of t
     .venv/bin/python scripts/bench_prefix_cache.py
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 5 --prefix-words 700 --json out.json
     .venv/bin/python scripts/bench_prefix_cache.py --rounds 0 --conversations 64
+    .venv/bin/python scripts/bench_prefix_cache.py --model-dir GEMMA3_DIR --followups 2
     .venv/bin/python scripts/bench_prefix_cache.py --lookups    # the lookup alone, no server
     .venv/bin/python scripts/bench_prefix_cache.py --burst 8 --prefix-words 130   # engine alone
     .venv/bin/python scripts/bench_prefix_cache.py --pressure 8 --prefix-words 150  # engine alone
@@ -71,6 +72,10 @@ WORDS = (
     "prism",
     "nectar",
 )
+
+
+# The questions after a round's first ("what is the first word?"): they share all but the ordinal.
+FOLLOWUPS = ("last", "second", "third", "fourth")
 
 
 def system_prompt(seed: int, words: int) -> str:
@@ -289,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model-dir", type=Path, help="model to serve (default: the medium test model)")
     parser.add_argument("--rounds", type=int, default=4, help="miss/hit pairs per case (default 4)")
+    parser.add_argument(
+        "--followups",
+        type=int,
+        default=1,
+        choices=range(1, len(FOLLOWUPS) + 1),
+        help="questions after each round's miss (default 1); with sliding-window layers (Gemma 3) and a "
+        "prefix longer than the window the second request keeps the shared start, the third on use it",
+    )
     parser.add_argument("--prefix-words", type=int, default=350, help="system prompt words (~3 tokens each)")
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (default 448)")
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -342,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         url = "data:image/png;base64," + base64.b64encode(png).decode()
         results: dict[str, dict] = {}
         for case in ("text prefix", "image prefix") if args.rounds else ():
-            misses, hits, cached, prompt = [], [], [], 0
+            misses, prompt = [], 0
+            hits: list[list[float]] = [[] for _ in range(args.followups)]
+            cached: list[list[int]] = [[] for _ in range(args.followups)]
             for r in range(args.rounds):
                 if case == "text prefix":
                     system = {"role": "system", "content": system_prompt(1000 + r, args.prefix_words)}
@@ -363,23 +378,31 @@ def main(argv: list[str] | None = None) -> int:
                         return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
 
                 t_miss, prompt, _ = ttft(client, ask(f"Round {r}: what is the first word?"), args.max_tokens)
-                t_hit, _, c = ttft(client, ask(f"Round {r}: what is the last word?"), args.max_tokens)
                 misses.append(t_miss)
-                hits.append(t_hit)
-                cached.append(c)
+                for n in range(args.followups):
+                    t_hit, _, c = ttft(
+                        client, ask(f"Round {r}: what is the {FOLLOWUPS[n]} word?"), args.max_tokens
+                    )
+                    hits[n].append(t_hit)
+                    cached[n].append(c)
                 bench.log(
-                    f"{case} round {r}: miss {t_miss * 1000:.0f} ms, hit {t_hit * 1000:.0f} ms ({c} cached)"
+                    f"{case} round {r}: miss {t_miss * 1000:.0f} ms, then "
+                    + ", ".join(
+                        f"{h[-1] * 1000:.0f} ms ({c[-1]} cached)" for h, c in zip(hits, cached, strict=True)
+                    )
                 )
-            miss, hit = statistics.median(misses), statistics.median(hits)
-            results[case] = {
-                "prompt_tokens": prompt,
-                "cached_tokens": statistics.median(cached),
-                "ttft_miss_ms": miss * 1000,
-                "ttft_hit_ms": hit * 1000,
-                "reduction": 1 - hit / miss,
-            }
+            miss = statistics.median(misses)
+            for n in range(args.followups):
+                hit = statistics.median(hits[n])
+                results[case if n == 0 else f"{case}, request {n + 2}"] = {
+                    "prompt_tokens": prompt,
+                    "cached_tokens": statistics.median(cached[n]),
+                    "ttft_miss_ms": miss * 1000,
+                    "ttft_hit_ms": hit * 1000,
+                    "reduction": 1 - hit / miss,
+                }
         if results:
-            print("\nprefix cache, medium model, TTFT p50 (streaming, one request at a time)")
+            print("\nprefix cache, TTFT p50 (streaming, one request at a time)")
             print("| case | prompt tokens | cached tokens | TTFT miss ms | TTFT hit ms | reduction |")
             print("|---|---|---|---|---|---|")
             for case, r in results.items():

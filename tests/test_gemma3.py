@@ -203,6 +203,58 @@ def test_the_prefix_cache_keeps_the_rings_and_starts_only_where_they_can_continu
     assert cache.allocator.used_blocks == 0
 
 
+def shared_start_cases() -> list[Case]:
+    """Prompts sharing an image and a long text (past the window), then asking different questions:
+    the first two branch after "Now", the third agrees with the second further, the fourth branches
+    from them before "Now", the fifth agrees with the fourth a token further ("What")."""
+    image = make_image(64, 48, "red")
+    questions = [
+        "Now name the colour of the image.",
+        "Now describe the image.",
+        "Now describe the image in one word.",
+        "What shape is in the image?",
+        "What colour is the image?",
+    ]
+    return [Case(f"q{n}", conversation(f"{LONG_TEXT} {q}", 1), [image]) for n, q in enumerate(questions)]
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+
+
+def test_a_shared_start_longer_than_the_window_is_kept_where_prompts_branch(kit):
+    """An entry's rings are of its end, so a prompt that leaves a cached one past the window (16) is
+    served nothing; its prefill then stops where it leaves it and the cache keeps that start with the
+    rings there: the next prompts branching there start from it. Each gets generate()'s tokens."""
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    cases = shared_start_cases()
+    ids = [kit.engine_inputs(case)[0] for case in cases]
+    after_now, start = agreement(ids[0], ids[1]), agreement(ids[0], ids[3])
+    assert WINDOW < start < after_now
+    cached = []
+    for case in cases:
+        tokens, n = run_one(engine, case, kit)
+        assert tokens == generate(kit, kit.hf_model, case, NEW_TOKENS), case.name
+        cached.append(n)
+    # q1 leaves q0 at after_now (kept there), q2 starts from that; q3 leaves them all at start (kept),
+    # q4 starts from that (its one more token shared with q3 is not worth a branch of its own).
+    assert cached == [0, 0, after_now, 0, start]
+    lengths = sorted(len(entry.tokens) for entry in engine.prefix_cache.entries)
+    assert lengths.count(after_now) == lengths.count(start) == 1
+
+
+def test_prompts_branching_past_the_window_while_others_decode_match_generate(kit):
+    """The same prompts arriving one a step while the earlier ones decode (prefills in chunks of 16,
+    stops at branch points, and prompts waiting for them): each gets generate()'s tokens."""
+    config = EngineConfig(max_model_len=1024, prefill_chunk_tokens=16)
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    cases = shared_start_cases()
+    requests = [kit.engine_inputs(case) for case in cases]
+    got = run_staggered(engine, requests, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    assert got == [generate(kit, kit.hf_model, case, NEW_TOKENS) for case in cases]
+    assert engine.prefix_cache.hit_tokens > 0
+
+
 def test_within_the_window_any_shared_start_is_served(kit):
     """A window longer than the prompts (the tiny weights, window 512): the rings hold every position,
     so a prompt sharing the image and the start of the question starts from the other's entry, and

@@ -19,6 +19,7 @@ from tritonvlm.engine.prefix_cache import (
     BatchSharing,
     PrefixCache,
     PrefixMatch,
+    RingBranches,
     first_placeholder,
     image_marks,
     marks_differ_at,
@@ -340,6 +341,44 @@ def test_prompts_sharing_uncached_blocks_wait_for_the_next_prefill():
     for seq in (waiting("a", [*shared, 1]), waiting("b", [*shared, 2])):
         off.add(seq)
     assert len(off.schedule_prefill()) == 2  # no prefix cache: nothing to wait for
+
+
+def test_prompts_leaving_a_ring_entry_past_its_start_are_prefilled_alone_to_keep_the_branch():
+    """With rings (sliding-window layers) an entry serves only matches its rings continue: a prompt
+    sharing 40 of its 60 tokens is served nothing, though 40 agree (``branch_point``). ``RingBranches``
+    has such a prompt prefilled in a step of its own, stopping at 40 (``branch_at``); prompts behind
+    it wait for that step. Without rings, or sharing little more than is served, nothing changes."""
+    pool = BlockAllocator(64)
+    cache = PrefixCache(8, pool, BLOCK)
+    blocks = pool.allocate(15)
+    first = list(range(60))
+    cache.store(blocks, first, (), lambda: [], ring_from=59)  # (a prompt's entry with its rings)
+    pool.release(blocks)
+    shared = [*range(40), 100, 101]
+    assert cache.lookup(shared, ()) is None
+    assert cache.branch_point(shared, ()) == (0, 40)
+    assert cache.branch_point(first, ()) == (59, 59)  # served all it shares
+    assert cache.branch_point([*range(20), 7, 8], ()) == (0, 20)
+    assert cache.branch_point(list(range(500, 540)), ()) == (0, 0)
+
+    branch, other, behind = (
+        waiting("branch", shared),
+        waiting("other", list(range(500, 540))),
+        waiting("b", shared),
+    )
+    for seq in (branch, other, behind):
+        seq.resumed = False
+    scheduler = Scheduler(8, 1000, lambda src, dst, n: None, alone=RingBranches(cache, sliding=True))
+    scheduler.add(other)
+    scheduler.add(branch)
+    scheduler.add(behind)
+    assert [s.request_id for s in scheduler.schedule_prefill()] == ["other"]  # branch waits for its own
+    assert [s.request_id for s in scheduler.schedule_prefill()] == ["branch"] and branch.branch_at == 40
+    assert [s.request_id for s in scheduler.waiting] == ["b"]
+    assert not RingBranches(cache, sliding=False)(behind) and behind.branch_at == 0
+    assert not RingBranches(cache, sliding=True, min_tokens=41)(behind) and behind.branch_at == 0
+    behind.resumed = True  # (recomputed after preemption: no branch)
+    assert not RingBranches(cache, sliding=True)(behind)
 
 
 def test_digest_and_placeholder_helpers():

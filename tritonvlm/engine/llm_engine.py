@@ -28,7 +28,7 @@ from tritonvlm.engine.logprobs import LogprobsRow, TokenTexts
 from tritonvlm.engine.model_runner import ModelRunner
 from tritonvlm.engine.outputs import OutputPath
 from tritonvlm.engine.overlap import InflightPart, InflightStep, PendingOutput
-from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, image_marks, ring_start
+from tritonvlm.engine.prefix_cache import BatchSharing, PrefixCache, RingBranches, image_marks, ring_start
 from tritonvlm.engine.prefix_cache import mm_digest as tensors_digest
 from tritonvlm.engine.sampler import make_generator, sample
 from tritonvlm.engine.sampling_params import SamplingParams
@@ -124,6 +124,8 @@ class LLMEngine:
             release=self.kv.release,
             reserve=self.kv.reserve,
             defer=BatchSharing(self.prefix_cache),
+            # (a prefill that stops mid-prompt needs one that starts after keys in the slot)
+            alone=RingBranches(self.prefix_cache, cache.has_sliding and self.family.supports_chunked_prefill),
         )
         image_token = self.family.image_token_id
         self._placeholders = frozenset() if image_token is None else frozenset([image_token])
@@ -485,12 +487,14 @@ class LLMEngine:
             self.runner.cache.allocator.free_blocks,
         )
 
-    def _remember(self, seq: Sequence, prompt_only: bool = False) -> None:
+    def _remember(self, seq: Sequence, prompt_only: bool = False, length: int | None = None) -> None:
         """Keep a sequence's keys/values in the prefix cache: a finished one's prompt and output fed
         back; with ``prompt_only``, a prompt just prefilled (its blocks are shared with the running
-        sequence, which writes only past the prompt), so requests arriving while it runs start from it.
-        The cache is an optimisation: a failure here never fails the request."""
+        sequence, which writes only past the prompt), so requests arriving while it runs start from it;
+        with ``length`` too, only its first ``length`` tokens, prefilled so far (a branch point, see
+        ``RingBranches``). The cache is an optimisation: a failure here never fails the request."""
         held = seq.prompt_ids if prompt_only else seq.prompt_ids + seq.output_ids[:-1]  # (last: never fed)
+        held = held if length is None else held[:length]
         cache = self.runner.cache
         blocks = cache.slot_blocks[seq.slot]
         keep_ring, ring_from = None, 0
@@ -515,8 +519,12 @@ class LLMEngine:
             for seq in seqs:
                 seq.prefill_end = seq.prefill_target
             first = seqs[0]
-            if len(seqs) == 1 and budget and first.prefill_target - first.prefilled > budget:
-                end = self.family.chunk_end(first, first.prefilled + budget)
+            if len(seqs) == 1:
+                end = first.prefill_target
+                if budget and end - first.prefilled > budget:
+                    end = self.family.chunk_end(first, first.prefilled + budget)
+                if first.prefilled < first.branch_at < end:
+                    end = self.family.chunk_end(first, first.branch_at)
                 if end < first.prefill_target:
                     first.prefill_end = end
                     self.scheduler.prefilling = first
@@ -541,6 +549,8 @@ class LLMEngine:
         for seq in seqs:
             seq.prefilled = seq.prefill_end
         if seqs[0].prefilled < seqs[0].prefill_target:  # a chunk of a long prompt: the rest later
+            if seqs[0].prefilled == seqs[0].branch_at and self.prefix_cache.enabled:
+                self._remember(seqs[0], prompt_only=True, length=seqs[0].branch_at)
             self.stats.prefill_step_seconds.append(time.monotonic() - started)
             return
         self.scheduler.admit(seqs)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -210,18 +210,28 @@ class PrefixCache:
     def lookup(self, prompt: list[int], marks: ImageMarks) -> PrefixMatch | None:
         """The longest usable cached prefix of ``prompt`` (at most all but its last token, which must
         be computed for its logits); None below :data:`MIN_MATCH_TOKENS`. Changes nothing."""
-        if not self._entries:
-            return None
-        chain = block_chain(prompt, self.block_size, marks)
-        found = self._index.get(chain[0]) if chain else None
-        if not found:
-            return None
-        levels = [found]  # entries holding the first key, the first block, ...
-        for key in chain[1:]:
-            holders = self._index.get(key)
-            if not holders:
-                break
-            levels.append(holders)
+        return self._served(self._levels(prompt, marks), prompt, marks)
+
+    def branch_point(self, prompt: list[int], marks: ImageMarks) -> tuple[int, int]:
+        """``(served, agreed)``: how many leading tokens of ``prompt`` :meth:`lookup` serves, and how
+        many it shares with some entry (both at most all but its last token). They differ only where
+        an entry's rings cannot continue the shared tokens (they are of its end): a prompt that
+        leaves a cached one past the window."""
+        levels = self._levels(prompt, marks)
+        match = self._served(levels, prompt, marks)
+        served = match.length if match is not None else 0
+        if not levels:
+            return served, served
+        depth = len(levels) - 1
+        longest = max(self._agreements(levels[depth], depth, prompt, marks), key=lambda a: a[1], default=None)
+        if longest is None or not self._verified(PrefixMatch(*longest), prompt):
+            return served, served
+        return served, max(served, longest[1])
+
+    def _served(
+        self, levels: list[dict[int, PrefixEntry]], prompt: list[int], marks: ImageMarks
+    ) -> PrefixMatch | None:
+        """:meth:`lookup` over the entries found at each depth (:meth:`_levels`)."""
         # The deepest level's entries match longest; shallower ones are tried only where rings made
         # entries there unusable.
         for depth in range(len(levels) - 1, -1, -1):
@@ -230,32 +240,57 @@ class PrefixCache:
                 return best
         return None
 
-    def _best_at(
+    def _levels(self, prompt: list[int], marks: ImageMarks) -> list[dict[int, PrefixEntry]]:
+        """The entries holding the prompt's first key, its first block, ... as deep as any goes."""
+        if not self._entries:
+            return []
+        chain = block_chain(prompt, self.block_size, marks)
+        found = self._index.get(chain[0]) if chain else None
+        if not found:
+            return []
+        levels = [found]
+        for key in chain[1:]:
+            holders = self._index.get(key)
+            if not holders:
+                break
+            levels.append(holders)
+        return levels
+
+    def _agreements(
         self, found: dict[int, PrefixEntry], depth: int, prompt: list[int], marks: ImageMarks
-    ) -> tuple[PrefixMatch | None, bool]:
-        """The longest usable match among ``found``, entries that hold ``depth`` full blocks of it, and
-        whether some entry there could not serve its match because of its rings."""
+    ) -> Iterator[tuple[PrefixEntry, int]]:
+        """Each of ``found`` (entries that hold ``depth`` full blocks of ``prompt``; the most recent
+        first, at most :data:`MAX_TAIL_CANDIDATES`) with how many leading prompt tokens it holds the
+        keys/values of: their tokens and images agree, all but the prompt's last token (a hash
+        collision can make the count wrong: see :meth:`_verified`)."""
         start, stop = depth * self.block_size, (depth + 1) * self.block_size
-        best: PrefixMatch | None = None
-        ring_bound = False
         for entry in itertools.islice(reversed(found.values()), MAX_TAIL_CANDIDATES):
             n = common_prefix(entry.tokens, prompt, start, stop)
             differ = marks_differ_at(entry.marks, marks_within(marks, len(entry.tokens)))
             if differ is not None:
                 n = min(n, differ)
-            n = min(n, len(prompt) - 1)
+            yield entry, min(n, len(prompt) - 1)
+
+    def _best_at(
+        self, found: dict[int, PrefixEntry], depth: int, prompt: list[int], marks: ImageMarks
+    ) -> tuple[PrefixMatch | None, bool]:
+        """The longest usable match among ``found``, entries that hold ``depth`` full blocks of it, and
+        whether some entry there could not serve its match because of its rings."""
+        best: PrefixMatch | None = None
+        ring_bound = False
+        for entry, n in self._agreements(found, depth, prompt, marks):
             if n < entry.ring_from:  # its rings cannot continue from there
                 ring_bound = True
-                continue
-            if best is None or n > best.length:
+            elif best is None or n > best.length:
                 best = PrefixMatch(entry, n)
-        if (
-            best is None
-            or best.length < MIN_MATCH_TOKENS
-            or best.entry.tokens[: best.length] != prompt[: best.length]
-        ):
-            return None, ring_bound  # (the last check: a hash collision)
+        if best is None or best.length < MIN_MATCH_TOKENS or not self._verified(best, prompt):
+            return None, ring_bound
         return best, ring_bound
+
+    @staticmethod
+    def _verified(match: PrefixMatch, prompt: list[int]) -> bool:
+        """The entry's tokens are the prompt's up to the match (not so only after a hash collision)."""
+        return match.entry.tokens[: match.length] == prompt[: match.length]
 
     def record(self, prompt_len: int, match: PrefixMatch | None) -> None:
         """A prompt of ``prompt_len`` tokens started from ``match`` (None: from nothing)."""
@@ -425,3 +460,29 @@ class BatchSharing:
                 break
             shared += 1
         return shared >= self.min_blocks
+
+
+class RingBranches:
+    """Whether a waiting prompt is to be prefilled alone, ending a chunk where it leaves a cached
+    prompt that no entry can serve it from (``sequence -> bool``, the scheduler's ``alone``; sets
+    ``seq.branch_at``): with sliding-window layers, where their rings were copied only at each entry's
+    end, so a prompt sharing a start longer than the window with another (a long system prompt) is
+    served nothing. Its prefill stops there and the cache keeps that start with the rings as they are
+    at that point (the engine's part), so the prompts that branch there next start from it: the second
+    prompt with that start computes it again, and the third on do not (SGLang's radix cache splits
+    its nodes where prompts branch the same way). Only where the shared start is at least
+    ``min_tokens`` longer than what is served."""
+
+    def __init__(self, cache: PrefixCache, sliding: bool, min_tokens: int = DEFER_MIN_TOKENS) -> None:
+        self.cache = cache
+        self.sliding = sliding
+        self.min_tokens = min_tokens
+
+    def __call__(self, seq) -> bool:
+        seq.branch_at = 0
+        if not self.sliding or not self.cache.enabled or seq.resumed:
+            return False
+        served, agreed = self.cache.branch_point(seq.context_ids, seq.image_marks)
+        if agreed - served >= self.min_tokens:
+            seq.branch_at = agreed
+        return bool(seq.branch_at)

@@ -17,6 +17,8 @@ class Scheduler:
     may need is not free now (the sequence, and those behind it, wait). ``defer(seq, batch)``: True
     when a waiting sequence is better prefilled in a later step than with ``batch`` (it shares a
     prefix with them that it can then take from the prefix cache); it keeps its place in line.
+    ``alone(seq)``: True when a waiting sequence is to be prefilled in a step of its own (its prefill
+    stops where the prefix cache keeps its start); it waits for one, with those behind it.
     """
 
     def __init__(
@@ -27,6 +29,7 @@ class Scheduler:
         release: Callable[[Sequence], None] = lambda seq: None,
         reserve: Callable[[Sequence, int], bool] = lambda seq, slot: True,
         defer: Callable[[Sequence, list[Sequence]], bool] = lambda seq, batch: False,
+        alone: Callable[[Sequence], bool] = lambda seq: False,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -34,6 +37,7 @@ class Scheduler:
         self.release = release
         self.reserve = reserve
         self.defer = defer
+        self.alone = alone
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # A long prompt being prefilled in chunks (its slot is past the running ones; see admit).
@@ -48,7 +52,8 @@ class Scheduler:
 
     def schedule_prefill(self, budget: int | None = None) -> list[Sequence]:
         """The prompts to prefill now: the one being prefilled in chunks, if any, alone; otherwise
-        waiting sequences (FIFO, but for those ``defer`` leaves for later) in free slots, within
+        waiting sequences (FIFO, but for those ``defer`` leaves for later; one ``alone`` wants its
+        own batch) in free slots, within
         ``budget`` prompt tokens (default: the prefill token budget) and the KV memory ``reserve``
         grants. The first one is always taken when a slot and its memory are free, however long its
         prompt."""
@@ -66,12 +71,17 @@ class Scheduler:
             if batch and self.defer(seq, batch):
                 deferred = True
                 continue
+            alone = self.alone(seq)
+            if alone and batch:
+                break
             slot = len(self.running) + len(batch)
             if not self.reserve(seq, slot):
                 break
             seq.slot = slot
             tokens += seq.prefill_target
             batch.append(seq)
+            if alone:
+                break
         if deferred:
             taken = {id(seq) for seq in batch}
             self.waiting = deque(seq for seq in self.waiting if id(seq) not in taken)

@@ -78,6 +78,9 @@ class Sequence:
     # stops (``prefill_target`` unless a long prompt is prefilled in chunks).
     prefilled: int = 0
     prefill_end: int = 0
+    # Where the prefill ends a chunk for the prefix cache to keep the prompt's start with the sliding
+    # layers' rings there (0: nowhere; see prefix_cache.RingBranches).
+    branch_at: int = 0
 
     @property
     def prompt_len(self) -> int:
