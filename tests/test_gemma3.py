@@ -243,11 +243,14 @@ def test_a_shared_start_longer_than_the_window_is_kept_where_prompts_branch(kit)
     assert lengths.count(after_now) == lengths.count(start) == 1
 
 
-def test_prompts_branching_past_the_window_while_others_decode_match_generate(kit):
+@pytest.mark.parametrize("scheduling", ["false", "true"])
+def test_prompts_branching_past_the_window_while_others_decode_match_generate(kit, scheduling):
     """The same prompts arriving one a step while the earlier ones decode (prefills in chunks of 16,
-    stops at branch points, and prompts waiting for them): each gets generate()'s tokens."""
-    config = EngineConfig(max_model_len=1024, prefill_chunk_tokens=16)
+    stops at branch points, and prompts waiting for them), with async scheduling off and on (a branch's
+    ring copy is queued while a decode step is in flight): each gets generate()'s tokens."""
+    config = EngineConfig(max_model_len=1024, prefill_chunk_tokens=16, async_scheduling=scheduling)
     engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+    assert engine.async_scheduling == (scheduling == "true")
     cases = shared_start_cases()
     requests = [kit.engine_inputs(case) for case in cases]
     got = run_staggered(engine, requests, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
