@@ -4,8 +4,9 @@
 Starts `tritonvlm serve` on the medium test model (built once, cached; or --model-dir), then for each
 round sends a request with a new long shared prefix (a ~1,000-token system prompt: a miss) and
 another with the same prefix and a different question (a hit; ``--followups N``: N of them, each
-reported), streaming, one at a time; and the same with an image (the same picture, two questions). Prints TTFT p50 of misses and hits, the reduction, and
-the cached tokens the server reported in ``usage``. Then ``--conversations`` conversations, each with a
+reported), streaming, one at a time; and the same with an image (the same picture, two questions).
+Prints TTFT p50 of misses and hits, the reduction, and the cached tokens the server reported in
+``usage``. Then ``--conversations`` conversations, each with a
 system prompt of its own: every first turn, then every second turn (the first answer fed back); a
 second turn finds its conversation's keys/values only if the cache kept all of them meanwhile.
 
@@ -21,7 +22,9 @@ second turn finds its conversation's keys/values only if the cache kept all of t
 shared 300-token system prompt (half the prompts continue an entry, half share only the system prompt).
 ``--burst N`` runs the engine alone: N requests with a new shared system prompt arrive at once, prefilled
 with the engine's in-batch sharing (a prompt sharing uncached blocks with one in the step's batch waits
-a step and starts from its cached blocks) and without it, three bursts each, interleaved.
+a step and starts from its cached blocks) and without it, three bursts each, interleaved (with
+sliding-window layers also with sharing but without branch points: a prompt leaving a cached one past
+the window stopping its prefill there for the cache to keep that start).
 ``--pressure N`` runs the engine alone too: N conversations, each with a system prompt of its own, take
 turns in order (each turn re-sends its conversation with the answers so far and a new question) in a KV
 budget of ``--pressure-tokens`` tokens, too small for all of them: the prefix cache gives blocks back
@@ -169,7 +172,8 @@ def lookup_costs() -> None:
 def burst_costs(args: argparse.Namespace) -> None:
     """The engine alone (medium model): bursts of ``--burst`` requests with a new shared system prompt
     of ``--prefix-words`` words and a question each, all added at once, with the engine's in-batch
-    sharing (prompts sharing uncached blocks wait one step) and without it, interleaved."""
+    sharing (prompts sharing uncached blocks wait one step) and without it, interleaved; with
+    sliding-window layers also with sharing but no branch points (``RingBranches``)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -182,7 +186,10 @@ def burst_costs(args: argparse.Namespace) -> None:
     model = family.strip_for_decoder(family.load_model(model_dir))
     config = EngineConfig(max_num_seqs=max(16, args.burst), max_model_len=4096)
     engine = LLMEngine(model, preprocess.processor.tokenizer, config, family)
-    sharing = engine.scheduler.defer
+    sharing, branches = engine.scheduler.defer, engine.scheduler.alone
+    modes = ["off", "in-batch sharing"]
+    if engine.runner.cache.has_sliding:  # (Gemma 3: a prompt leaving another past the window)
+        modes.append("sharing, no branch points")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
 
     def burst(seed: int) -> tuple[list[float], int, int]:
@@ -209,9 +216,10 @@ def burst_costs(args: argparse.Namespace) -> None:
     burst(0)  # warm-up
     rows = []
     for r in range(3):
-        for mode in ("off", "in-batch sharing"):
+        for m, mode in enumerate(modes):
             engine.scheduler.defer = sharing if mode != "off" else (lambda seq, batch: False)
-            firsts, computed, prompt_len = burst(1 + 2 * r + (mode != "off"))
+            engine.scheduler.alone = branches if mode == "in-batch sharing" else (lambda seq: False)
+            firsts, computed, prompt_len = burst(1 + len(modes) * r + m)
             rows.append((mode, statistics.median(firsts) * 1000, firsts[-1] * 1000, computed, prompt_len))
             bench.log(f"{mode}: TTFT p50 {rows[-1][1]:.0f} ms, prompt tokens computed {computed}")
     print(f"\n{args.burst} requests at once, each ~{rows[0][4]} prompt tokens sharing a new system prompt")
