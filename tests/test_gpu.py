@@ -219,14 +219,23 @@ def test_a_host_table_edit_waits_until_the_device_has_copied_the_table():
     assert cache.tables[0, :3].tolist() == before  # the copy read the table as it was at sync time
 
 
+SHARED = "Look at the picture carefully and think about its colours and shapes before you answer."
+
+
 @pytest.mark.parametrize(
-    "name,again",
-    [("qwen2_5_vl", "What is in this image?"), ("gemma3", "What is in this image? One sentence.")],
+    "name,texts",
+    [
+        ("qwen2_5_vl", ["What is in this image? One sentence.", "What is in this image?"]),
+        ("gemma3", ["What is in this image? One sentence."] * 2),
+        ("gemma3", [f"{SHARED} Now name its colour.", f"{SHARED} Now describe it.", f"{SHARED} Now count."]),
+    ],
+    ids=["qwen2_5_vl", "gemma3-same", "gemma3-branch"],
 )
-def test_prefix_cache_hit_on_cuda_matches_generate(family_kit, name, again):
+def test_prefix_cache_hit_on_cuda_matches_generate(family_kit, name, texts):
     """A prompt that starts from cached keys/values (same image, another question; Gemma 3, whose
-    window is shorter than the prompt: the same prompt again, from its entry's ring copy) gets
-    generate()'s tokens on the GPU too (float32; attention lengths rounded up to CUDA's buckets)."""
+    window is shorter than the prompt: the same prompt again, from its entry's ring copy, and a third
+    question after the same long start, from the ring copy the second kept where it left the first)
+    gets generate()'s tokens on the GPU too (float32; attention lengths rounded up to CUDA's buckets)."""
     from family_harness import Case, conversation
 
     kit = family_kit(name)
@@ -234,9 +243,9 @@ def test_prefix_cache_hit_on_cuda_matches_generate(family_kit, name, again):
     family = kit.family_cls(model.config)
     engine = LLMEngine(model, kit.tokenizer, EngineConfig(max_model_len=512), family)
     image = make_image(64, 48, "red")
-    results = {}
-    for request, text in (("first", "What is in this image? One sentence."), ("again", again)):
-        case = Case(request, conversation(text, 1), [image])
+    cached = []
+    for n, text in enumerate(texts):
+        case = Case(f"r{n}", conversation(text, 1), [image])
         processed = kit.preprocessor(case.messages, case.images)
         mm = family.encode(model, [{k: torch.from_numpy(v) for k, v in processed.mm.items()}])[0]
         inputs = {k: v.to("cuda") for k, v in kit.reference_inputs(case).items()}
@@ -244,7 +253,7 @@ def test_prefix_cache_hit_on_cuda_matches_generate(family_kit, name, again):
             ref = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
         outs = []
         engine.add_request(
-            request,
+            case.name,
             processed.input_ids.tolist(),
             SamplingParams(max_tokens=MAX_NEW, temperature=0),
             outs.append,
@@ -252,9 +261,9 @@ def test_prefix_cache_hit_on_cuda_matches_generate(family_kit, name, again):
         )
         while not (outs and outs[-1].finished):
             engine.step()
-        results[request] = ([t for o in outs for t in o.token_ids], outs[-1].cached_tokens)
-        assert results[request][0] == ref[0, inputs["input_ids"].shape[1] :].tolist(), request
-    assert results["first"][1] == 0 and results["again"][1] > 0
+        assert [t for o in outs for t in o.token_ids] == ref[0, inputs["input_ids"].shape[1] :].tolist(), text
+        cached.append(outs[-1].cached_tokens)
+    assert cached[0] == 0 and cached[-1] > 0, cached
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
