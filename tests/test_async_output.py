@@ -161,8 +161,6 @@ def test_a_finished_requests_last_output_does_not_wait_for_the_next_step(family_
 def test_a_sequence_preempted_before_its_text_is_sent(kit, inputs):
     """A running sequence is preempted while its last token's text is still to be sent: the text goes
     out first; where it holds the stop string the sequence ends there and does not come back."""
-    if not kit.family.supports_preemption:
-        pytest.skip("this family is never preempted")
     ids, mm = inputs[0]
     long = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     reference = run(engine_for(kit, False), [("ref", ids, mm, long)])

@@ -358,8 +358,6 @@ def test_take_previous_feeds_the_last_steps_tokens():
 def test_preemption_under_async_scheduling(kit, inputs):
     """KV blocks run short while sequences decode: the steps that may preempt record the step in
     flight first; every request gets the tokens it gets alone."""
-    if not kit.family.supports_preemption:
-        pytest.skip("this family is never preempted")
     params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
     requests = [(f"r{i}", *inputs[i % len(inputs)], params) for i in range(3)]
     expected = run(engine_for(kit, False), requests)

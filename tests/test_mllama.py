@@ -169,6 +169,49 @@ def test_text_and_image_rows_share_prefill_and_decode_token_exact_and_states_are
     assert engine.stats.extra_state_bytes == 0 and engine.stats.kv_bytes_used == 0
 
 
+def test_image_sequences_preempted_and_recomputed_resume_exactly(kit) -> None:
+    """Admission takes only the prompt's blocks (not prompt + max_tokens): image requests that outgrow
+    one sequence's blocks together are preempted and recomputed, their image states written again
+    from what the sequence kept and their outputs' rows given the prompt's last cross-mask row (as
+    generate()'s decode steps have it); each gets the tokens and logprobs it gets with room for all."""
+    from family_harness import one_sequence_budget
+
+    cases = [image_case("red"), image_case("blue", 40, 120), image_case("green", 120, 40)]
+    inputs = [kit.engine_inputs(case) for case in cases]
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True, logprobs=True)
+
+    def run_all(config: EngineConfig) -> tuple[LLMEngine, dict[str, list[int]], dict[str, list[float]]]:
+        engine = LLMEngine(kit.hf_model, kit.tokenizer, config, kit.family)
+        outputs: dict[str, list] = {}
+        for i, (ids, mm) in enumerate(inputs):
+            engine.add_request(
+                str(i), ids, params, lambda out: outputs.setdefault(out.request_id, []).append(out), mm
+            )
+        steps = 0
+        while sum(1 for outs in outputs.values() if outs[-1].finished) < len(inputs):
+            engine.step()
+            steps += 1
+            assert steps < 3000
+        assert all(outs[-1].error is None for outs in outputs.values())
+        tokens = {rid: [t for o in outs for t in o.token_ids] for rid, outs in outputs.items()}
+        logprobs = {
+            rid: [e["logprob"] for o in outs for e in o.logprobs or []] for rid, outs in outputs.items()
+        }
+        return engine, tokens, logprobs
+
+    _, want, want_logprobs = run_all(EngineConfig(max_model_len=256, prefix_cache_slots=0))
+    budget = one_sequence_budget(kit.family, max_len=256, slots=4)
+    tight = EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_memory=str(budget), prefix_cache_slots=0)
+    engine, got, got_logprobs = run_all(tight)
+    assert engine.stats.preemptions >= 1
+    assert got == want
+    for rid, logprobs in got_logprobs.items():
+        torch.testing.assert_close(
+            torch.tensor(logprobs), torch.tensor(want_logprobs[rid]), rtol=0, atol=1e-4
+        )
+    assert engine.stats.kv_bytes_used == 0
+
+
 def test_images_change_the_logits(kit) -> None:
     engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=256), kit.family)
     firsts = []

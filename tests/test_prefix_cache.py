@@ -226,7 +226,7 @@ def test_rings_kept_for_a_new_entry_push_out_the_least_recently_used_entries():
         3, 2, 4, 2, 64, torch.float32, torch.device("cpu"), kinds, num_blocks=40, block_size=BLOCK
     )
     entries = PrefixCache(8, cache.allocator, BLOCK)
-    kv = KVAdmission(cache, entries, preemptive=True)
+    kv = KVAdmission(cache, entries)
     assert cache.ring_blocks_for(8) == 4 and kv.margin == 1
 
     def store(first: int) -> None:  # a 12-token prompt in slot 0, kept with its rings
@@ -588,11 +588,10 @@ def test_eviction_under_pressure_loses_no_request(kit):
 
 def test_entries_give_their_blocks_back_to_a_sequence_that_needs_them(kit):
     """A finished request's entry holds blocks; a request that grows into them while too few others
-    are free takes them (the entry goes, nothing is preempted) and gets generate()'s tokens."""
+    are free takes them (the entry gives its tail back, nothing is preempted) and gets generate()'s
+    tokens."""
     if not serves_any_shared_start(kit):
         pytest.skip("no prefix cache, or entries with rings (tests/test_gemma3.py)")
-    if not kit.family.supports_preemption:
-        pytest.skip("reserves prompt + max_tokens at admission: entries give their blocks back there")
     engine = LLMEngine(
         kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=512, max_num_seqs=2), kit.family
     )
@@ -615,7 +614,9 @@ def test_entries_give_their_blocks_back_to_a_sequence_that_needs_them(kit):
     while not sink.finished("long"):
         engine.step()
     assert sink.tokens("long") == kit.reference_tokens(long, new)
-    assert not any(e.tokens[: len(ids_first)] == ids_first for e in engine.prefix_cache.entries)
+    # The entry gave its tail back, or went (what is left of a long prompt's entry may still hold it).
+    kept = [e for e in engine.prefix_cache.entries if e.tokens[: len(ids_first)] == ids_first]
+    assert all(len(e.tokens) < len(ids_first) + MAX_NEW - 1 for e in kept)
     assert engine.stats.preemptions == 0
     engine.prefix_cache.clear()
     assert cache.allocator.used_blocks == len(spare)  # nothing else held

@@ -28,14 +28,12 @@ class EngineConfig:
     # device's free memory at start-up ("0.5") is what the KV blocks (and the per-sequence rows of
     # sliding/cross layers) get. Sequences hold blocks as they grow. A sequence is admitted when its
     # prompt's blocks are free (with a 1% margin); a running sequence that finds no free block takes
-    # the last admitted one's, which is recomputed when it comes back (preemption). Families that
-    # cannot be recomputed (Mllama) admit a sequence when the blocks it may need, prompt + max_tokens,
-    # are free besides what the running ones may still take.
+    # the last admitted one's, which is recomputed when it comes back (preemption).
     kv_cache_memory: str = ""
     # Prompts (from their prefill on) and finished sequences whose keys/values (their KV blocks) are
     # kept for later prompts with the same start, at most this many; they give their blocks back when
     # a new sequence needs them (so their number is in practice bounded by the free KV memory). 0 turns
-    # the prefix cache off. Families with sliding-window or cross-attention layers have none.
+    # the prefix cache off.
     prefix_cache_slots: int = 256
     # On CUDA, replay decode steps from CUDA graphs (captured per batch/length bucket on first use).
     cuda_graphs: bool = True

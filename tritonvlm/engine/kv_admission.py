@@ -7,9 +7,8 @@ allocator counts the blocks only the cache holds), so a request that waits anywa
 alone. When a running sequence needs a block and none is free, prefix-cache entries give theirs
 back first, then the most recently admitted sequence is preempted: it gives its blocks back, waits
 first in line and is recomputed when resumed (a prefill over its prompt and outputs so far; see
-``Sequence.prefill_target``). A family that cannot be recomputed (``Family.supports_preemption``)
-admits a sequence only when the blocks for its whole prompt + max_tokens are free besides what the
-running ones may still take, and is never preempted.
+``Sequence.prefill_target``; a family's prefill hooks must be able to run again over a prompt and
+outputs: every family keeps its image inputs for it).
 """
 
 from __future__ import annotations
@@ -24,23 +23,16 @@ from tritonvlm.engine.sequence import Sequence
 class KVAdmission:
     """The KV blocks of ``cache`` held by sequences (``reserve`` / ``grow`` / ``release``)."""
 
-    def __init__(self, cache: PagedKVCache, prefix_cache: PrefixCache, preemptive: bool) -> None:
+    def __init__(self, cache: PagedKVCache, prefix_cache: PrefixCache) -> None:
         self.cache = cache
         self.prefix_cache = prefix_cache
-        self.preemptive = preemptive
         self.margin = max(1, cache.num_blocks // 100)
         self.holders: dict[int, Sequence] = {}  # sequences holding blocks, by id()
 
     def outstanding(self) -> int:
-        """Blocks the holders may still take: up to prompt + max_tokens each where nothing is
-        preempted, else only the margin (while any holds blocks)."""
-        cache = self.cache
-        if self.preemptive:
-            return self.margin if self.holders else 0
-        return sum(
-            max(0, cache.blocks_for(s.prompt_len + s.params.max_tokens) - len(cache.slot_blocks[s.slot]))
-            for s in self.holders.values()
-        )
+        """Blocks kept free for the holders' growth: the margin, while any holds blocks (beyond it a
+        running sequence that needs a block takes it from the prefix cache or by preemption)."""
+        return self.margin if self.holders else 0
 
     def reserve(self, seq: Sequence, slot: int) -> bool:
         """Give ``seq`` slot ``slot`` and the blocks of its ``prefill_target`` tokens (the longest
@@ -49,7 +41,7 @@ class KVAdmission:
         until it is. False: not now. Sets ``seq.prefilled`` (and, first time, ``seq.cached_len``)."""
         cache, allocator = self.cache, self.cache.allocator
         context = seq.context_ids
-        held = seq.prefill_target + 1 if self.preemptive else seq.prompt_len + seq.params.max_tokens
+        held = seq.prefill_target + 1
         match = self.prefix_cache.lookup(context, seq.image_marks)
         while True:
             shared = match.length // cache.block_size if match else 0
@@ -118,10 +110,8 @@ class KVAdmission:
                 i += 1
             elif allocator.cache_only_blocks and self.prefix_cache.evict():
                 continue
-            elif self.preemptive:
+            else:
                 preempt(running[-1])
-            else:  # cannot happen: their blocks were reserved at admission
-                raise MemoryError(f"no KV block for {seq.request_id} (reserved at admission)")
 
     def release(self, seq: Sequence) -> None:
         """``seq`` gives its blocks back (it is leaving or preempted; its slot is still set)."""

@@ -116,7 +116,7 @@ class LLMEngine:
         self._chunk = self.config.prefill_chunk_tokens if self.family.supports_chunked_prefill else 0
         entries = self.config.prefix_cache_slots if self.family.supports_prefix_cache else 0
         self.prefix_cache = PrefixCache(entries, cache.allocator, cache.block_size)
-        self.kv = KVAdmission(cache, self.prefix_cache, self.family.supports_preemption)
+        self.kv = KVAdmission(cache, self.prefix_cache)
         self.scheduler = Scheduler(
             slots,
             self.config.max_prefill_tokens,
@@ -357,7 +357,7 @@ class LLMEngine:
         if not self.async_scheduling:
             return False
         allocator = self.runner.cache.allocator
-        return not self.kv.preemptive or allocator.free_blocks + allocator.cache_only_blocks >= len(running)
+        return allocator.free_blocks + allocator.cache_only_blocks >= len(running)
 
     def _decode(self, batch: list[Sequence], overlap: bool = False) -> None:
         """One decode step of the running ``batch``; with async output, the previous step's outputs are

@@ -396,14 +396,6 @@ class Family:
         must not split tokens that attend to each other both ways)."""
         return end
 
-    @property
-    def supports_preemption(self) -> bool:
-        """Whether a running sequence may give its KV memory back and be recomputed later: a prefill
-        over its prompt and outputs (from cached keys where ``supports_prefix_cache``, else from
-        position 0). False where the prefill consumes inputs it cannot get again (``seq.mm`` entries
-        popped) or its hooks assume the prompt alone; such a family reserves prompt + max_tokens."""
-        return True
-
     def cross_state_length(self, seq: Sequence) -> int:
         """How many encoder states ``seq`` keeps in each ``cross`` layer (0: none, e.g. a text-only
         prompt); at most the layers' ``states``."""

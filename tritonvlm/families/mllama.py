@@ -79,12 +79,6 @@ class MllamaFamily(Family):
         return build_test_model(out_dir, size=size)
 
     # ---- preprocessing ------------------------------------------------------------------------------
-    @property
-    def supports_preemption(self) -> bool:
-        """No: the prefill pops the image states from ``seq.mm`` (and later turns' masks come from
-        the prompt alone)."""
-        return False
-
     def check_images(self, num_images: int) -> None:
         if num_images > self.max_images_per_prompt:
             raise InvalidRequestError(
@@ -181,8 +175,10 @@ class MllamaFamily(Family):
     def prefill_kwargs(self, seqs: list[Sequence], length: int, device: torch.device) -> dict[str, Any]:
         """The prompts' states (zeros for text-only rows), additive cross masks and row gates, for the
         rows each prefill computes (``seq.prefill_range``: after cached keys, a chunk). The states are
-        written to the cache by every prefill of a prompt (a prefix-cache hit or a later chunk needs
-        them in its slot too), and dropped from the sequence after its last."""
+        written to the cache by every prefill of a prompt (a prefix-cache hit, a later chunk or a
+        sequence recomputed after preemption needs them in its slot too: the sequence keeps them, as
+        the other families keep their image embeddings). Rows past the prompt (a recomputed
+        sequence's outputs) take the prompt's last mask row, as ``generate()``'s decode steps do."""
         widths = [self.cross_state_length(s) for s in seqs]
         width = max(widths)
         if width == 0:
@@ -196,15 +192,13 @@ class MllamaFamily(Family):
             if n == 0:
                 continue
             start, end = seq.prefill_range
-            last = end >= seq.prefill_target
-            # After the last prefill the states are in the KV cache: the sequence need not keep them.
-            states[i, :n] = (seq.mm.pop(STATES) if last else seq.mm[STATES]).to(device, self._dtype)
+            states[i, :n] = seq.mm[STATES].to(device, self._dtype)
             additive, row_gate = self.cross_masks(seq.mm[MASK].to(device))
-            rows = min(end, seq.prompt_len) - start
-            mask[i, 0, :rows, :n] = additive[start : start + rows]
-            mask[i, 0, :rows, n:] = lowest
-            gate[i, 0, :rows, 0] = row_gate[start : start + rows]
-            if last:
+            prompt_rows = torch.arange(start, end, device=device).clamp_(max=seq.prompt_len - 1)
+            mask[i, 0, : end - start, :n] = additive[prompt_rows]
+            mask[i, 0, : end - start, n:] = lowest
+            gate[i, 0, : end - start, 0] = row_gate[prompt_rows]
+            if end >= seq.prefill_target:
                 seq.mm[_DECODE_MASK], seq.mm[_DECODE_GATE] = additive[-1], row_gate[-1]
         return {
             "cross_attention_states": states,
