@@ -9,6 +9,14 @@ alone: tensors in, logits out).
 
     python scripts/bench_mllama.py --shape 11b            # on a GPU (bf16)
     python scripts/bench_mllama.py --shape medium --batches 1 4
+    python scripts/bench_mllama.py --admission MODEL_DIR --budget-tokens 2048   # the engine, any device
+
+``--admission`` runs the whole engine on a model directory instead (e.g. the medium test model,
+``tritonvlm build-test-model DIR --family mllama --size medium``): 12 image requests at once, each
+asking for ``max_tokens`` 512 and answered in 32 to 104 tokens (cancelled there: a stand-in for an
+end of sequence the random model does not give), in a KV pool of ``--budget-tokens`` tokens of blocks
+besides every slot's cross states. Prints the wall time, the most requests running at once and the
+preemptions: what admitting by the prompt's blocks (rather than prompt + max_tokens) buys.
 """
 
 from __future__ import annotations
@@ -93,6 +101,59 @@ def make_seq(i: int, family: MllamaFamily, image: bool, prompt_len: int, states:
 
 
 @torch.inference_mode()
+def admission(model_dir: str, budget_tokens: int, requests: int = 12) -> None:
+    """The engine on ``model_dir``: ``requests`` image requests at once (see the module docstring)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tritonvlm.engine import EngineConfig, LLMEngine
+    from tritonvlm.preprocessing import ChatPreprocessor
+
+    torch.set_num_threads(2)
+    pre = ChatPreprocessor.from_pretrained(model_dir)
+    family = pre.family
+    model = family.load_model(model_dir)
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(requests):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (96 + 8 * i, 128, 3), dtype=np.uint8)).save(png, "PNG")
+        content = [{"type": "image"}, {"type": "text", "text": f"Describe picture {i}."}]
+        prompt = pre([{"role": "user", "content": content}], [png.getvalue()])
+        mm = family.encode(model, [{k: torch.from_numpy(np.asarray(v)) for k, v in prompt.mm.items()}])[0]
+        inputs.append((prompt.input_ids.tolist(), mm, 32 + 24 * (i % 4)))
+    family.strip_for_decoder(model)
+    dtype = next(model.parameters()).dtype
+    kinds, (heads, dim) = family.layer_kinds(), family.kv_geometry()
+    max_len = 1024
+    per_slot = PagedKVCache.slot_bytes(kinds, heads, dim, max_len, dtype) + family.extra_state_bytes(dtype)
+    blocks = budget_tokens // 16 + 1  # (+ the pool's scratch block)
+    budget = requests * per_slot + blocks * PagedKVCache.bytes_per_block(kinds, heads, dim, dtype)
+    config = EngineConfig(
+        max_num_seqs=requests, max_model_len=max_len, kv_cache_memory=str(budget), prefix_cache_slots=0
+    )
+    engine = LLMEngine(model, pre.processor.tokenizer, config, family)
+    done: set[str] = set()
+    params = SamplingParams(max_tokens=512, temperature=0, ignore_eos=True)
+    started = time.perf_counter()
+    for i, (ids, mm, _) in enumerate(inputs):
+        engine.add_request(str(i), ids, params, lambda out: out.finished and done.add(out.request_id), mm)
+    peak = 0
+    while len(done) < requests:
+        engine.step()
+        peak = max(peak, len(engine.scheduler.running))
+        for seq in engine.scheduler.running:
+            if len(seq.output_ids) >= inputs[int(seq.request_id)][2] and not seq.cancel_requested:
+                engine.cancel(seq.request_id)
+    print(
+        f"{requests} image requests (max_tokens 512, answers of 32-104 tokens), {budget_tokens} tokens of "
+        f"KV blocks: {time.perf_counter() - started:.1f} s, at most {peak} running at once, "
+        f"{engine.stats.preemptions} preemptions"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,7 +163,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--admission", metavar="MODEL_DIR", help="the engine on a model directory instead")
+    parser.add_argument("--budget-tokens", type=int, default=2048, help="--admission: KV blocks, in tokens")
     args = parser.parse_args()
+    if args.admission:
+        admission(args.admission, args.budget_tokens)
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
