@@ -510,7 +510,9 @@ class LLMEngine:
 
     def _prefill(self, seqs: list[Sequence], budget: int | None = None) -> None:
         """Prefill ``seqs`` (from their cached prefixes); those whose prompt is done join the running
-        batch with their first token. A single prompt longer than ``budget`` gets its next chunk only."""
+        batch with their first token. A single prompt longer than ``budget`` gets its next chunk only;
+        one with a branch point ahead (``seq.branch_at``) stops there, and the prefix cache keeps its
+        start."""
         started = time.monotonic()
         chunked = self.scheduler.prefilling is not None
         if not chunked:
