@@ -203,6 +203,32 @@ def test_the_prefix_cache_keeps_the_rings_and_starts_only_where_they_can_continu
     assert cache.allocator.used_blocks == 0
 
 
+def test_finished_prompts_own_entries_go_before_their_conversations(kit):
+    """Past the window a prompt's own entry serves only that prompt again, its finished sequence's
+    entry the next turn: under memory pressure the prompts' entries go first, even a newer one."""
+    engine = LLMEngine(kit.hf_model, kit.tokenizer, EngineConfig(max_model_len=1024), kit.family)
+    image = make_image(64, 48, "red")
+    first = Case("first", conversation("What is in this image? Answer in one short sentence.", 1), [image])
+    second = Case("second", conversation(LONG_TEXT, 0))
+    (ids_first, _), (ids_second, _) = kit.engine_inputs(first), kit.engine_inputs(second)
+    assert min(len(ids_first), len(ids_second)) > WINDOW
+    tokens, _ = run_one(engine, first, kit)
+    run_one(engine, second, kit)
+    lengths = {len(ids_first), len(ids_second)}
+    finished = {n + NEW_TOKENS - 1 for n in lengths}
+    assert sorted(len(e.tokens) for e in engine.prefix_cache.entries) == sorted(lengths | finished)
+    assert engine.prefix_cache.evict() and engine.prefix_cache.evict()  # (entries with rings go whole)
+    assert {len(e.tokens) for e in engine.prefix_cache.entries} == finished
+    answer = kit.tokenizer.decode(tokens, skip_special_tokens=True)
+    turn2 = Case(
+        "turn2",
+        [*first.messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "Sure?"}],
+        [image],
+    )
+    tokens, cached = run_one(engine, turn2, kit)
+    assert tokens == generate(kit, kit.hf_model, turn2, NEW_TOKENS) and cached >= len(ids_first)
+
+
 def shared_start_cases() -> list[Case]:
     """Prompts sharing an image and a long text (past the window), then asking different questions:
     the first two branch after "Now", the third agrees with the second further, the fourth branches

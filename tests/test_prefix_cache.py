@@ -213,6 +213,39 @@ def test_entries_with_rings_serve_only_what_their_rings_continue():
     assert cache.entries == [] and pool.used_blocks == 0
 
 
+def test_a_demoted_entry_is_evicted_first_until_a_hit_touches_it():
+    """``demote`` puts the entries holding exactly the given tokens first in the eviction order (the
+    engine's use: a prompt's own entry with rings, once its finished sequence's entry is kept)."""
+    pool = BlockAllocator(64)
+    cache = PrefixCache(8, pool, BLOCK)
+
+    def store(tokens: list[int], ring_from: int) -> None:
+        def keep_ring() -> list[int]:
+            ring = pool.allocate(1)
+            pool.share(ring, cached=True)
+            pool.release(ring)
+            return ring
+
+        blocks = pool.allocate(-(-len(tokens) // BLOCK))
+        cache.store(blocks, tokens, (), keep_ring, ring_from)
+        pool.release(blocks)
+
+    prompt, finished, other = list(range(20)), list(range(26)), list(range(100, 120))
+    for tokens, ring_from in ((other, 20), (prompt, 19), (finished, 26)):  # (other: the oldest)
+        store(tokens, ring_from)
+    cache.demote(prompt, ())
+    cache.demote(list(range(21)), ())  # (no entry holds exactly these: nothing moves)
+    assert cache.evict()  # (an entry with rings goes whole)
+    assert {tuple(e.tokens) for e in cache.entries} == {tuple(finished), tuple(other)}
+
+    store(prompt, 19)
+    cache.demote(prompt, ())
+    match = cache.lookup([*prompt, 5], ())
+    assert match.entry.tokens == prompt
+    cache.record(21, match)  # a hit: the entry is the most recently used again
+    assert cache.evict() and prompt in [e.tokens for e in cache.entries]
+
+
 def test_rings_kept_for_a_new_entry_push_out_the_least_recently_used_entries():
     """A pool too full to take a new entry's ring copy without eating into what running sequences may
     need: the least recently used entries go (rings and all) to make the room; where even the whole

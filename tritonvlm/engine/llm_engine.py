@@ -505,6 +505,9 @@ class LLMEngine:
             ring_from = ring_start(len(held), cache.ring_columns, exact=prompt_only)
         try:
             self.prefix_cache.store(blocks, held, seq.image_marks, keep_ring, ring_from)
+            # Past the window its prompt's entry now serves only that prompt again: it goes first.
+            if keep_ring and not prompt_only and ring_start(seq.prompt_len, cache.ring_columns, exact=True):
+                self.prefix_cache.demote(seq.prompt_ids, seq.image_marks)
         except Exception:
             log.exception("could not keep %s in the prefix cache", seq.request_id)
 

@@ -358,6 +358,19 @@ class PrefixCache:
             self._index.setdefault(key, {})[id(entry)] = entry
         self.tokens_held += len(tokens)
 
+    def demote(self, tokens: list[int], marks: ImageMarks) -> None:
+        """Entries holding exactly ``tokens`` go first in the eviction order: with rings, a prompt's own
+        entry serves only that prompt again once its tokens are past the window, while its finished
+        sequence's entry (stored then) serves the next turn; under memory pressure the former goes
+        first. A hit touches it again."""
+        if not self.enabled or len(tokens) < MIN_MATCH_TOKENS:
+            return
+        marks = marks_within(marks, len(tokens))
+        key = block_chain(tokens, self.block_size, marks)[-1]
+        for entry in list(self._index.get(key, {}).values()):
+            if entry.tokens == tokens and entry.marks == marks:
+                self._lru.move_to_end(id(entry), last=False)
+
     def evict(self, keep: PrefixEntry | None = None) -> bool:
         """Let go of the last block of the least recently used entry whose last block that frees (held
         by it alone, not by a running sequence or a longer entry), else of the least recently used
