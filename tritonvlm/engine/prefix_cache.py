@@ -30,7 +30,9 @@ sequence there, so an entry keeps a copy of the rings as they were at its end to
 same pool), and serves only the matches those rings can continue: of at least ``ring_from`` tokens
 (all of them while its tokens fit in the window; else its whole length, or all but its last token
 where the copy was taken right after the prompt's prefill). Such an entry is not cut short by
-eviction (its rings would no longer fit its end): it goes whole.
+eviction (its rings would no longer fit its end): it goes whole. A prompt that leaves a cached one
+past the window has its prefill stop there, and that start is kept with its rings as an entry of its
+own (:class:`RingBranches`).
 """
 
 from __future__ import annotations
@@ -367,7 +369,7 @@ class PrefixCache:
             return
         marks = marks_within(marks, len(tokens))
         key = block_chain(tokens, self.block_size, marks)[-1]
-        for entry in list(self._index.get(key, {}).values()):
+        for entry in self._index.get(key, {}).values():
             if entry.tokens == tokens and entry.marks == marks:
                 self._lru.move_to_end(id(entry), last=False)
 
