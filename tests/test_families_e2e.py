@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 from conftest import ServerProcess, make_image, serving
-from family_harness import FAMILIES, Case, cases_for
+from family_harness import FAMILIES, Case, cases_for, conversation
 from test_e2e import metric
 
 pytestmark = pytest.mark.e2e
@@ -113,6 +113,28 @@ def test_stream_equals_non_streamed_and_usage_matches(family_server):
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_long_shared_start_is_served_from_the_prefix_cache(family_server):
+    """Three questions after the same image and long text: the third starts from the cached keys and
+    values of the shared start (Gemma 3, whose tiny window is shorter than it: from the entry the
+    second kept where the first two branch), and every answer is generate()'s."""
+    kit, _, client = family_server
+    long_text = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)
+    questions = ["Now name the colour of the image.", "Now describe the image.", "Now count the shapes."]
+    cases = [Case(q, conversation(f"{long_text} {q}", 1), [make_image(64, 48, "green")]) for q in questions]
+    ids = [kit.engine_inputs(case)[0] for case in cases]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1], strict=False)) if a != b)
+    assert shared == next(i for i, (a, b) in enumerate(zip(ids[0], ids[2], strict=False)) if a != b)
+    cached = []
+    for case in cases:
+        response = client.chat.completions.create(
+            model="tiny", messages=openai_messages(case), temperature=0, max_tokens=MAX_NEW
+        )
+        expected = kit.tokenizer.decode(kit.reference_tokens(case, MAX_NEW), skip_special_tokens=True)
+        assert response.choices[0].message.content == expected, case.name
+        cached.append(response.usage.prompt_tokens_details.cached_tokens)
+    assert cached[2] >= shared, cached
 
 
 def test_seeded_sampling_is_reproducible(family_server):

@@ -362,7 +362,8 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
     hits and gives the very tensors the encoder made, and, sent as the same file, is neither decoded
     nor processed again (preprocess gets its layout); a later turn re-sending it hits too (Mllama's
     encoder input also holds the prompt's cross-attention mask: the key leaves it out and the request
-    gets its own); the same pixels in another file hit the encoder's entry after preprocessing;
+    gets its own), and its image digests for the prefix cache are the first turn's (with the image
+    cache off too); the same pixels in another file hit the encoder's entry after preprocessing;
     another image misses."""
     kit = family_kit(name)
     cache, calls = ImageCache(10**8), []
@@ -387,10 +388,16 @@ def test_every_family_hits_on_a_repeated_image(name: str, family_kit) -> None:
 
     later = [turn, {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Sure?"}]
     calls.clear()
-    later_ids, later_mm, _ = model_inputs(
+    later_ids, later_mm, later_key = model_inputs(
         chat(later, [image]), real_models(kit, kit.preprocessor, calls), cache, kit.family
     )
     assert calls == [wire.PREPROCESS_MODEL, wire.CACHED_LAYOUT]
+    assert later_key == first_key  # the prefix cache's match runs past the image into the later turn
+    uncached = [
+        model_inputs(chat(turns, [image]), real_models(kit, kit.preprocessor, []), None, kit.family)[2]
+        for turns in ([turn], later)
+    ]
+    assert uncached[0] == uncached[1]  # (the image cache off: the same)
     assert later_mm.keys() == first.keys()
     fresh = kit.preprocessor(later, [image])  # what the later turn's own preprocess makes
     assert later_ids == fresh.input_ids.tolist()

@@ -87,7 +87,7 @@ def model_inputs(
                 assert family is not None
                 return ids, family.join_images(encoded), per_image_digests(encoded, keys)
             own = wire.unpack_tensors(pre[wire.MM_INPUTS])
-            return ids, {**encoded[0], **own}, whole_set_digests(ids, family, keys[0], own)
+            return ids, {**encoded[0], **own}, whole_set_digests(ids, family, keys[0])
     if images is not None:
         pre_inputs[wire.IMAGES] = images
     pre = call(wire.PREPROCESS_MODEL, pre_inputs, [wire.INPUT_IDS, wire.MM_INPUTS, wire.IMAGE_LAYOUT])
@@ -96,7 +96,11 @@ def model_inputs(
     if not packed.size:
         return ids, {}, None
     if not use_cache:
-        return ids, encode(call, packed), whole_set_digests(ids, family, content_key(packed), {})
+        key = content_key(packed)
+        if prompt_tensors:  # (the key of the images alone: see whole_set_digests)
+            pixels = {k: v for k, v in wire.unpack_tensors(packed).items() if k not in prompt_tensors}
+            key = content_key(wire.pack_tensors(pixels))
+        return ids, encode(call, packed), whole_set_digests(ids, family, key)
     assert image_cache is not None
     layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
     tensors = wire.unpack_tensors(packed)
@@ -112,18 +116,14 @@ def model_inputs(
     encoded = image_cache.get_or_compute(image_key, lambda: encode(call, packed))
     if files_key is not None and layout:
         image_cache.remember_files(files_key, [image_key], layout)
-    return ids, {**encoded, **own}, whole_set_digests(ids, family, image_key, own)
+    return ids, {**encoded, **own}, whole_set_digests(ids, family, image_key)
 
 
-def whole_set_digests(
-    ids: list[int], family: Family | None, image_key: bytes, own: dict[str, np.ndarray]
-) -> ImageDigests:
-    """One digest for all of a request's images (and its own prompt tensors) over all placeholders."""
+def whole_set_digests(ids: list[int], family: Family | None, image_key: bytes) -> ImageDigests:
+    """One digest for all of a request's images over all placeholders: their key alone, not the
+    family's prompt tensors (Llama 3.2 Vision's cross-attention mask has a row per prompt token, so
+    hashing it would keep a prefix match from running past the image into another prompt; the rows
+    of two prompts' shared tokens are the same wherever their images are)."""
     token = family.image_token_id if family is not None else None
     count = sum(1 for t in ids if t == token) if token is not None else 0
-    return [(count, mm_key(image_key, own))]
-
-
-def mm_key(image_key: bytes, own: dict[str, np.ndarray]) -> bytes:
-    """The key of a request's multimodal tensors: its images' cache key, and its own prompt tensors."""
-    return image_key if not own else content_key(image_key + wire.pack_tensors(own))
+    return [(count, image_key)]
