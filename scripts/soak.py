@@ -15,6 +15,7 @@ requests and reports how long until ``/health`` is 200 again and how many reques
 
     .venv/bin/python scripts/soak.py                       # 2,000 requests at c=16, tiny model
     .venv/bin/python scripts/soak.py --requests 600 --concurrency 8 --kill vlm@200
+    .venv/bin/python scripts/soak.py --model GEMMA3_DIR --shared-prefix-words 40   # prefix cache under load
     .venv/bin/python scripts/soak.py --url http://127.0.0.1:8000 --model-name my-model   # a running server
 """
 
@@ -62,8 +63,10 @@ def data_url(data: bytes) -> str:
 # --------------------------------------------------------------------------- the requests
 
 
-def normal_body(model: str, rng: random.Random, i: int, with_image: bool) -> dict:
-    content: list[dict] = []
+def normal_body(model: str, rng: random.Random, i: int, with_image: bool, shared: str = "") -> dict:
+    """A streamed chat request: ``shared`` text first (the same in every request), an image (new in
+    each) and a short question."""
+    content: list[dict] = [{"type": "text", "text": shared}] if shared else []
     if with_image:
         size = rng.choice([(64, 64), (112, 84), (224, 224)])
         content.append(
@@ -115,12 +118,14 @@ class Stats:
     errors: list[str] = field(default_factory=list)
     done: int = 0
     failed_after_kill: int = 0
+    prompt_tokens: int = 0  # of completed normal streams, and how many of them the prefix cache gave
+    cached_tokens: int = 0
 
 
 async def run_normal(client: httpx.AsyncClient, body: dict, drop_after: int | None, stats: Stats) -> None:
     kind = "dropped" if drop_after is not None else "normal"
     start = time.perf_counter()
-    chunks, finished, error = 0, False, None
+    chunks, finished, error, usage = 0, False, None, None
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -137,6 +142,8 @@ async def run_normal(client: httpx.AsyncClient, body: dict, drop_after: int | No
                         error = event["error"]
                     elif event.get("choices"):
                         chunks += 1
+                    elif event.get("usage"):
+                        usage = event["usage"]
                 if drop_after is not None and chunks >= drop_after:
                     stats.outcomes[kind]["dropped mid-stream"] += 1
                     return
@@ -151,6 +158,9 @@ async def run_normal(client: httpx.AsyncClient, body: dict, drop_after: int | No
         stats.outcomes[kind]["completed"] += 1
         if drop_after is None:
             stats.latencies.append(time.perf_counter() - start)
+            if usage:
+                stats.prompt_tokens += usage["prompt_tokens"]
+                stats.cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     else:
         stats.outcomes[kind]["no [DONE]"] += 1
         stats.errors.append(f"{kind}: stream ended without [DONE]")
@@ -349,6 +359,8 @@ async def soak(args: argparse.Namespace, base_url: str, sid: int | None) -> int:
     model = args.model_name
     poisons = poison_bodies(model, args.huge_text)
     poison_kinds = sorted(poisons)
+    words = ("river", "lantern", "copper", "meadow", "falcon", "glacier", "orchard", "ember")
+    shared = " ".join(words[n % len(words)] for n in range(args.shared_prefix_words))
     kills = {}
     for item in filter(None, (args.kill or "").split(",")):
         name, _, at = item.partition("@")
@@ -391,7 +403,7 @@ async def soak(args: argparse.Namespace, base_url: str, sid: int | None) -> int:
                 elif kind == "fault":
                     await run_fault(client, model, i, stats)
                 else:
-                    body = normal_body(model, rng, i, with_image=rng.random() < args.image_share)
+                    body = normal_body(model, rng, i, rng.random() < args.image_share, shared)
                     await run_normal(client, body, arg if kind == "drop" else None, stats)
                 stats.done += 1
                 if stats.done in quarters:
@@ -426,7 +438,8 @@ async def soak(args: argparse.Namespace, base_url: str, sid: int | None) -> int:
 
         print(
             f"\nlatency of completed normal streams (n={len(lat)}): p50 {pct(0.5):.0f} ms, "
-            f"p90 {pct(0.9):.0f} ms, p99 {pct(0.99):.0f} ms, max {lat[-1] * 1000:.0f} ms"
+            f"p90 {pct(0.9):.0f} ms, p99 {pct(0.99):.0f} ms, max {lat[-1] * 1000:.0f} ms; "
+            f"{stats.cached_tokens} of their {stats.prompt_tokens} prompt tokens from the prefix cache"
         )
     for line in kill_report:
         print(line)
@@ -451,6 +464,12 @@ def main() -> int:
     parser.add_argument("--drop-share", type=float, default=1 / 3, help="clients that leave mid-stream")
     parser.add_argument("--poison-share", type=float, default=0.05, help="hostile or NaN-fault requests")
     parser.add_argument("--image-share", type=float, default=0.7, help="normal requests with an image")
+    parser.add_argument(
+        "--shared-prefix-words",
+        type=int,
+        default=0,
+        help="the same text of N words starts every normal request (the prefix cache under load)",
+    )
     parser.add_argument("--huge-text", type=int, default=8 * 1024 * 1024, help="chars of the huge text")
     parser.add_argument("--kill", help="MODEL@N,...: kill -9 that model's stub after N requests")
     parser.add_argument("--url", help="a running server (default: start serve with --model)")
