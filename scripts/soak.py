@@ -89,13 +89,37 @@ def normal_body(model: str, rng: random.Random, i: int, with_image: bool, shared
     return body
 
 
-def poison_bodies(model: str, big_text: int) -> dict[str, tuple[dict, set[int]]]:
-    """kind -> (body, acceptable statuses): all of them are refused with a 400."""
+@dataclass
+class Served:
+    """What the poisons depend on in the served model: its image placeholder typed as text (refused:
+    a placeholder without an image), and whether its processor refuses a 250:1 image (Qwen's does;
+    the others' may resize it and answer)."""
+
+    image_token: str = "<|vision_start|><|image_pad|><|vision_end|>"
+    refuses_extreme_aspect: bool = True
+
+    @classmethod
+    def of(cls, model_dir: str) -> Served:
+        """From the model directory's config and tokenizer (Qwen's defaults where they say nothing)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(model_dir)
+        token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+        if token_id is None:
+            return cls()
+        token = AutoTokenizer.from_pretrained(model_dir).convert_ids_to_tokens(int(token_id))
+        return cls(token, config.model_type.startswith("qwen"))
+
+
+def poison_bodies(model: str, big_text: int, served: Served) -> dict[str, tuple[dict, set[int]]]:
+    """kind -> (body, acceptable statuses): refused with a 400 (a 250:1 image: where the processor
+    takes it, answered)."""
 
     def chat(content: object, **fields: object) -> dict:
         return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **fields}
 
     wide = data_url(png(2000, 8, "red", 0))  # aspect ratio 250: the Qwen2-VL processor refuses it
+    wide_ok = {400} if served.refuses_extreme_aspect else {200, 400}
     return {
         "temperature-1e-300": (chat("hi", temperature=1e-300), {400}),
         "repetition-penalty-1e-45": (chat("hi", repetition_penalty=1e-45), {400}),
@@ -103,10 +127,10 @@ def poison_bodies(model: str, big_text: int) -> dict[str, tuple[dict, set[int]]]
         "lone-surrogate": (chat([{"type": "text", "text": "a\ud800b"}]), {400}),
         "max-tokens-string": (chat("hi", max_tokens="10"), {400}),
         "huge-text": (chat("x" * big_text), {400}),
-        "special-tokens": (chat("<|vision_start|><|image_pad|><|vision_end|>"), {400}),
+        "special-tokens": (chat(served.image_token), {400}),
         "aspect-ratio-250": (
             chat([{"type": "image_url", "image_url": {"url": wide}}, {"type": "text", "text": "?"}]),
-            {400},
+            wide_ok,
         ),
     }
 
@@ -354,10 +378,10 @@ async def kill_and_watch(base_url: str, sid: int, model: str, stats: Stats, repo
 # --------------------------------------------------------------------------- main
 
 
-async def soak(args: argparse.Namespace, base_url: str, sid: int | None) -> int:
+async def soak(args: argparse.Namespace, base_url: str, sid: int | None, served: Served | None = None) -> int:
     rng = random.Random(args.seed)
     model = args.model_name
-    poisons = poison_bodies(model, args.huge_text)
+    poisons = poison_bodies(model, args.huge_text, served or Served())
     poison_kinds = sorted(poisons)
     words = ("river", "lantern", "copper", "meadow", "falcon", "glacier", "orchard", "ember")
     shared = " ".join(words[n % len(words)] for n in range(args.shared_prefix_words))
@@ -501,7 +525,7 @@ def main() -> int:
     try:
         ready = asyncio.run(wait_healthy(base_url, 900, proc))
         print(f"serve ready in {ready:.0f}s (state {state})")
-        errors = asyncio.run(soak(args, base_url, proc.pid))
+        errors = asyncio.run(soak(args, base_url, proc.pid, Served.of(model_dir)))
     finally:
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
