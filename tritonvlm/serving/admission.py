@@ -96,27 +96,36 @@ def model_inputs(
     if not packed.size:
         return ids, {}, None
     if not use_cache:
-        key = content_key(packed)
-        if prompt_tensors:  # (the key of the images alone: see whole_set_digests)
-            pixels = {k: v for k, v in wire.unpack_tensors(packed).items() if k not in prompt_tensors}
-            key = content_key(wire.pack_tensors(pixels))
+        key, _ = encoder_input_key(packed, prompt_tensors)
         return ids, encode(call, packed), whole_set_digests(ids, family, key)
     assert image_cache is not None
     layout = wire.array_bytes(pre.get(wire.IMAGE_LAYOUT, ()))
-    tensors = wire.unpack_tensors(packed)
-    parts = family.split_images(tensors) if family is not None and not prompt_tensors else None
+    parts = None
+    if family is not None and not prompt_tensors:
+        parts = family.split_images(wire.unpack_tensors(packed))
     if parts:  # each image its own entry (a set's files are still remembered as one)
         assert family is not None
         outputs, keys = encode_images(call, image_cache, family, parts)
         if files_key is not None and layout:
             image_cache.remember_files(files_key, keys, layout)
         return ids, family.join_images(outputs), per_image_digests(outputs, keys)
-    own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
-    image_key = content_key(wire.pack_tensors(tensors)) if prompt_tensors else content_key(packed)
+    image_key, own = encoder_input_key(packed, prompt_tensors)
     encoded = image_cache.get_or_compute(image_key, lambda: encode(call, packed))
     if files_key is not None and layout:
         image_cache.remember_files(files_key, [image_key], layout)
     return ids, {**encoded, **own}, whole_set_digests(ids, family, image_key)
+
+
+def encoder_input_key(
+    packed: np.ndarray, prompt_tensors: tuple[str, ...]
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The key of a request's packed encoder input without the family's prompt tensors (its images
+    alone: the image cache's key, and the prefix cache's digest), and those prompt tensors."""
+    if not prompt_tensors:
+        return content_key(packed), {}
+    tensors = wire.unpack_tensors(packed)
+    own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
+    return content_key(wire.pack_tensors(tensors)), own
 
 
 def whole_set_digests(ids: list[int], family: Family | None, image_key: bytes) -> ImageDigests:
