@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load, save
+from safetensors.torch import load as load_torch
 
 from tritonvlm import packing
 
@@ -68,3 +70,24 @@ def test_malformed_buffers_are_refused() -> None:
             packing.unpack(bad)
     with pytest.raises(TypeError, match="complex"):
         packing.pack({"c": np.ones(2, dtype=np.complex64)})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64])
+def test_tensors_travel_in_their_own_dtype(dtype: torch.dtype) -> None:
+    """A bfloat16 model's embeddings arrive as the same bfloat16 values (half float32's bytes), in the
+    layout safetensors' torch loader reads too."""
+    tensor = (torch.randn(5, 7) * 1000).to(dtype)
+    packed = packing.pack({"e": packing.to_numpy(tensor)})
+    assert packed.size == 8 + packed[:8].view(np.int64)[0] + tensor.numel() * tensor.element_size()
+    back = packing.to_torch(packing.unpack(packed)["e"])
+    assert back.dtype == dtype and torch.equal(back, tensor)
+    assert torch.equal(load_torch(packed.tobytes())["e"], tensor)
+
+
+def test_to_torch_shares_memory_unless_read_only() -> None:
+    """The image cache's arrays are read-only and shared: a tensor made from one gets its own copy."""
+    array = np.arange(4, dtype=np.float32)
+    assert packing.to_torch(array).data_ptr() == array.ctypes.data
+    array.flags.writeable = False
+    copy = packing.to_torch(array)
+    assert copy.data_ptr() != array.ctypes.data and torch.equal(copy, torch.arange(4.0))

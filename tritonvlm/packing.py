@@ -8,6 +8,10 @@ plus the copies to and from the ``bytes`` they take and give (measured here: 143
 each tensor with one copy out of whatever holds the bytes. The copy matters: a Triton tensor's
 memory belongs to its request or response, which may be gone while the arrays live on.
 
+Floating-point tensors keep their dtype: a bfloat16 model's image embeddings travel as bfloat16 (half
+the bytes of float32, the values the decoder would round them to anyway), as numpy arrays of
+``ml_dtypes.bfloat16`` (:func:`to_numpy`, :func:`to_torch`).
+
 Layout (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON
 header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` padded with spaces to a multiple
 of 8 bytes, then the data, each tensor's bytes C-contiguous and little-endian.
@@ -17,12 +21,15 @@ from __future__ import annotations
 
 import json
 
+import ml_dtypes
 import numpy as np
+import torch
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
@@ -101,3 +108,22 @@ def unpack(data: bytes | bytearray | memoryview | np.ndarray) -> dict[str, np.nd
         array.reshape(-1).view(np.uint8)[:] = buffer[start + begin : start + end]
         out[name] = array
     return out
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array of the same dtype and values, on the host (bfloat16 as
+    ``ml_dtypes.bfloat16``); a view of a CPU tensor's memory where the dtypes allow."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """:func:`to_numpy` undone: a CPU tensor sharing the array's memory (copied first if the array is
+    read-only, e.g. shared by the image cache: a tensor's user may write into it)."""
+    if not array.flags.writeable:
+        array = array.copy()
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

@@ -2,23 +2,15 @@
 
 import logging
 
-import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonvlm import wire
 from tritonvlm.families import family_for_model
 from tritonvlm.modeling.device import resolve_device
+from tritonvlm.packing import to_numpy, to_torch
 from tritonvlm.triton_utils import model_parameters, resolve_model_path, setup_stub_process
 
 log = logging.getLogger("tritonvlm.vision_encoder")
-
-
-def to_numpy(tensor):
-    """A tensor as numpy for the wire (floats travel as float32: numpy has no bfloat16)."""
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        tensor = tensor.float()
-    return tensor.numpy()
 
 
 class TritonPythonModel:
@@ -39,7 +31,7 @@ class TritonPythonModel:
             batch = []
             for request in requests:
                 packed = pb_utils.get_input_tensor_by_name(request, wire.MM_INPUTS).as_numpy()
-                batch.append({k: torch.from_numpy(v) for k, v in wire.unpack_tensors(packed).items()})
+                batch.append({k: to_torch(v) for k, v in wire.unpack_tensors(packed).items()})
             results = self.family.encode(self.model, batch)
         except Exception as exc:
             log.exception("vision encoder failed")
@@ -47,6 +39,7 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
         for result in results:
+            # (in the model's dtype: a bfloat16 model's embeddings travel as bfloat16)
             packed = wire.pack_array({k: to_numpy(v) for k, v in result.items()})
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(wire.MM_EMBEDS, packed[None])]))
         return responses

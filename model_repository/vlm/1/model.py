@@ -16,13 +16,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonvlm import wire
 from tritonvlm.engine import EngineOutput, LLMEngine, SamplingParams
 from tritonvlm.engine.engine_config import engine_config
 from tritonvlm.modeling.device import resolve_device
+from tritonvlm.packing import to_torch
 from tritonvlm.serving.admission import StageError, model_inputs
 from tritonvlm.serving.engine_metrics import EngineMetrics
 from tritonvlm.serving.image_cache import (
@@ -152,7 +152,7 @@ class TritonPythonModel:
                 ids,
                 sampling,
                 on_output=lambda out: self.streamer.put(tracked, out),
-                mm={name: torch.from_numpy(np.array(value)) for name, value in mm.items()},
+                mm={name: to_torch(value) for name, value in mm.items()},
                 image_digests=digests,
             )
         except wire.InvalidRequestError as exc:
