@@ -65,7 +65,9 @@ def test_empty() -> None:
 
 def test_malformed_buffers_are_refused() -> None:
     good = packing.pack({"x": np.ones(4, dtype=np.float32)}).tobytes()
-    for bad in (good[:5], good[:12], good[:-1]):
+    header = b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}      '
+    negative = len(header).to_bytes(8, "little") + header + bytes(4)
+    for bad in (good[:5], good[:12], good[:-1], negative):
         with pytest.raises(ValueError, match="packed tensors"):
             packing.unpack(bad)
     with pytest.raises(TypeError, match="complex"):

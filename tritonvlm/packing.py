@@ -102,7 +102,8 @@ def unpack(data: bytes | bytearray | memoryview | np.ndarray) -> dict[str, np.nd
             raise ValueError(f"packed tensors: {name} has dtype {info['dtype']}, which numpy cannot hold")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + end > buffer.size:
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if begin < 0 or end - begin != size or min(shape, default=0) < 0 or start + end > buffer.size:
             raise ValueError(f"packed tensors: {name}'s bytes do not match its shape")
         array = np.empty(shape, dtype=dtype.newbyteorder("="))
         array.reshape(-1).view(np.uint8)[:] = buffer[start + begin : start + end]

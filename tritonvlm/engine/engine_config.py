@@ -20,8 +20,8 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     # While other sequences are decoding, a step prefills at most this many prompt tokens (a longer
     # prompt is prefilled in chunks, one per step, between their decode steps); 0: no limit. Alone, a
-    # prompt is prefilled in one pass. Families with sliding-window or cross-attention layers prefill
-    # whole prompts.
+    # prompt is prefilled in one pass. A family that cannot take chunks prefills whole prompts
+    # (Family.supports_chunked_prefill: every family served here can).
     prefill_chunk_tokens: int = 512
     # KV memory budget: "" makes room for max_num_seqs (+ CACHE_ROOM_SEQUENCES, with the prefix
     # cache on) sequences of max_model_len tokens; a size ("4GiB", "512MB") or a fraction of the
