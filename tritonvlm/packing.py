@@ -20,10 +20,13 @@ of 8 bytes, then the data, each tensor's bytes C-contiguous and little-endian.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch  # (imported where used: the frontend packs no tensors and has no torch loaded)
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -114,6 +117,8 @@ def unpack(data: bytes | bytearray | memoryview | np.ndarray) -> dict[str, np.nd
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A tensor as a numpy array of the same dtype and values, on the host (bfloat16 as
     ``ml_dtypes.bfloat16``); a view of a CPU tensor's memory where the dtypes allow."""
+    import torch
+
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -123,6 +128,8 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def to_torch(array: np.ndarray) -> torch.Tensor:
     """:func:`to_numpy` undone: a CPU tensor sharing the array's memory (copied first if the array is
     read-only, e.g. shared by the image cache: a tensor's user may write into it)."""
+    import torch
+
     if not array.flags.writeable:
         array = array.copy()
     if array.dtype == ml_dtypes.bfloat16:
