@@ -93,4 +93,3 @@ def test_to_torch_shares_memory_unless_read_only() -> None:
     array.flags.writeable = False
     copy = packing.to_torch(array)
     assert copy.data_ptr() != array.ctypes.data and torch.equal(copy, torch.arange(4.0))
-
