@@ -240,8 +240,10 @@ def test_sampled_rows_are_drawn_on_the_device_from_their_distribution(family_kit
 @pytest.mark.parametrize("kind", ["plain", "top_k", "sorted"])
 def test_the_device_draw_follows_each_rows_distribution(kind):
     """Many draws of rows with different settings: each token's frequency is its probability under
-    sampler.row_probabilities (within 4 standard errors)."""
+    sampler.row_probabilities (within 4 standard errors). The shared generator is seeded here: it is
+    otherwise seeded from entropy, and 18 comparisons at 4 standard errors fail now and then."""
     torch.manual_seed(0)
+    sampler.shared_generator(torch.device("cpu")).manual_seed(0)
     vocab, draws = 6, 6000
     logits = torch.randn(3, vocab) * 1.5
     settings = {
