@@ -11,8 +11,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 WHEELS="$ROOT/.wheels"
-# The project's pinned transformers, llguidance and ml_dtypes; their dependencies come along (numpy and torch are
-# the GPU image's). The lent H200's python3 is 3.12.
+# The project's pinned transformers, llguidance and ml_dtypes; their dependencies come along (numpy
+# and torch are the GPU image's). The lent H200's python3 is 3.12.
 PINNED="transformers==5.23.0 llguidance==1.9.1 ml_dtypes==0.5.4"
 
 if [ "${1:-}" = "--download" ]; then
