@@ -125,7 +125,7 @@ def encoder_input_key(
         return content_key(packed), {}
     tensors = wire.unpack_tensors(packed)
     own = {name: tensors.pop(name) for name in prompt_tensors if name in tensors}
-    return content_key(wire.pack_tensors(tensors)), own
+    return content_key(wire.pack_array(tensors)), own
 
 
 def whole_set_digests(ids: list[int], family: Family | None, image_key: bytes) -> ImageDigests:
